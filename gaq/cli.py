@@ -1,0 +1,62 @@
+"""The ``gaq`` command: one LightningCLI per subcommand, all configured by YAML.
+
+``gaq <subcommand> --config configs/....yaml [--dotted.key value ...]``. Each subcommand is a
+LightningCLI (jsonargparse) parser of its own: ``gaq <subcommand> --help`` lists every key and
+``--print_config`` prints the full resolved config. Errors that the user can fix are printed as one
+line, ``gaq: error: ...``, with exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from gaq.errors import GaqError
+
+# name -> (module with a ``main(argv)`` function, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train-default": ("gaq.models.train_default", "train the shipped default model (digits DDPM + classifier) into checkpoints/"),
+    "calib-data": ("gaq.data.cli", "generate (or reuse) the calibration set of a calibrate config, and nothing else"),
+    "calibrate": ("gaq.calib.cli", "quantize a diffusion model: RTN, uniform block reconstruction or GAC"),
+    "evaluate": ("gaq.eval.cli", "sample from an FP model or a quantized run and compute FID and friends"),
+}
+
+USAGE = """usage: gaq <subcommand> [--config FILE.yaml] [--key value ...]
+
+gaq quantizes diffusion models (PTQ) with block-wise AdaRound reconstruction and
+gradient-aligned calibration (GAC). Every subcommand reads YAML configs (see configs/);
+`gaq <subcommand> --help` lists its keys, `--print_config` prints the resolved config.
+
+subcommands:
+{rows}
+
+example (the shipped default model, CPU, no downloads):
+  gaq calibrate --config configs/default/calibrate.yaml
+"""
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<14} {text}" for name, (_, text) in SUBCOMMANDS.items())
+    return USAGE.format(rows=rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        raise SystemExit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"gaq: error: unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        module.main(rest)
+    except GaqError as err:
+        print(f"gaq: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""One call signature for every supported noise predictor.
+
+diffusers' noise predictors differ in argument names and outputs: ``UNet2DModel`` takes
+``class_labels``, ``UNet2DConditionModel`` takes ``encoder_hidden_states``, DiT
+(``DiTTransformer2DModel`` / ``Transformer2DModel``) takes ``class_labels`` and may predict a learned
+variance in the second half of its channels. Everything in gaq (sampling, calibration-set
+generation, reconstruction, evaluation) calls a model through :func:`predict_noise` with a
+condition dictionary ``cond`` holding the model's own keyword arguments.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+def predict_noise(model: nn.Module, x: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Noise prediction ``eps(x_t, t, cond)`` with the same channel count as ``x``.
+
+    Args:
+        model: a diffusers noise predictor (or a gaq fake-quantized copy of one).
+        x: noisy sample ``x_t``, shape ``(B, C, H, W)``.
+        t: timesteps, shape ``(B,)`` (a scalar is broadcast).
+        cond: keyword inputs of the model, e.g. ``{"class_labels": (B,)}`` or
+            ``{"encoder_hidden_states": (B, L, D)}``; empty or None for unconditional models.
+    """
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    out = model(x, t, **dict(cond or {}), return_dict=False)[0]
+    if out.shape[1] != x.shape[1]:  # learned variance (DiT, some DDPMs): keep the noise half
+        out = out[:, : x.shape[1]]
+    return out
+
+
+def concat_cond(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Batch-concatenate two condition dictionaries with the same keys."""
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def index_cond(cond: Mapping[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:
+    """Select the samples ``idx`` of every tensor in a condition dictionary."""
+    return {k: v[idx] for k, v in cond.items()}
