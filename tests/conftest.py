@@ -1,4 +1,50 @@
+"""Shared fixtures: tiny real diffusers models built here (no downloads)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+
+NUM_CLASSES = 10
+
+
+def make_tiny_unet(seed: int = 0) -> UNet2DModel:
+    """A class-conditional UNet2DModel with one attention down and up block (about 0.7M parameters).
+
+    ``num_class_embeds`` is NUM_CLASSES + 1: the last label is the null class of classifier-free guidance.
+    """
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=NUM_CLASSES + 1, attention_head_dim=8,
+    ).eval()
+
+
+def make_tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
+    """A text-conditional UNet2DConditionModel (cross-attention dim 16) of a few hundred thousand parameters."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+@pytest.fixture
+def tiny_unet() -> UNet2DModel:
+    return make_tiny_unet()
+
+
+@pytest.fixture
+def tiny_cond_unet() -> UNet2DConditionModel:
+    return make_tiny_cond_unet()
+
+
+@pytest.fixture
+def ddpm_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")

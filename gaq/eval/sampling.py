@@ -30,7 +30,8 @@ class SamplerConfig:
         steps: number of DDIM steps.
         eta: DDIM stochasticity (0 = deterministic).
         spacing: ``uniform`` (every T/steps-th timestep from 0, Q-Diffusion's "uniform"),
-            ``quadratic`` (Q-Diffusion's "quad": squares of a linspace up to sqrt(0.8 T)),
+            ``quadratic`` (Q-Diffusion's "quad": squares of a linspace up to sqrt(0.8 T), truncated;
+            at 100 steps its first few timesteps repeat 0, exactly as in the original DDIM code),
             ``linspace`` (rounded linspace over [0, T-1]), ``trailing`` (diffusers' trailing).
         guidance_scale: classifier-free guidance scale; 1 means no guidance (one model call a step).
         clip_sample: clip the predicted x0 to [-1, 1].
@@ -57,7 +58,6 @@ def sampling_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing) -
         seq = np.round(np.arange(T, 0, -T / steps)).astype(np.int64)[::-1] - 1
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}")
-    check(len(np.unique(seq)) == steps, f"{steps} steps with {spacing} spacing repeat a timestep: use fewer steps")
     return torch.from_numpy(np.ascontiguousarray(seq[::-1])).long()
 
 
