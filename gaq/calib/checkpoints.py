@@ -1,0 +1,104 @@
+"""Run-folder bookkeeping: atomic per-unit checkpoints, the run's config record, atomic Lightning checkpoints.
+
+A run folder holds ``run.json`` (what the run was configured with), ``units/NNN-<unit>.safetensors``
+(the tuned quantizer state of every finished unit, written to a temporary name and renamed) and
+``lightning/<unit>/last.ckpt`` (the resumable state of the unit in progress). A rerun of the same
+command loads finished units, resumes the unit in progress and refuses a folder written under a
+different configuration.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gaq.errors import GaqError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed, so a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+def config_digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_run_record(run_dir: Path, record: dict) -> None:
+    """Write ``run.json`` for a new run, or refuse a folder written under a different config."""
+    path = run_dir / "run.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise GaqError(f"{path} is corrupt; delete the run folder {run_dir} to start over") from None
+        if old.get("digest") != config_digest(record):
+            diff = sorted(k for k in set(old.get("config", {})) | set(record)
+                          if old.get("config", {}).get(k) != record.get(k))
+            raise GaqError(f"run folder {run_dir} was written with a different config (differs in: "
+                           f"{', '.join(diff) or 'content'}); use another --run_dir or delete that folder")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"digest": config_digest(record), "config": record})
+
+
+def unit_file(run_dir: Path, k: int, name: str) -> Path:
+    return run_dir / "units" / f"{k:03d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
+
+
+def save_unit_state(path: Path, layers: list[tuple[str, nn.Module]]) -> None:
+    """Save the state of a unit's quantized layers (rounding logits, ranges) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{lname}.{k}": v.detach().cpu().contiguous() for lname, layer in layers
+               for k, v in layer.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_unit_state(path: Path, layers: list[tuple[str, nn.Module]]) -> None:
+    """Load a finished unit's layer states; a corrupt or mismatched file gets one clear error."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise GaqError(f"unit checkpoint {path} is unreadable ({err}); delete it to recompute that unit") from None
+    for lname, layer in layers:
+        prefix = f"{lname}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            layer.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            raise GaqError(f"unit checkpoint {path} does not match layer {lname} ({first}); "
+                           "delete it to recompute that unit") from None
+
+
+def torch_load_safe(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,258 @@
+"""The block-by-block calibration driver: quantize, reconstruct every unit, calibrate activations, save.
+
+One ``Trainer.fit`` per unit. Every rank of a DDP run executes this driver (Lightning starts the
+other ranks by re-running the command); only rank 0 writes files, and all ranks meet at a barrier
+after each unit. The driver owns the order of work; the per-unit LightningModule owns the maths.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from gaq.calib.cache import build_unit_cache
+from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, save_unit_state,
+                                   unit_file)
+from gaq.calib.recon import ReconConfig, UnitReconstruction, uniform_weights
+from gaq.calib.units import Unit, find_units, fp_counterpart
+from gaq.models.denoiser import index_cond, predict_noise
+from gaq.models.loading import Denoiser
+
+log = logging.getLogger(__name__)
+
+Method = Literal["rtn", "uniform", "gac"]
+
+# make_trainer(unit_dir, unit_name) -> a Trainer whose checkpoints go to unit_dir
+TrainerFactory = Callable[[Path, str], pl.Trainer]
+
+
+@dataclass
+class UnitReport:
+    """What happened to one unit, for ``summary.json``."""
+
+    index: int
+    name: str
+    kind: str
+    layers: int
+    seconds: float = 0.0
+    resumed_from: str = "scratch"  # scratch | unit-checkpoint | lightning-checkpoint
+    error_before: float | None = None
+    error_after: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def calibration_batches(calib, batch_size: int, indices: Tensor | None = None) -> Iterator[dict[str, Any]]:
+    """Batches ``{"x", "t", "step", "cond"}`` of a calibration set in index order (or of ``indices``)."""
+    n = len(calib)
+    order = torch.arange(n) if indices is None else indices
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield {"x": calib.x[idx], "t": calib.t[idx], "step": calib.step[idx], "cond": index_cond(calib.cond, idx)}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@torch.no_grad()
+def unit_error(unit: Unit, cache, index: Tensor, set_step) -> float:
+    """Mean per-sample reconstruction error of ``unit`` over the tuples ``index`` (in chunks)."""
+    from gaq.calib.recon import per_sample_error
+    total = 0.0
+    for s in range(0, len(index), 256):
+        args, kwargs, target, step = cache.batch(index[s:s + 256])
+        set_step(step)
+        total += per_sample_error(unit(*args, **kwargs), target).sum().item()
+    return total / max(len(index), 1)
+
+
+@dataclass
+class CalibrationJob:
+    """Everything one calibration run needs, already built (the CLI builds it from YAML).
+
+    Attributes:
+        denoiser: the FP model and its schedule.
+        datamodule: the calibration DataModule (set up: calibration set, split, groups).
+        quant: the quantization config (``gaq.quant.QuantConfig``).
+        method: ``rtn`` (no reconstruction), ``uniform`` (AdaRound with uniform sample weights) or ``gac``.
+        recon: reconstruction settings.
+        run_dir: the run folder (per-unit checkpoints, summary, quantized model).
+        make_trainer: builds the Trainer of one unit.
+        device: where calibration runs.
+        record: the run's configuration as plain data (written to ``run.json``, compared on resume).
+        method_hooks: the GAC extension (``gaq.calib.gac_driver.GACHooks``) or None.
+    """
+
+    denoiser: Denoiser
+    datamodule: Any
+    quant: Any
+    method: Method
+    recon: ReconConfig
+    run_dir: Path
+    make_trainer: TrainerFactory
+    device: torch.device
+    record: dict
+    method_hooks: Any = None
+
+
+def run_calibration(job: CalibrationJob) -> dict:
+    """Quantize ``job.denoiser.model`` and calibrate it unit by unit; returns the summary (also saved)."""
+    from gaq.quant import (calibrate_activations, quantize, rounding_parameters, save_quantized, set_quant_state,
+                           set_step_index, stored_weight_bytes)
+
+    t_start = time.time()
+    dm, device, run_dir = job.datamodule, job.device, Path(job.run_dir)
+    calib = dm.calib_set
+    is_zero = _global_rank() == 0
+    if is_zero:
+        check_run_record(run_dir, job.record)
+    if torch.cuda.is_available() and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    fp_model = job.denoiser.model.to(device).eval().requires_grad_(False)
+    qmodel = quantize(fp_model, job.quant, timesteps=calib.timesteps).to(device).eval()
+    set_quant_state(qmodel, weight=False, act=False)
+    qmodel.requires_grad_(False)
+    set_step = lambda step: set_step_index(qmodel, step)  # noqa: E731
+
+    probe = next(calibration_batches(calib, 2))
+    probe = {k: (v.to(device) if isinstance(v, Tensor) else {c: t.to(device) for c, t in v.items()})
+             for k, v in probe.items()}
+    run_probe = lambda: predict_noise(qmodel, probe["x"], probe["t"], probe["cond"])  # noqa: E731
+    units = find_units(qmodel, run_probe, time_unit=job.recon.time_unit)
+    log.info("%d reconstruction units: %s", len(units), ", ".join(u.name for u in units))
+
+    reports: list[UnitReport] = []
+    if job.method != "rtn":
+        hooks = job.method_hooks
+        for k, unit in enumerate(units):
+            report = UnitReport(k, unit.name, unit.kind, len(unit.layers))
+            t0 = time.time()
+            path = unit_file(run_dir, k, unit.name)
+            if path.exists():
+                load_unit_state(path, unit.layers)
+                report.resumed_from = "unit-checkpoint"
+            else:
+                _reconstruct_unit(job, k, unit, qmodel, fp_model, calib, set_step, report, hooks)
+                if is_zero:
+                    save_unit_state(path, unit.layers)
+            for _, layer in unit.layers:
+                layer.set_quant_state(weight=True, act=False)
+            _set_soft(unit, False)
+            _barrier()
+            report.seconds = time.time() - t0
+            reports.append(report)
+            log.info("unit %d/%d %s done in %.1f s", k + 1, len(units), unit.name, report.seconds)
+    set_quant_state(qmodel, weight=True, act=False)
+    act_seconds = 0.0
+    if job.quant.a_bits < 32:
+        t0 = time.time()
+        set_quant_state(qmodel, weight=True, act=True)
+        calibrate_activations(qmodel, _device_batches(calibration_batches(calib, job.recon.cache_batch), device))
+        act_seconds = time.time() - t0
+    set_quant_state(qmodel, weight=True, act=job.quant.a_bits < 32)
+
+    summary = {
+        "model": job.denoiser.source, "model_fingerprint": job.denoiser.fingerprint,
+        "preset": job.quant.preset, "w_bits": job.quant.w_bits, "a_bits": job.quant.a_bits,
+        "method": job.method, "units": [asdict(r) for r in reports], "num_units": len(units),
+        "calibration_seconds": time.time() - t_start, "activation_calibration_seconds": act_seconds,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "device": _device_name(device), "world_size": _world_size(), "git_commit": _git_commit(),
+        "calibration_set": {"tuples": len(calib), "train": int(len(dm.train_indices)), "val": int(len(dm.val_indices))},
+        "recon": asdict(job.recon),
+    }
+    if job.method_hooks is not None:
+        summary.update(job.method_hooks.summary())
+    if is_zero:
+        qbytes, fpbytes = stored_weight_bytes(qmodel)
+        summary["stored_weight_bytes"] = {"quantized": qbytes, "fp32": fpbytes}
+        save_quantized(qmodel, run_dir / "quantized", base_source=job.denoiser.source, config=job.quant,
+                       extra_meta={"method": job.method, "git_commit": summary["git_commit"]})
+        atomic_write_json(run_dir / "summary.json", summary)
+    _barrier()
+    return summary
+
+
+def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
+                      set_step, report: UnitReport, hooks) -> None:
+    from gaq.quant import rounding_parameters
+
+    dm, device = job.datamodule, job.device
+    cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
+                             calibration_batches(calib, job.recon.cache_batch), device, job.recon.cache_placement)
+    rounding = [p for _, layer in unit.layers for p in rounding_parameters(layer)]
+    qmodel.requires_grad_(False)
+    for p in rounding:
+        p.requires_grad_(True)
+    for _, layer in unit.layers:
+        layer.set_quant_state(weight=True, act=False)
+    _set_soft(unit, True)
+    val_index = torch.as_tensor(dm.val_indices)
+    report.error_before = unit_error(unit, cache, val_index, set_step)
+
+    def regulariser(beta: float) -> Tensor:
+        return sum(layer.weight_quantizer.round_loss(beta) for _, layer in unit.layers)
+
+    module = UnitReconstruction(job.recon).bind(
+        unit.name, unit.module, unit, rounding, regulariser, cache, torch.as_tensor(dm.train_indices),
+        weights=uniform_weights, set_step=set_step)
+    if hooks is not None:
+        hooks.prepare_unit(module, k, unit, cache)
+    unit_dir = Path(job.run_dir) / "lightning" / f"{k:03d}"
+    last = unit_dir / "last.ckpt"
+    if last.exists():
+        report.resumed_from = "lightning-checkpoint"
+    trainer = job.make_trainer(unit_dir, unit.name)
+    trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    _set_soft(unit, False)
+    report.error_after = unit_error(unit, cache, val_index, set_step)
+    if hooks is not None:
+        report.extra.update(hooks.finish_unit(module, k, unit, cache))
+    for p in rounding:
+        p.requires_grad_(False)
+
+
+def _set_soft(unit: Unit, soft: bool) -> None:
+    from gaq.quant import set_adaround_soft
+    for _, layer in unit.layers:
+        set_adaround_soft(layer, soft)
+
+
+def _device_batches(batches, device):
+    for b in batches:
+        yield {"x": b["x"].to(device), "t": b["t"].to(device), "step": b["step"].to(device),
+               "cond": {k: v.to(device) for k, v in b["cond"].items()}}
+
+
+def _global_rank() -> int:
+    """This process's rank; before the process group exists, the rank Lightning's launcher gave it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
