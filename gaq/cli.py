@@ -13,12 +13,14 @@ import sys
 
 from gaq.errors import GaqError
 
-# name -> (module with a ``main(argv)`` function, one-line help)
+# name -> ("module:function" taking argv, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train-default": ("gaq.models.train_default", "train the shipped default model (digits DDPM + classifier) into checkpoints/"),
-    "calib-data": ("gaq.data.cli", "generate (or reuse) the calibration set of a calibrate config, and nothing else"),
-    "calibrate": ("gaq.calib.cli", "quantize a diffusion model: RTN, uniform block reconstruction or GAC"),
-    "evaluate": ("gaq.eval.cli", "sample from an FP model or a quantized run and compute FID and friends"),
+    "train-default": ("gaq.models.train_default:main",
+                      "train the shipped default model (digits DDPM + classifier) into checkpoints/"),
+    "calib-data": ("gaq.calib.cli:main_calib_data",
+                   "generate (or reuse) the calibration set of a calibrate config, and nothing else"),
+    "calibrate": ("gaq.calib.cli:main", "quantize a diffusion model: RTN, uniform block reconstruction or GAC"),
+    "evaluate": ("gaq.eval.cli:main", "sample from an FP model or a quantized run and compute FID and friends"),
 }
 
 USAGE = """usage: gaq <subcommand> [--config FILE.yaml] [--key value ...]
@@ -50,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     if name not in SUBCOMMANDS:
         print(f"gaq: error: unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module_name, function = SUBCOMMANDS[name][0].split(":")
+    entry = getattr(importlib.import_module(module_name), function)
     try:
-        module.main(rest)
+        entry(rest)
     except GaqError as err:
         print(f"gaq: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -99,6 +98,3 @@ def load_unit_state(path: Path, layers: list[tuple[str, nn.Module]]) -> None:
             raise GaqError(f"unit checkpoint {path} does not match layer {lname} ({first}); "
                            "delete it to recompute that unit") from None
 
-
-def torch_load_safe(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
