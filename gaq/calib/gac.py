@@ -1,0 +1,395 @@
+"""The meta step of gradient-aligned calibration (GAC, the paper's Algorithm 2) for one unit.
+
+The reconstruction LightningModule owns the loop; this module gives it the maths of one meta step:
+
+* :func:`meta_outer_loss` builds the outer loss ``L_VAL = gm_coef * L_GM2 + val_coef * mean_g L_g``
+  as a differentiable function of the batch weights ``w`` (and thus of the logits ``s``);
+* :func:`meta_step` turns it into the hypergradient ``d L_VAL / d s`` for the engine's Adam on ``s``;
+* :func:`meta_steps_before` says how many meta steps to run before a reconstruction iteration.
+
+Three levels of autograd: the inner gradient ``grad_theta sum_i w_i l_i / B`` (``create_graph``), the
+weight-gradients ``G_g = dL_g(theta*)/dw`` (``create_graph``), and the final backward to ``s``.
+The inner step is plain SGD as in the paper's Eq. 1: a fresh Adam inside the differentiable step
+gives a meta-gradient ~1e7 times larger (its first step is sign-like; FACTS.md).
+
+The unit and the per-sample loss (the contract of ``per_sample_loss``):
+    ``per_sample_loss(fmodel, batch) -> Tensor[B]`` returns the per-sample reconstruction losses
+    ``l_i = ||f_Q(x_i) - f_FP(x_i)||^2`` of a batch. ``fmodel(*args, **kwargs)`` runs the unit's
+    forward with the parameters of the point being evaluated (``theta`` or the updated
+    ``theta*``; every other parameter and buffer of the unit as it is). The callable must run
+    the quantized unit *through* ``fmodel`` (not through the unit object) and must not detach
+    its output; the FP targets come from the batch or from a separate FP module. ``batch`` is
+    whatever the engine's DataModule yields: this module never looks inside it.
+
+Backends (identical results): ``functional`` runs ``torch.func.functional_call`` with a parameter
+dict in which only ``theta`` is replaced; ``higher`` runs ``higher.patch.monkeypatch`` with the
+updated fast weights (non-theta parameters passed through untouched). ``auto`` tries ``higher``
+and falls back to ``functional`` for modules higher cannot patch: diffusers' ``UNetMidBlock2D``
+(and anything that contains one, such as a whole ``UNet2DModel``) slices a ``ModuleList``, which
+builds a new instance of higher's patched class and fails with ``MonkeyPatched.__init__()
+missing ... 'root'`` (FACTS.md). The fallback is remembered per unit.
+
+Attention: the outer loss runs under ``sdpa_kernel(SDPBackend.MATH)``, because the fused kernels of
+``scaled_dot_product_attention`` (flash, memory-efficient, CPU flash) have no double backward
+("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented").
+
+Distributed data parallel: every rank holds the whole ``s``; each rank computes the hypergradient on
+its own meta batch with :func:`meta_step`; the engine averages ``grad_s`` over the ranks (e.g.
+``self.trainer.strategy.reduce(grad_s, reduce_op="mean")``: DDP's hooks never see a gradient from
+``torch.autograd.grad``), writes it to ``weights.s.grad`` and steps the same Adam on every rank, so
+``omega`` stays identical everywhere.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gaq.calib.weights import LearnedSampleWeights
+from gaq.errors import GaqError, check
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "higher", "functional"]
+# per_sample_loss(fmodel, batch) -> per-sample losses (B,); see the module docstring.
+PerSampleLoss = Callable[[Callable[..., Any], Any], Tensor]
+# extra_loss() -> scalar term of the inner objective that does not depend on the weights
+# (e.g. the AdaRound rounding regulariser), evaluated at the current theta.
+ExtraLoss = Callable[[], Tensor]
+
+
+@dataclass
+class GACConfig:
+    """Settings of gradient-aligned calibration; paper values are the defaults, *(ours)* marks choices the paper leaves open.
+
+    Attributes:
+        meta_iters: meta steps per unit (paper: 1500); 0 turns the weighting off (uniform weights).
+        meta_lr: Adam learning rate on the logits ``s`` (paper: 5e-6).
+        inner_lr: eta of the differentiable inner SGD step *(ours)*. Default 1e-3, the learning
+            rate of the reconstruction's own Adam on the rounding logits, so the look-ahead ``theta*``
+            moves on the scale the reconstruction moves; the cosine term is invariant to eta to first
+            order, eta only scales the validation term's hypergradient.
+        meta_batch: training tuples per meta step, B (paper: 32).
+        num_groups: timestep groups G of the validation set (paper: 5); ``L_GM2`` needs G >= 2.
+        tau: softmax temperature of ``omega = softmax(s / tau)`` (paper: 1).
+        s_init: initial value of every logit (paper: 1/32).
+        alignment: ``cosine`` (default *(ours)*) or raw ``dot`` between the groups' weight-gradients
+            ``G_g``; raw dots are ~eta-small and vanish next to the validation term.
+        align_eps: floor of ``||G_g||`` in the cosine *(ours)*; only a zero vector ever reaches it.
+        gm_coef: coefficient of ``L_GM2`` in the outer loss (paper: 1).
+        val_coef: coefficient of ``mean_g L_g`` in the outer loss (paper: 1).
+        carry_over: keep ``s`` from one unit to the next instead of resetting it *(ours)*.
+        weight_time_unit: learn weights for the time-embedding unit too (default: uniform) *(ours)*.
+        grouping: ``contiguous`` timestep groups (paper) or ``adaptive`` (by gradient similarity) *(ours)*.
+        adaptive_contiguous: adaptive groups are contiguous runs of kept steps *(ours)*.
+        interleave_every: 0 runs all meta steps before the unit's reconstruction (paper); k > 0 runs
+            one meta step every k reconstruction iterations, at most ``meta_iters`` in all *(ours)*.
+        backend: ``auto``, ``higher`` or ``functional`` (see the module docstring).
+    """
+
+    meta_iters: int = 1500
+    meta_lr: float = 5e-6
+    inner_lr: float = 1e-3
+    meta_batch: int = 32
+    num_groups: int = 5
+    tau: float = 1.0
+    s_init: float = 1.0 / 32
+    alignment: Literal["cosine", "dot"] = "cosine"
+    align_eps: float = 1e-12
+    gm_coef: float = 1.0
+    val_coef: float = 1.0
+    carry_over: bool = False
+    weight_time_unit: bool = False
+    grouping: Literal["contiguous", "adaptive"] = "contiguous"
+    adaptive_contiguous: bool = True
+    interleave_every: int = 0
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.meta_iters >= 0, f"gac.meta_iters must be >= 0, got {self.meta_iters}")
+        check(self.meta_lr > 0, f"gac.meta_lr must be > 0, got {self.meta_lr}")
+        check(self.inner_lr > 0, f"gac.inner_lr must be > 0, got {self.inner_lr}")
+        check(self.meta_batch >= 1, f"gac.meta_batch must be >= 1, got {self.meta_batch}")
+        check(self.num_groups >= 1, f"gac.num_groups must be >= 1, got {self.num_groups}")
+        check(self.num_groups >= 2 or self.gm_coef == 0,
+              "gac.num_groups must be >= 2 for the gradient-matching term (or set gac.gm_coef: 0)")
+        check(self.tau > 0, f"gac.tau must be > 0, got {self.tau}")
+        check(self.alignment in ("cosine", "dot"), f"gac.alignment must be 'cosine' or 'dot', got {self.alignment!r}")
+        check(self.align_eps > 0, f"gac.align_eps must be > 0, got {self.align_eps}")
+        check(self.gm_coef >= 0 and self.val_coef >= 0, "gac.gm_coef and gac.val_coef must be >= 0")
+        check(self.gm_coef > 0 or self.val_coef > 0, "gac.gm_coef and gac.val_coef cannot both be 0 (nothing to learn)")
+        check(self.grouping in ("contiguous", "adaptive"),
+              f"gac.grouping must be 'contiguous' or 'adaptive', got {self.grouping!r}")
+        check(self.interleave_every >= 0, f"gac.interleave_every must be >= 0, got {self.interleave_every}")
+        check(self.backend in ("auto", "higher", "functional"),
+              f"gac.backend must be 'auto', 'higher' or 'functional', got {self.backend!r}")
+
+
+def meta_steps_before(cfg: GACConfig, recon_iter: int) -> int:
+    """How many meta steps the engine runs just before reconstruction iteration ``recon_iter`` (0-based).
+
+    ``interleave_every == 0``: all ``meta_iters`` before iteration 0, none after. ``k > 0``: one
+    before every k-th iteration (0, k, 2k, ...) until ``meta_iters`` have run. ``meta_iters == 0``
+    gives 0 everywhere: the weights stay uniform.
+    """
+    if cfg.interleave_every == 0:
+        return cfg.meta_iters if recon_iter == 0 else 0
+    k = cfg.interleave_every
+    return int(recon_iter % k == 0 and recon_iter // k < cfg.meta_iters)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating the unit at the look-ahead parameters theta*
+# ----------------------------------------------------------------------------------------------
+
+class _FunctionalUnit:
+    """Calls ``unit`` with some of its parameters replaced (``torch.func.functional_call``)."""
+
+    def __init__(self, unit: nn.Module, params: dict[str, Tensor]):
+        self.unit, self.params = unit, params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.unit, self.params, args, kwargs)
+
+
+def _theta_names(unit: nn.Module, theta: Sequence[Tensor]) -> list[str]:
+    """Parameter name of each tensor of ``theta`` inside ``unit``."""
+    name_of = {id(p): n for n, p in unit.named_parameters()}
+    missing = [i for i, p in enumerate(theta) if id(p) not in name_of]
+    if missing:
+        raise ValueError(f"theta[{missing[0]}] is not a parameter of the unit {type(unit).__name__}")
+    return [name_of[id(p)] for p in theta]
+
+
+def _functional_at(unit: nn.Module, theta: Sequence[Tensor], theta_star: Sequence[Tensor]) -> Callable[..., Any]:
+    return _FunctionalUnit(unit, dict(zip(_theta_names(unit, theta), theta_star)))
+
+
+def _higher_at(unit: nn.Module, theta: Sequence[Tensor], theta_star: Sequence[Tensor]) -> Callable[..., Any]:
+    import higher  # optional at import time: ``auto`` works without it
+
+    position = {id(p): i for i, p in enumerate(unit.parameters())}
+    _theta_names(unit, theta)  # same error as the functional backend for a foreign tensor
+    fast = list(unit.parameters())
+    for p, p_star in zip(theta, theta_star):
+        fast[position[id(p)]] = p_star
+    fmodel = higher.patch.monkeypatch(unit, copy_initial_weights=False, track_higher_grads=True)
+    fmodel.update_params(fast)
+    return fmodel
+
+
+def _is_higher_patch_failure(err: BaseException) -> bool:
+    return isinstance(err, TypeError) and "MonkeyPatched" in str(err)
+
+
+# units on which higher failed once under backend="auto"; they go straight to functional after
+_HIGHER_UNSUPPORTED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _higher_available() -> bool:
+    try:
+        import higher  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The outer loss
+# ----------------------------------------------------------------------------------------------
+
+def _pairwise_alignment(G: Tensor, cfg: GACConfig) -> Tensor:
+    """Mean over pairs g < h of cos(G_g, G_h) (or the raw dot); ``G`` is ``(num_groups, B)``."""
+    if cfg.alignment == "cosine":
+        G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True).clamp_min(cfg.align_eps)
+    gram = G @ G.T
+    i, j = torch.triu_indices(G.shape[0], G.shape[0], offset=1, device=G.device)
+    return gram[i, j].mean()
+
+
+def _outer_parts(
+    unit: nn.Module,
+    theta: Sequence[Tensor],
+    per_sample_loss: PerSampleLoss,
+    train_batch: Any,
+    w: Tensor,
+    val_batches: Sequence[Any],
+    cfg: GACConfig,
+    extra_loss: ExtraLoss | None,
+    at: Callable[[nn.Module, Sequence[Tensor], Sequence[Tensor]], Callable[..., Any]],
+) -> dict[str, Tensor]:
+    """Every differentiable piece of the outer loss, evaluated with the look-ahead builder ``at``."""
+    # 1. inner step: theta* = theta - eta * grad_theta (sum_i w_i l_i / B + extra)
+    losses = per_sample_loss(unit, train_batch)
+    if losses.shape != w.shape:
+        raise ValueError(f"per_sample_loss returned shape {tuple(losses.shape)} for weights of shape {tuple(w.shape)}")
+    inner = (w * losses).sum() / w.numel()
+    objective = inner if extra_loss is None else inner + extra_loss()
+    grads = torch.autograd.grad(objective, list(theta), create_graph=True, allow_unused=True, materialize_grads=True)
+    theta_star = [p - cfg.inner_lr * g for p, g in zip(theta, grads)]
+    fmodel = at(unit, theta, theta_star)
+    # 2. per-group validation losses at theta*
+    val = torch.stack([per_sample_loss(fmodel, vb).mean() for vb in val_batches])
+    parts = {"inner": inner, "val": val}
+    # 3.-4. weight-gradients G_g = dL_g/dw and their pairwise alignment
+    if cfg.gm_coef > 0 and len(val_batches) >= 2:
+        G = torch.stack([
+            torch.autograd.grad(L_g, w, create_graph=True, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+            for L_g in val
+        ])
+        alignment = _pairwise_alignment(G, cfg)
+        parts["alignment"] = alignment
+        parts["weight_grad_norm"] = torch.linalg.vector_norm(G.detach(), dim=1).mean()
+        gm = -alignment
+    else:
+        gm = val.new_zeros(())
+    parts["gm"] = gm
+    # 5. outer loss
+    parts["outer"] = cfg.gm_coef * gm + cfg.val_coef * val.mean()
+    return parts
+
+
+def _outer_parts_by_backend(
+    unit: nn.Module,
+    theta: Sequence[Tensor],
+    per_sample_loss: PerSampleLoss,
+    train_batch: Any,
+    w: Tensor,
+    val_batches: Sequence[Any],
+    cfg: GACConfig,
+    extra_loss: ExtraLoss | None,
+    unit_name: str,
+) -> dict[str, Tensor]:
+    """:func:`_outer_parts` with the look-ahead of ``cfg.backend`` (``auto``: higher, else functional)."""
+    args = (unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss)
+    if cfg.backend == "functional":
+        return _outer_parts(*args, at=_functional_at)
+    if cfg.backend == "higher":
+        check(_higher_available(), "the 'higher' package is not installed: install it or set gac.backend: functional")
+        try:
+            return _outer_parts(*args, at=_higher_at)
+        except TypeError as err:
+            if _is_higher_patch_failure(err):
+                raise GaqError(f"higher cannot patch unit {unit_name!r} ({type(unit).__name__}): "
+                               "set gac.backend to 'functional' or 'auto'") from err
+            raise
+    if _higher_available() and unit not in _HIGHER_UNSUPPORTED:
+        try:
+            return _outer_parts(*args, at=_higher_at)
+        except Exception as err:  # higher cannot run this unit: remember it, use functional from now on
+            log.info("higher cannot run unit %r (%s: %s); using torch.func.functional_call instead",
+                     unit_name, type(err).__name__, err)
+            _HIGHER_UNSUPPORTED.add(unit)
+    return _outer_parts(*args, at=_functional_at)
+
+
+def _check_finite(parts: dict[str, Tensor], unit_name: str, step: int) -> None:
+    """One host sync; names the first non-finite piece."""
+    if bool(torch.isfinite(torch.cat([v.detach().reshape(-1).float() for v in parts.values()])).all()):
+        return
+    labels = {"inner": "inner (weighted training) loss", "val": "validation loss", "alignment": "gradient alignment",
+              "weight_grad_norm": "weight-gradient", "gm": "gradient-matching loss", "outer": "outer loss"}
+    what = next(labels[k] for k, v in parts.items() if not bool(torch.isfinite(v.detach()).all()))
+    raise GaqError(f"non-finite {what} in GAC meta step {step} of unit {unit_name!r}: "
+                   "lower gac.inner_lr or gac.meta_lr, or check this unit's calibration data")
+
+
+def meta_outer_loss(
+    unit: nn.Module,
+    theta: Sequence[Tensor],
+    per_sample_loss: PerSampleLoss,
+    train_batch: Any,
+    w: Tensor,
+    val_batches: Sequence[Any],
+    cfg: GACConfig,
+    extra_loss: ExtraLoss | None = None,
+    unit_name: str = "unit",
+    step: int = 0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The outer loss of one GAC meta step, differentiable with respect to ``w``.
+
+    Args:
+        unit: the reconstruction unit (quantized block) in its current state.
+        theta: the parameters the reconstruction learns (AdaRound rounding logits, step sizes), a
+            subset of ``unit.parameters()``; the unit may hold other frozen parameters and buffers.
+            Left unchanged: the look-ahead ``theta*`` exists only inside the graph.
+        per_sample_loss: ``per_sample_loss(fmodel, batch) -> (B,)``, see the module docstring.
+        train_batch: the B training tuples of the meta batch.
+        w: their mean-one weights ``N * omega[idx]``, ``(B,)``, attached to the graph of ``s``.
+        val_batches: one batch of validation tuples per timestep group, in group order.
+        cfg: the GAC settings (``inner_lr``, ``alignment``, coefficients, ``backend``).
+        extra_loss: a term of the inner objective that does not depend on ``w`` (the AdaRound
+            regulariser), evaluated at ``theta``.
+        unit_name, step: name the unit and meta step in error messages.
+
+    Returns:
+        ``outer`` (scalar) ``= gm_coef * L_GM2 + val_coef * mean_g L_g`` with
+        ``L_GM2 = -mean_{g<h} cos(G_g, G_h)``, ``G_g = dL_g(theta*)/dw``; and detached scalar
+        stats: ``outer``, ``inner_loss``, ``val_loss``, ``val_loss_group{g}``, ``gm_loss`` and, with
+        at least two groups and ``gm_coef > 0``, ``alignment`` (mean pairwise cosine or dot) and
+        ``weight_grad_norm`` (mean ``||G_g||``).
+
+    Raises:
+        GaqError: a loss or the alignment is NaN or infinite (names ``unit_name`` and ``step``),
+            or ``backend='higher'`` on a unit higher cannot patch.
+    """
+    check(len(val_batches) >= 1, "GAC needs at least one validation batch per meta step; enlarge the validation split")
+    if not w.requires_grad:
+        raise ValueError("w must be attached to the graph of the logits s (use LearnedSampleWeights.weights(index, s=s_leaf))")
+    # The fused attention kernels (flash, memory-efficient, CPU flash) have no double backward; the
+    # math kernel of scaled_dot_product_attention does, so units with attention run it here.
+    with sdpa_kernel([SDPBackend.MATH]):
+        parts = _outer_parts_by_backend(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss,
+                                        unit_name)
+    _check_finite(parts, unit_name, step)
+    stats = {"outer": parts["outer"].detach(), "inner_loss": parts["inner"].detach(),
+             "val_loss": parts["val"].detach().mean(), "gm_loss": parts["gm"].detach()}
+    stats.update({f"val_loss_group{g}": v for g, v in enumerate(parts["val"].detach())})
+    for key in ("alignment", "weight_grad_norm"):
+        if key in parts:
+            stats[key] = parts[key].detach()
+    return parts["outer"], stats
+
+
+def meta_step(
+    weights: LearnedSampleWeights,
+    index: Tensor,
+    unit: nn.Module,
+    theta: Sequence[Tensor],
+    per_sample_loss: PerSampleLoss,
+    train_batch: Any,
+    val_batches: Sequence[Any],
+    cfg: GACConfig,
+    extra_loss: ExtraLoss | None = None,
+    unit_name: str = "unit",
+    step: int = 0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The hypergradient ``d L_VAL / d s`` of one meta step; commits nothing.
+
+    Args:
+        weights: the learned weights; ``weights.s`` is read, never written.
+        index: global indices ``(B,)`` of the tuples in ``train_batch``.
+        unit, theta, per_sample_loss, train_batch, val_batches, cfg, extra_loss, unit_name, step:
+            as in :func:`meta_outer_loss`.
+
+    Returns:
+        ``grad_s``, shape ``(N,)`` like ``weights.s``, and the stats of :func:`meta_outer_loss`.
+        The engine averages ``grad_s`` over DDP ranks, then
+        ``weights.s.grad = grad_s; adam_on_s.step()`` (Adam over ``[weights.s]``, lr ``cfg.meta_lr``).
+
+    Raises:
+        GaqError: non-finite losses or hypergradient (names ``unit_name`` and ``step``).
+    """
+    s = weights.s.detach().clone().requires_grad_(True)
+    w = weights.weights(index, s=s)
+    outer, stats = meta_outer_loss(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg,
+                                   extra_loss=extra_loss, unit_name=unit_name, step=step)
+    (grad_s,) = torch.autograd.grad(outer, s)
+    check(bool(torch.isfinite(grad_s).all()),
+          f"non-finite hypergradient in GAC meta step {step} of unit {unit_name!r}: lower gac.inner_lr or gac.meta_lr")
+    return grad_s, stats
