@@ -135,7 +135,8 @@ class CalibrationSet:
         kept_steps: the kept sampling-step indices, ascending, LongTensor ``(S,)``.
         timesteps: the timestep of each kept step, same order, LongTensor ``(S,)``.
         meta: ``config`` (the :class:`CalibSetConfig` as a dict), ``fingerprint`` and ``source`` of
-            the model, ``cond_embeddings_sha256``, ``gaq_version``, ``created`` (ISO time) and more.
+            the model, ``cond_embeddings_sha256``, ``key`` (the cache key: a hash of config, fingerprint
+            and embeddings; stable across regenerations), ``gaq_version``, ``created`` (ISO time) and more.
     """
 
     x: Tensor
@@ -410,7 +411,7 @@ def generate_calibration_set(den: Denoiser, cfg: CalibSetConfig, device: torch.d
 
     step = kept.repeat_interleave(halves * n)
     t = timesteps_all[kept].repeat_interleave(halves * n)
-    meta = dict(expected_meta(den, cfg), source=den.source, gaq_version=gaq.__version__,
+    meta = dict(expected_meta(den, cfg), key=cache_key(den, cfg), source=den.source, gaq_version=gaq.__version__,
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sample_shape=list(den.sample_shape),
                 cond_kind=den.cond_kind, num_train_timesteps=len(den.alphas_cumprod), halves=halves,
                 kept_steps=kept.tolist())
