@@ -296,3 +296,14 @@ def test_config_errors_are_one_line_and_name_the_key(kwargs, key):
         GACConfig(**kwargs)
     assert "\n" not in str(err.value)
     assert GACConfig(num_groups=1, gm_coef=0.0).num_groups == 1
+
+
+def test_one_validation_group_needs_the_gradient_matching_term_off(resnet_problem):
+    p = resnet_problem
+    one = [p["val"][0]]
+    with pytest.raises(GaqError, match="gac.gm_coef"):
+        meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], one, GACConfig())
+    grad, stats = meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], one,
+                            GACConfig(num_groups=1, gm_coef=0.0, inner_lr=0.5))
+    assert "alignment" not in stats and float(stats["outer"]) == float(stats["val_loss_group0"])
+    assert float(grad.norm()) > 0

@@ -83,15 +83,15 @@ def plot_weight_by_step(mean_weight_per_step: Sequence[float] | Tensor, path: st
     values = torch.as_tensor(mean_weight_per_step, dtype=torch.float64).tolist()
     fig = Figure(figsize=(max(4.0, 0.3 * len(values) + 2), 3.5))
     ax = fig.subplots()
-    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.bar(range(len(values)), [v - 1.0 for v in values], bottom=1.0, color="tab:blue")  # bars from uniform
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="uniform")
     lo, hi = min(values + [1.0]), max(values + [1.0])
     pad = max(hi - lo, 1e-6) * 0.2
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("kept step (sampling order)")
     ax.set_ylabel("mean weight N * omega")
-    if labels is not None:
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    ax.set_xticks(range(len(values)), list(labels) if labels is not None else [str(k) for k in range(len(values))],
+                  rotation=90, fontsize=6)
     ax.legend()
     return _save(fig, path)
 
@@ -162,7 +162,7 @@ def plot_weight_vs_alignment(table: list[dict[str, float]], path: str | Path) ->
     x = range(len(table))
     ax.bar(x, [r["alignment_mean"] for r in table], yerr=[r["alignment_std"] for r in table],
            color="tab:orange", capsize=3)
-    ax.set_xticks(list(x), [f"{r['weight_min']:.3g}-{r['weight_max']:.3g}" for r in table], rotation=45, fontsize=7)
+    ax.set_xticks(list(x), [f"{r['weight_min']:.4g}-{r['weight_max']:.4g}" for r in table], rotation=45, fontsize=7)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("learned weight (bin)")
     ax.set_ylabel("cos(sample grad, validation grad)")

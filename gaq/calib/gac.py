@@ -237,7 +237,7 @@ def _outer_parts(
     val = torch.stack([per_sample_loss(fmodel, vb).mean() for vb in val_batches])
     parts = {"inner": inner, "val": val}
     # 3.-4. weight-gradients G_g = dL_g/dw and their pairwise alignment
-    if cfg.gm_coef > 0 and len(val_batches) >= 2:
+    if cfg.gm_coef > 0:
         G = torch.stack([
             torch.autograd.grad(L_g, w, create_graph=True, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
             for L_g in val
@@ -281,9 +281,12 @@ def _outer_parts_by_backend(
     if _higher_available() and unit not in _HIGHER_UNSUPPORTED:
         try:
             return _outer_parts(*args, at=_higher_at)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as err:  # higher cannot run this unit: remember it, use functional from now on
-            log.info("higher cannot run unit %r (%s: %s); using torch.func.functional_call instead",
-                     unit_name, type(err).__name__, err)
+            level = logging.INFO if _is_higher_patch_failure(err) else logging.WARNING
+            log.log(level, "higher cannot run unit %r (%s: %s); using torch.func.functional_call for it",
+                    unit_name, type(err).__name__, err)
             _HIGHER_UNSUPPORTED.add(unit)
     return _outer_parts(*args, at=_functional_at)
 
@@ -339,6 +342,8 @@ def meta_outer_loss(
             or ``backend='higher'`` on a unit higher cannot patch.
     """
     check(len(val_batches) >= 1, "GAC needs at least one validation batch per meta step; enlarge the validation split")
+    check(len(val_batches) >= 2 or cfg.gm_coef == 0,
+          "GAC's gradient-matching term needs validation batches of at least 2 timestep groups (or set gac.gm_coef: 0)")
     if not w.requires_grad:
         raise ValueError("w must be attached to the graph of the logits s (use LearnedSampleWeights.weights(index, s=s_leaf))")
     # The fused attention kernels (flash, memory-efficient, CPU flash) have no double backward; the

@@ -21,7 +21,9 @@ To differentiate through the weights, :func:`gaq.calib.gac.meta_step` takes a de
 ``requires_grad`` copy of ``s`` and passes it as ``weights(index, s=s_leaf)``; the returned
 gradient is the engine's to average over DDP ranks and hand to Adam. Create that Adam after the
 module has reached its final device and dtype (Lightning does: ``configure_optimizers`` runs
-after the move), since ``.to()`` replaces the buffer tensor.
+after the move), since ``.to()`` replaces the buffer tensor. Keep ``s`` in float32 (or float64):
+under a ``*-true`` half precision Lightning casts buffers too, and bf16 cannot resolve the
+~1e-3 moves of ``s`` around 1/32.
 """
 from __future__ import annotations
 
