@@ -188,7 +188,7 @@ def test_weights_state_dict_reset_spread_and_adam_on_the_buffer():
 @pytest.mark.parametrize("backend", ["higher", "functional"])
 @pytest.mark.parametrize("alignment", ["cosine", "dot"])
 def test_hypergradient_matches_finite_differences_on_a_resnet_block(resnet_problem, backend, alignment):
-    cfg = GACConfig(inner_lr=0.5, num_groups=3, alignment=alignment, backend=backend,
+    cfg = GACConfig(inner_lr=0.5, alignment=alignment, backend=backend,
                     gm_coef=1.0 if alignment == "cosine" else 1e4)
     grad, stats = hypergrad(resnet_problem, cfg)
     fd = fd_gradient(resnet_problem, cfg)
@@ -201,7 +201,7 @@ def test_hypergradient_matches_finite_differences_on_a_resnet_block(resnet_probl
 @pytest.mark.parametrize("backend", ["higher", "functional"])
 def test_hypergradient_matches_finite_differences_with_adaround_logits_and_regulariser(adaround_problem, backend):
     p = adaround_problem
-    cfg = GACConfig(inner_lr=50.0, num_groups=2, backend=backend)
+    cfg = GACConfig(inner_lr=50.0, backend=backend)
     grad, _ = hypergrad(p, cfg, extra=p["extra"])
     fd = fd_gradient(p, cfg, extra=p["extra"])
     assert float(grad.norm()) > 1e-6
@@ -212,8 +212,8 @@ def test_hypergradient_matches_finite_differences_with_adaround_logits_and_regul
 
 
 def test_backends_agree(resnet_problem, adaround_problem):
-    for p, cfg_kw, extra in [(resnet_problem, dict(num_groups=3, inner_lr=0.5), None),
-                             (adaround_problem, dict(num_groups=2, inner_lr=50.0), adaround_problem["extra"])]:
+    for p, cfg_kw, extra in [(resnet_problem, dict(inner_lr=0.5), None),
+                             (adaround_problem, dict(inner_lr=50.0), adaround_problem["extra"])]:
         g_h, st_h = hypergrad(p, GACConfig(backend="higher", **cfg_kw), extra)
         g_f, st_f = hypergrad(p, GACConfig(backend="functional", **cfg_kw), extra)
         assert torch.allclose(g_h, g_f, rtol=1e-10, atol=1e-14)
@@ -229,13 +229,13 @@ def test_auto_backend_falls_back_to_functional_where_higher_cannot_patch():
     p = make_problem(fp, [x, temb], 6, 2, 2, [0, 1, 3, 5],
                      lambda q: [q.resnets[0].conv1.weight, q.attentions[0].to_q.weight])
     with pytest.raises(GaqError, match="gac.backend"):
-        hypergrad(p, GACConfig(num_groups=2, backend="higher"))
-    g_auto, _ = hypergrad(p, GACConfig(num_groups=2, backend="auto"))
-    g_func, _ = hypergrad(p, GACConfig(num_groups=2, backend="functional"))
+        hypergrad(p, GACConfig(backend="higher"))
+    g_auto, _ = hypergrad(p, GACConfig(backend="auto"))
+    g_func, _ = hypergrad(p, GACConfig(backend="functional"))
     assert float(g_func.norm()) > 1e-6
     assert torch.equal(g_auto, g_func)
     # attention runs on the math kernel inside the meta step: the fused ones have no double backward
-    fd = fd_gradient(p, GACConfig(num_groups=2, backend="functional"))
+    fd = fd_gradient(p, GACConfig(backend="functional"))
     assert float((g_func - fd).norm() / g_func.norm()) < 1e-5
 
 
@@ -244,7 +244,7 @@ def test_meta_step_commits_nothing(resnet_problem):
     theta_before = [t.detach().clone() for t in p["theta"]]
     s_before = p["weights"].s.detach().clone()
     state_before = {k: v.clone() for k, v in p["unit"].state_dict().items()}
-    hypergrad(p, GACConfig(num_groups=3))
+    hypergrad(p, GACConfig())
     assert all(torch.equal(a, b) for a, b in zip(theta_before, p["theta"]))
     assert all(t.grad is None for t in p["theta"])
     assert torch.equal(p["weights"].s, s_before) and p["weights"].s.grad is None
@@ -253,7 +253,7 @@ def test_meta_step_commits_nothing(resnet_problem):
 
 def test_adam_on_s_lowers_the_outer_loss(resnet_problem):
     p = resnet_problem
-    cfg = GACConfig(num_groups=3, inner_lr=0.5, meta_lr=0.05)
+    cfg = GACConfig(inner_lr=0.5, meta_lr=0.05)
     opt = torch.optim.Adam([p["weights"].s], lr=cfg.meta_lr)
     first = None
     for step in range(15):
@@ -283,19 +283,19 @@ def test_non_finite_loss_names_the_unit_and_the_meta_step(resnet_problem):
     p["val"][1] = (x, temb, torch.full_like(y, float("nan")))
     with pytest.raises(GaqError, match=r"non-finite validation loss in GAC meta step 7 of unit 'down_blocks.0.resnets.0'"):
         meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], p["val"],
-                  GACConfig(num_groups=3), unit_name="down_blocks.0.resnets.0", step=7)
+                  GACConfig(), unit_name="down_blocks.0.resnets.0", step=7)
 
 
 @pytest.mark.parametrize("kwargs, key", [
     (dict(tau=0.0), "gac.tau"), (dict(meta_iters=-1), "gac.meta_iters"), (dict(inner_lr=0.0), "gac.inner_lr"),
-    (dict(num_groups=1), "gac.num_groups"), (dict(alignment="sine"), "gac.alignment"),
+    (dict(alignment="sine"), "gac.alignment"), (dict(meta_batch=0), "gac.meta_batch"),
     (dict(backend="jax"), "gac.backend"), (dict(gm_coef=0.0, val_coef=0.0), "gac.gm_coef"),
 ])
 def test_config_errors_are_one_line_and_name_the_key(kwargs, key):
     with pytest.raises(GaqError, match=key) as err:
         GACConfig(**kwargs)
     assert "\n" not in str(err.value)
-    assert GACConfig(num_groups=1, gm_coef=0.0).num_groups == 1
+    assert GACConfig(gm_coef=0.0).val_coef == 1.0
 
 
 def test_one_validation_group_needs_the_gradient_matching_term_off(resnet_problem):
@@ -304,6 +304,6 @@ def test_one_validation_group_needs_the_gradient_matching_term_off(resnet_proble
     with pytest.raises(GaqError, match="gac.gm_coef"):
         meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], one, GACConfig())
     grad, stats = meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], one,
-                            GACConfig(num_groups=1, gm_coef=0.0, inner_lr=0.5))
+                            GACConfig(gm_coef=0.0, inner_lr=0.5))
     assert "alignment" not in stats and float(stats["outer"]) == float(stats["val_loss_group0"])
     assert float(grad.norm()) > 0

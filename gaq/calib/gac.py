@@ -75,7 +75,6 @@ class GACConfig:
             moves on the scale the reconstruction moves; the cosine term is invariant to eta to first
             order, eta only scales the validation term's hypergradient.
         meta_batch: training tuples per meta step, B (paper: 32).
-        num_groups: timestep groups G of the validation set (paper: 5); ``L_GM2`` needs G >= 2.
         tau: softmax temperature of ``omega = softmax(s / tau)`` (paper: 1).
         s_init: initial value of every logit (paper: 1/32).
         alignment: ``cosine`` (default *(ours)*) or raw ``dot`` between the groups' weight-gradients
@@ -85,7 +84,9 @@ class GACConfig:
         val_coef: coefficient of ``mean_g L_g`` in the outer loss (paper: 1).
         carry_over: keep ``s`` from one unit to the next instead of resetting it *(ours)*.
         weight_time_unit: learn weights for the time-embedding unit too (default: uniform) *(ours)*.
-        grouping: ``contiguous`` timestep groups (paper) or ``adaptive`` (by gradient similarity) *(ours)*.
+        grouping: ``contiguous`` timestep groups (paper) or ``adaptive`` (by gradient similarity) *(ours)*;
+            the number of groups G (paper: 5) is the DataModule's ``split.num_groups``, and ``L_GM2``
+            needs G >= 2 unless ``gm_coef`` is 0.
         adaptive_contiguous: adaptive groups are contiguous runs of kept steps *(ours)*.
         interleave_every: 0 runs all meta steps before the unit's reconstruction (paper); k > 0 runs
             one meta step every k reconstruction iterations, at most ``meta_iters`` in all *(ours)*.
@@ -96,7 +97,6 @@ class GACConfig:
     meta_lr: float = 5e-6
     inner_lr: float = 1e-3
     meta_batch: int = 32
-    num_groups: int = 5
     tau: float = 1.0
     s_init: float = 1.0 / 32
     alignment: Literal["cosine", "dot"] = "cosine"
@@ -115,9 +115,6 @@ class GACConfig:
         check(self.meta_lr > 0, f"gac.meta_lr must be > 0, got {self.meta_lr}")
         check(self.inner_lr > 0, f"gac.inner_lr must be > 0, got {self.inner_lr}")
         check(self.meta_batch >= 1, f"gac.meta_batch must be >= 1, got {self.meta_batch}")
-        check(self.num_groups >= 1, f"gac.num_groups must be >= 1, got {self.num_groups}")
-        check(self.num_groups >= 2 or self.gm_coef == 0,
-              "gac.num_groups must be >= 2 for the gradient-matching term (or set gac.gm_coef: 0)")
         check(self.tau > 0, f"gac.tau must be > 0, got {self.tau}")
         check(self.alignment in ("cosine", "dot"), f"gac.alignment must be 'cosine' or 'dot', got {self.alignment!r}")
         check(self.align_eps > 0, f"gac.align_eps must be > 0, got {self.align_eps}")
