@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from conftest import NUM_CLASSES, make_tiny_unet
-from gaq.data.calibset import CalibSetConfig, generate_calibration_set
+from gaq.data.calibset import CalibrationSet, CalibSetConfig, generate_calibration_set
 from gaq.data.datamodule import (GROUPINGS, CalibrationDataModule, SeededBatchSampler, SplitConfig,
-                                 register_grouping)
+                                 contiguous_groups, register_grouping)
 from gaq.errors import GaqError
 from gaq.models.loading import Denoiser
 
@@ -65,6 +65,17 @@ def test_groups_contiguous_and_covering(calib_set, G, expected):
         assert torch.equal(batch["x"], calib_set.x[batch["index"]])
     sizes = dm.group_sizes()
     assert sum(sizes["train"]) == dm.num_train and sum(sizes["val"]) == len(dm.val_indices)
+
+
+def test_contiguous_groups_any_size():
+    for S in range(1, 25):
+        cs = CalibrationSet(x=torch.zeros(S, 1, 2, 2), t=torch.zeros(S, dtype=torch.long), step=torch.arange(S), cond={},
+                            kept_steps=torch.arange(S), timesteps=torch.zeros(S, dtype=torch.long))
+        for G in range(1, S + 1):
+            g = contiguous_groups(cs, G)
+            sizes = torch.bincount(g, minlength=G)
+            assert bool((g.diff() >= 0).all()) and g[0] == 0 and g[-1] == G - 1  # contiguous runs in order
+            assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
 
 
 def test_batches_and_seeded_order(calib_set):
@@ -165,6 +176,7 @@ class IndexRecorder(L.LightningModule):
         return (self.w - batch["x"].mean()) ** 2
 
     def on_train_end(self):
+        self.seen["sampler"] = type(self.trainer.train_dataloader.sampler).__name__  # not replaced by Lightning
         with open(f"{self.out}/rank{self.global_rank}.json", "w") as f:
             json.dump(self.seen, f)
 
@@ -188,16 +200,17 @@ def test_resume_at_epoch_boundary_reproduces_order(calib_set, tmp_path):
     _trainer(tmp_path / "b", devices=1, max_epochs=3).fit(IndexRecorder(str(tmp_path / "b")), datamodule=make_dm(calib_set),
                                                           ckpt_path=str(ckpt))
     resumed = json.loads((tmp_path / "b" / "rank0.json").read_text())
-    assert list(resumed) == ["2"] and resumed["2"] == straight["2"]
+    assert sorted(resumed) == ["2", "sampler"] and resumed["2"] == straight["2"]
     assert straight["1"] != straight["2"]
 
 
 def test_ddp_shards_disjoint_and_covering(calib_set, tmp_path):
-    dm = make_dm(calib_set, batch_size=8)  # 150 training tuples: 75 per rank, 10 batches each
+    dm = make_dm(calib_set, batch_size=8, val_fraction=0.02)  # 155 training tuples: 78 + 77, 10 batches a rank
     trainer = _trainer(tmp_path, devices=2, strategy="ddp_spawn", max_epochs=2, enable_checkpointing=False)
     trainer.fit(IndexRecorder(str(tmp_path)), datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     train = dm.train_indices.tolist()
+    assert dm.num_train == 155 and ranks[0]["sampler"] == ranks[1]["sampler"] == "SeededBatchSampler"
     for epoch in ("0", "1"):
         a, b = ranks[0][epoch], ranks[1][epoch]
         assert set(a).isdisjoint(b) and sorted(a + b) == train

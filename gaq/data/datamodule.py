@@ -71,10 +71,12 @@ def register_grouping(name: str) -> Callable[[GroupingFn], GroupingFn]:
 
 @register_grouping("contiguous")
 def contiguous_groups(calib_set: CalibrationSet, num_groups: int) -> Tensor:
-    """G contiguous runs of kept steps in sampling order; earlier groups are the larger by one if uneven."""
+    """G contiguous runs of kept steps in sampling order, sizes differing by at most one.
+
+    Group of kept step ``s`` is ``s * G // S`` (the same rule as :func:`gaq.calib.grouping.contiguous_groups`).
+    """
     S = calib_set.num_kept_steps
-    sizes = [len(chunk) for chunk in torch.arange(S).tensor_split(num_groups)]
-    return torch.repeat_interleave(torch.arange(num_groups), torch.tensor(sizes))
+    return torch.arange(S) * num_groups // S
 
 
 def check_step_groups(step_groups: Tensor, num_kept_steps: int, num_groups: int) -> Tensor:
@@ -210,7 +212,8 @@ class CalibrationDataModule(LightningDataModule):
               f"split.num_groups ({split.num_groups}) exceeds the {calib.num_kept_steps} kept timesteps "
               f"(calib.steps {calib.steps} / interval {calib.interval}): lower num_groups")
         self.save_hyperparameters({"source": source, "calib": asdict(calib), "split": asdict(split),
-                                   "batch_size": batch_size, "cache_dir": cache_dir, "num_workers": num_workers})
+                                   "batch_size": batch_size, "cache_dir": cache_dir, "num_workers": num_workers,
+                                   "device": device})
         self._denoiser: Denoiser | None = None
         self._calib_set: CalibrationSet | None = None
         self._step_groups_override: Tensor | None = None
