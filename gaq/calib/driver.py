@@ -149,6 +149,8 @@ def run_calibration(job: CalibrationJob) -> dict:
             if path.exists():
                 load_unit_state(path, unit.layers)
                 report.resumed_from = "unit-checkpoint"
+                if hooks is not None:
+                    hooks.unit_loaded(k, unit)
             else:
                 _reconstruct_unit(job, k, unit, qmodel, fp_model, calib, set_step, report, hooks)
                 if is_zero:

@@ -85,26 +85,18 @@ def per_sample_error(out: Tensor, target: Tensor) -> Tensor:
     return sq.sum(-1).flatten(1).mean(1) if sq.ndim > 2 else sq.sum(-1)
 
 
-class IterationBatches(Dataset):
-    """Item ``j`` is the index batch of iteration ``start + j`` for one rank.
+class IndexStream:
+    """Deterministic global batches: batch ``i`` is slice ``i mod nb`` of a permutation of the
+    training positions drawn from ``(seed, epoch = i // nb)``; a pure function of ``i``, so resumed
+    runs see the same data as straight ones."""
 
-    The global batch of iteration ``i`` is slice ``i mod nb`` of a permutation of the training
-    positions drawn from ``(seed, epoch = i // nb)``; rank ``r`` of ``world`` takes every
-    ``world``-th element of it. Yields global calibration-set indices (``train_indices[pos]``).
-    """
-
-    def __init__(self, train_indices: Tensor, batch_size: int, total: int, start: int, seed: int,
-                 rank: int = 0, world: int = 1):
-        check(batch_size % world == 0, f"recon.batch_size ({batch_size}) must be divisible by the {world} DDP ranks")
+    def __init__(self, train_indices: Tensor, batch_size: int, seed: int, world: int = 1):
+        check(batch_size % world == 0, f"batch size {batch_size} must be divisible by the {world} DDP ranks")
         check(len(train_indices) >= batch_size,
-              f"recon.batch_size ({batch_size}) is larger than the training split ({len(train_indices)} tuples)")
-        self.train_indices, self.batch, self.total, self.start = train_indices, batch_size, total, start
-        self.seed, self.rank, self.world = seed, rank, world
+              f"batch size {batch_size} is larger than the training split ({len(train_indices)} tuples)")
+        self.train_indices, self.batch, self.seed = train_indices, batch_size, seed
         self.per_epoch = len(train_indices) // batch_size
         self._perm_epoch, self._perm = -1, None
-
-    def __len__(self) -> int:
-        return max(self.total - self.start, 0)
 
     def global_batch(self, i: int) -> Tensor:
         epoch, pos = divmod(i, self.per_epoch)
@@ -113,8 +105,37 @@ class IterationBatches(Dataset):
             self._perm, self._perm_epoch = torch.randperm(len(self.train_indices), generator=g), epoch
         return self.train_indices[self._perm[pos * self.batch:(pos + 1) * self.batch]]
 
-    def __getitem__(self, j: int) -> Tensor:
-        return self.global_batch(self.start + j)[self.rank::self.world]
+    def rank_batch(self, i: int, rank: int, world: int) -> Tensor:
+        """Rank ``rank``'s share of global batch ``i`` (every ``world``-th element)."""
+        return self.global_batch(i)[rank::world]
+
+
+class StepNumbers(Dataset):
+    """The Lightning steps still to run, ``start .. total-1``; the module derives each step's data."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start = total, start
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+    def __getitem__(self, j: int) -> int:
+        return self.start + j
+
+
+@dataclass
+class MetaPhase:
+    """What the GAC meta steps of one unit need (attached by :class:`gaq.calib.gac_driver.GACHooks`).
+
+    Attributes:
+        weights: the learned sample weights (a module holding ``s``; checkpointed with the unit).
+        cfg: the GAC settings.
+        val_groups: global indices of the validation tuples of each timestep group.
+    """
+
+    weights: nn.Module
+    cfg: Any
+    val_groups: list[Tensor]
 
 
 WeightFn = Callable[[Tensor], Tensor]
@@ -126,19 +147,27 @@ def uniform_weights(index: Tensor) -> Tensor:
 
 
 class UnitReconstruction(pl.LightningModule):
-    """AdaRound reconstruction of one unit (created per unit by the calibration driver).
+    """AdaRound reconstruction of one unit (created per unit by the calibration driver), with an
+    optional GAC meta phase that learns the per-sample weights first (or interleaved).
 
     Args:
         recon: reconstruction settings.
-    ``bind`` attaches the unit, its trainable parameters, its cache and the weight source before ``fit``.
+
+    ``bind`` attaches the unit, its trainable parameters, its cache and the weight source before
+    ``fit``; ``enable_meta`` adds the meta phase. Lightning steps: with a meta phase run before the
+    reconstruction (``interleave_every = 0``), steps ``0 .. M-1`` are meta steps and the next
+    ``recon.iters`` are reconstruction iterations; with interleaving, each step is one
+    reconstruction iteration preceded by the meta steps the schedule puts there.
     """
 
     def __init__(self, recon: ReconConfig | None = None):
         super().__init__()
         self.recon = recon or ReconConfig()
         self.automatic_optimization = False
-        self.iteration = 0
+        self.step_done = 0   # Lightning steps finished (checkpointed)
+        self.meta_done = 0   # meta steps finished (checkpointed)
         self.unit_name = "<unbound>"
+        self.meta: MetaPhase | None = None
 
     def bind(self, unit_name: str, unit: nn.Module, call: Callable[..., Tensor], rounding: list[nn.Parameter],
              regulariser: Callable[[float], Tensor], cache: UnitCache, train_indices: Tensor,
@@ -153,7 +182,7 @@ class UnitReconstruction(pl.LightningModule):
             regulariser: ``beta -> sum of (1 - |2h - 1|^beta)`` over the unit's rounding variables.
             cache: inputs, FP targets and sampling steps of every calibration tuple.
             train_indices: global indices of the training tuples.
-            weights: per-sample weight of global indices (on the host), e.g. uniform or learned.
+            weights: per-sample weight of global indices, e.g. uniform (the meta phase replaces it).
             set_step: sets the per-sample sampling step for per-step activation quantizers.
         """
         self.unit_name, self.unit, self._call = unit_name, unit, call
@@ -161,31 +190,66 @@ class UnitReconstruction(pl.LightningModule):
         self.train_indices, self._weights, self._set_step = train_indices, weights, set_step
         return self
 
-    # ---- data -------------------------------------------------------------------------------
+    def enable_meta(self, meta: MetaPhase) -> "UnitReconstruction":
+        """Learn the sample weights of this unit with GAC's meta steps (``meta.weights`` becomes a submodule)."""
+        self.meta = meta
+        self.sample_weights = meta.weights
+        self._weights = lambda index: meta.weights.weights(index, validate=False).detach()
+        return self
+
+    # ---- the step plan ------------------------------------------------------------------------
+    @property
+    def _meta_first(self) -> int:
+        """Lightning steps spent on a meta phase that runs before the reconstruction."""
+        return self.meta.cfg.meta_iters if self.meta is not None and self.meta.cfg.interleave_every == 0 else 0
+
+    @property
+    def total_steps(self) -> int:
+        return self._meta_first + self.recon.iters
+
     def train_dataloader(self) -> DataLoader:
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        data = IterationBatches(self.train_indices, self.recon.batch_size, self.recon.iters, self.iteration,
-                                self.recon.seed, rank, world)
-        return DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
+        world = self.trainer.world_size
+        self._recon_stream = IndexStream(self.train_indices, self.recon.batch_size, self.recon.seed, world)
+        if self.meta is not None:
+            self._meta_stream = IndexStream(self.train_indices, self.meta.cfg.meta_batch, self.recon.seed + 1, world)
+        return DataLoader(StepNumbers(self.total_steps, self.step_done), batch_size=None, shuffle=False)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # indices stay on the host; the cache moves what it gathers
+        return batch  # step numbers stay on the host; the cache moves what it gathers
 
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
-        return torch.optim.Adam(self._rounding, lr=self.recon.lr)
+        opts = [torch.optim.Adam(self._rounding, lr=self.recon.lr)]
+        if self.meta is not None:  # created here, after the module reached its device (s is a buffer)
+            opts.append(torch.optim.Adam([self.meta.weights.s], lr=self.meta.cfg.meta_lr))
+        return opts
 
-    def unit_error(self, index: Tensor, call: Callable[..., Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """Per-sample reconstruction error ``(B,)`` of the tuples ``index`` and their sampling steps."""
+    def unit_error(self, index: Tensor, call: Callable[..., Tensor] | None = None) -> Tensor:
+        """Per-sample reconstruction error ``(B,)`` of the tuples ``index`` (global calibration indices)."""
         args, kwargs, target, step = self.cache.batch(index)
         if self._set_step is not None:
             self._set_step(step)
         out = (call or self._call)(*args, **kwargs)
-        return per_sample_error(out, target), step
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        return per_sample_error(out, target)
 
-    def training_step(self, index: Tensor, batch_idx: int) -> None:
-        it = self.iteration
-        err, _ = self.unit_error(index)
+    def training_step(self, step: int, batch_idx: int) -> None:
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if step < self._meta_first:
+            self._meta_step(opts[1], self.meta_done, rank, world)
+        else:
+            it = step - self._meta_first
+            if self.meta is not None and self._meta_first == 0:
+                from gaq.calib.gac import meta_steps_before
+                for _ in range(meta_steps_before(self.meta.cfg, it)):
+                    self._meta_step(opts[1], self.meta_done, rank, world)
+            self._recon_step(opts[0], it, self._recon_stream.rank_batch(it, rank, world))
+        self.step_done = step + 1
+
+    def _recon_step(self, opt, it: int, index: Tensor) -> None:
+        err = self.unit_error(index)
         w = self._weights(index).to(err.device, err.dtype)
         rec = (w * err).mean()
         beta = beta_at(it, self.recon)
@@ -193,24 +257,41 @@ class UnitReconstruction(pl.LightningModule):
         loss = rec + self.recon.reg_weight * reg
         if not torch.isfinite(loss):
             raise GaqError(f"unit {self.unit_name}, iteration {it}: the reconstruction loss is {loss.item()} "
-                           "(not finite); lower recon.lr or check the calibration set; finished units are kept")
-        opt = self.optimizers()
+                           "(not finite); lower model.recon.lr or check the calibration set; finished units are kept")
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
-        self.iteration = it + 1
-        if it % self.recon.log_every == 0 or self.iteration == self.recon.iters:
-            self.log_dict({"rec_loss": rec.detach(), "round_reg": reg.detach(), "beta": beta or 0.0},
+        if it % self.recon.log_every == 0 or it + 1 == self.recon.iters:
+            self.log_dict({"rec_loss": rec.detach(), "round_reg": reg.detach(), "beta": float(beta or 0.0)},
                           prog_bar=True, on_step=True, batch_size=index.shape[0])
+
+    def _meta_step(self, opt, m: int, rank: int, world: int) -> None:
+        from gaq.calib.gac import meta_step
+        index = self._meta_stream.rank_batch(m, rank, world)
+        grad_s, stats = meta_step(
+            self.meta.weights, index, self.unit, self._rounding, self._meta_loss, index, self.meta.val_groups,
+            self.meta.cfg, unit_name=self.unit_name, step=m)
+        if world > 1:  # autograd.grad bypasses DDP's hooks: average the hypergradient explicitly
+            grad_s = self.trainer.strategy.reduce(grad_s, reduce_op="mean")
+        self.meta.weights.s.grad = grad_s.to(self.meta.weights.s.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.meta_done = m + 1
+        if m % self.recon.log_every == 0 or m + 1 == self.meta.cfg.meta_iters:
+            self.log_dict({f"meta/{k}": v for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1},
+                          on_step=True, batch_size=index.shape[0])
+
+    def _meta_loss(self, fmodel: Callable[..., Any], index: Tensor) -> Tensor:
+        """GAC's ``per_sample_loss`` contract: the unit run through ``fmodel`` at the evaluated parameters."""
+        return self.unit_error(index, call=fmodel)
 
     # ---- checkpoint state -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["gaq_unit"] = {"name": self.unit_name, "iteration": self.iteration}
+        checkpoint["gaq_unit"] = {"name": self.unit_name, "step_done": self.step_done, "meta_done": self.meta_done}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("gaq_unit", {})
         if state.get("name") != self.unit_name:
             raise GaqError(f"the Lightning checkpoint belongs to unit {state.get('name')!r}, not {self.unit_name!r}; "
-                           "delete the run folder's unit checkpoints to restart")
-        self.iteration = int(state["iteration"])
-
+                           "delete the run folder's lightning/ checkpoints to restart that unit")
+        self.step_done, self.meta_done = int(state["step_done"]), int(state["meta_done"])
