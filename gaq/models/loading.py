@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Callable, Literal, Mapping
 
+import diffusers
 import torch
+from diffusers import DiTTransformer2DModel, SchedulerMixin, Transformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
+
+from gaq.errors import GaqError, check
 
 CondKind = Literal["none", "class", "text"]
 
@@ -50,12 +59,311 @@ class Denoiser:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A 16-hex-digit hash of a model's config (if any) and all its parameters and buffers."""
+    """A 16-hex-digit hash of a model's config (if any) and all its parameters and buffers.
+
+    diffusers' private config keys (``_name_or_path``, ``_diffusers_version``, ...) are left out, so a
+    model hashes the same in memory and after a save/load round trip from any path.
+    """
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Supported noise predictors: a registry keyed by class.
+# --------------------------------------------------------------------------------------------
+
+# gaq writes this file into every model folder it saves: {"num_classes": 10, "null_label": 10}.
+GAQ_META_FILE = "gaq.json"
+# Set to 1 to let a hub id that is not in the local cache be downloaded.
+ALLOW_DOWNLOADS_ENV = "GAQ_ALLOW_DOWNLOADS"
+
+CondInfo = tuple[CondKind, int | None, int | None]  # (cond_kind, num_classes, null_label)
+
+
+def _unet_cond(model: nn.Module) -> CondInfo:
+    """``UNet2DModel``: class-conditional through ``num_class_embeds`` or a ``class_embed_type``.
+
+    Without gaq.json every class embedding is taken as a real class (no null label).
+    """
+    cfg = model.config
+    if cfg.get("num_class_embeds") is not None:
+        return "class", int(cfg["num_class_embeds"]), None
+    if cfg.get("class_embed_type") is not None:
+        return "class", None, None
+    return "none", None, None
+
+
+def _cond_unet_cond(model: nn.Module) -> CondInfo:
+    """``UNet2DConditionModel``: always needs ``encoder_hidden_states`` (text embeddings)."""
+    return "text", None, None
+
+
+def _transformer_cond(model: nn.Module) -> CondInfo:
+    """DiT-style transformers: classes come from the ``LabelEmbedding`` inside AdaLN-Zero.
+
+    diffusers' ``LabelEmbedding`` holds ``num_classes`` real classes plus one extra row (id
+    ``num_classes``) when it was trained with label dropout: that row is the null label (DiT-XL-2:
+    1000 classes, 1001 rows, null label 1000).
+    """
+    labels = [m for m in model.modules() if isinstance(m, LabelEmbedding)]
+    if labels:
+        emb = labels[0]
+        null = emb.num_classes if emb.embedding_table.num_embeddings > emb.num_classes else None
+        return "class", int(emb.num_classes), null
+    if model.config.get("cross_attention_dim") is not None:
+        return "text", None, None
+    return "none", None, None
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How gaq loads, describes and saves one diffusers noise-predictor class.
+
+    Attributes:
+        component: the key of the model in a pipeline's ``model_index.json`` (``unet`` / ``transformer``).
+        cond: reads ``(cond_kind, num_classes, null_label)`` off a built model.
+        pipeline: the diffusers pipeline class written into ``model_index.json`` by :func:`save_denoiser`.
+    """
+
+    component: str
+    cond: Callable[[nn.Module], CondInfo]
+    pipeline: str = "DiffusionPipeline"
+
+
+MODEL_KINDS: dict[type[nn.Module], ModelKind] = {
+    UNet2DModel: ModelKind("unet", _unet_cond, pipeline="DDPMPipeline"),
+    UNet2DConditionModel: ModelKind("unet", _cond_unet_cond),
+    DiTTransformer2DModel: ModelKind("transformer", _transformer_cond, pipeline="DiTPipeline"),
+    Transformer2DModel: ModelKind("transformer", _transformer_cond),
+}
+# ``_class_name`` in a config.json -> class. (diffusers itself turns an AdaLN-Zero ``Transformer2DModel``
+# config into a ``DiTTransformer2DModel`` when loading.)
+MODEL_CLASSES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in MODEL_KINDS}
+PIPELINE_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(k.component for k in MODEL_KINDS.values()))
+
+
+def model_kind(model: nn.Module) -> ModelKind:
+    """The registry entry of ``model``'s class."""
+    kind = MODEL_KINDS.get(type(model))
+    check(kind is not None, f"unsupported model class {type(model).__name__}; supported: {', '.join(MODEL_CLASSES)}")
+    return kind
+
+
+# --------------------------------------------------------------------------------------------
+# Where the files are: a local folder or a hub repository.
+# --------------------------------------------------------------------------------------------
+
+
+def downloads_allowed() -> bool:
+    """Whether a hub id may be downloaded (``GAQ_ALLOW_DOWNLOADS=1``); otherwise only the local cache is read."""
+    return os.environ.get(ALLOW_DOWNLOADS_ENV, "") == "1"
+
+
+def _looks_local(source: str) -> bool:
+    """A path, not a hub id: absolute, relative with ./ ~ .., more than one '/', or its first part exists here."""
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
+        return True
+    return "/" in source and Path(source.split("/")[0]).is_dir()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A model source: a local folder (``local``) or a hub id read with ``local_files_only``."""
+
+    ref: str
+    local: bool
+
+    @property
+    def local_files_only(self) -> bool:
+        return not self.local and not downloads_allowed()
+
+    def exists(self, filename: str, subfolder: str | None = None) -> bool:
+        return self.read_json(filename, subfolder) is not None
+
+    def read_json(self, filename: str, subfolder: str | None = None) -> dict | None:
+        """The parsed JSON file, or None when it does not exist (or, for a hub id, cannot be had)."""
+        if self.local:
+            path = Path(self.ref, subfolder or "", filename)
+            return json.loads(path.read_text()) if path.is_file() else None
+        try:
+            path = hf_hub_download(self.ref, filename, subfolder=subfolder, local_files_only=self.local_files_only)
+        except (OSError, ValueError, EntryNotFoundError):
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def _hub_error(source: str) -> GaqError:
+    if downloads_allowed():
+        return GaqError(
+            f"cannot load model '{source}': not a local folder, and the hub could not be reached or has no such "
+            "diffusers model (HF_HUB_OFFLINE set, no network, or a wrong id); give a local folder with "
+            "save_pretrained layout"
+        )
+    return GaqError(
+        f"cannot load model '{source}': not a local folder and not in the local hub cache (downloads are off); "
+        f"give a local folder with save_pretrained layout, or set {ALLOW_DOWNLOADS_ENV}=1 on a machine with network"
+    )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the model and the scheduler live inside a source (subfolders; None = the root)."""
+
+    class_name: str
+    model_subfolder: str | None
+    scheduler_subfolder: str | None
+
+
+def _find_layout(src: _Source) -> _Layout:
+    index = src.read_json("model_index.json")
+    if index is not None:
+        present = [c for c in PIPELINE_COMPONENTS if isinstance(index.get(c), list) and index[c][1] is not None]
+        check(bool(present), f"'{src.ref}': model_index.json names no {' or '.join(PIPELINE_COMPONENTS)} component")
+        check("scheduler" in index, f"'{src.ref}': model_index.json names no scheduler; add a scheduler/ folder")
+        return _Layout(index[present[0]][1], present[0], "scheduler")
+    config = src.read_json("config.json")
+    if config is None:
+        if not src.local:
+            raise _hub_error(src.ref)
+        raise GaqError(
+            f"model folder '{src.ref}' has neither model_index.json (pipeline layout) nor config.json (one model); "
+            "save it with save_pretrained"
+        )
+    check("_class_name" in config, f"'{src.ref}/config.json' has no _class_name; save the model with save_pretrained")
+    scheduler_sub = "scheduler" if src.exists("scheduler_config.json", "scheduler") else None
+    return _Layout(config["_class_name"], None, scheduler_sub)
+
+
+def _load_alphas_cumprod(src: _Source, subfolder: str | None) -> Tensor:
+    """The cumulative alphas of the source's diffusers scheduler (any scheduler defined by betas)."""
+    config = src.read_json("scheduler_config.json", subfolder)
+    where = f"{src.ref}/{subfolder}" if subfolder else src.ref
+    check(config is not None, f"no scheduler_config.json in '{where}'; save the noise scheduler next to the model")
+    name = config.get("_class_name", "DDPMScheduler")
+    scheduler_cls = getattr(diffusers, name, None)
+    check(
+        isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin),
+        f"'{where}/scheduler_config.json' names {name!r}, which is not a diffusers scheduler",
+    )
+    scheduler = scheduler_cls.from_config(config)
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    check(
+        isinstance(acp, Tensor),
+        f"scheduler {name} of '{src.ref}' has no betas/alphas_cumprod (flow matching?); gaq needs a DDPM-style noise schedule",
+    )
+    return acp.detach().to(torch.float32).clone()
+
+
+def _sample_shape(config: Mapping, source: str) -> tuple[int, int, int]:
+    size = config.get("sample_size")
+    check(size is not None, f"model config of '{source}' has no sample_size; gaq needs image-shaped models")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(config["in_channels"]), int(h), int(w)
+
+
+def _read_meta(src: _Source, cond: CondInfo) -> CondInfo:
+    """Apply gaq.json's ``num_classes`` / ``null_label`` (written by :func:`save_denoiser`) to the inferred ones."""
+    kind, num_classes, null_label = cond
+    meta = src.read_json(GAQ_META_FILE)
+    if meta is None or kind != "class":
+        return cond
+    embeds = num_classes
+    num_classes = int(meta.get("num_classes", num_classes))
+    null_label = meta.get("null_label", null_label)
+    if embeds is not None:
+        check(
+            num_classes <= embeds and (null_label is None or 0 <= int(null_label) < embeds),
+            f"'{src.ref}/{GAQ_META_FILE}' does not fit the model ({embeds} class embeddings); fix or delete it",
+        )
+    return kind, num_classes, None if null_label is None else int(null_label)
+
+
+def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None = None) -> Denoiser:
+    """Load a noise predictor and its noise schedule from a local folder or a hub id.
+
+    Args:
+        source: a local folder in diffusers pipeline layout (``model_index.json`` naming ``unet`` or
+            ``transformer``, plus ``scheduler/``), a folder holding one model (``config.json`` with
+            ``_class_name``) with ``scheduler/`` or ``scheduler_config.json`` beside it, or a hub id.
+            Hub ids are read from the local cache only unless ``GAQ_ALLOW_DOWNLOADS=1``.
+        torch_dtype: dtype to load the weights in (default: as stored).
+
+    Returns:
+        The :class:`Denoiser`, model in eval mode on the CPU.
+
+    Raises:
+        GaqError: missing folder, unsupported class, no scheduler, or a hub id that cannot be had.
+    """
+    ref = os.fspath(source)
+    if os.path.isdir(os.path.expanduser(ref)):
+        src = _Source(os.path.expanduser(ref), local=True)
+    elif _looks_local(ref) or os.path.exists(ref):
+        raise GaqError(f"model folder '{ref}' does not exist (or is not a folder); give a diffusers model folder or a hub id")
+    else:
+        src = _Source(ref, local=False)
+    layout = _find_layout(src)
+    cls = MODEL_CLASSES.get(layout.class_name)
+    check(cls is not None, f"'{ref}' holds a {layout.class_name}; gaq supports {', '.join(MODEL_CLASSES)}")
+    try:
+        model = cls.from_pretrained(
+            src.ref, subfolder=layout.model_subfolder, torch_dtype=torch_dtype,
+            local_files_only=src.local_files_only, low_cpu_mem_usage=False,
+        )
+        alphas_cumprod = _load_alphas_cumprod(src, layout.scheduler_subfolder)
+    except (OSError, EntryNotFoundError) as err:
+        if src.local:
+            raise GaqError(f"cannot load model '{ref}': {err}".splitlines()[0]) from err
+        raise _hub_error(ref) from err
+    model.eval()
+    cond_kind, num_classes, null_label = _read_meta(src, model_kind(model).cond(model))
+    return Denoiser(
+        model=model,
+        alphas_cumprod=alphas_cumprod,
+        sample_shape=_sample_shape(model.config, ref),
+        cond_kind=cond_kind,
+        num_classes=num_classes,
+        null_label=null_label,
+        source=ref,
+    )
+
+
+def save_denoiser(den: Denoiser, folder: str | os.PathLike, scheduler: SchedulerMixin) -> Path:
+    """Write ``den`` in diffusers pipeline layout so that :func:`load_denoiser` (and diffusers) read it back.
+
+    Layout: ``model_index.json``, ``unet/`` or ``transformer/`` (config + safetensors weights),
+    ``scheduler/scheduler_config.json`` and ``gaq.json`` (``num_classes``, ``null_label``).
+
+    Args:
+        den: the model and its metadata.
+        folder: output folder (created; existing files are overwritten).
+        scheduler: the diffusers scheduler the model was trained with; its ``alphas_cumprod`` must
+            equal ``den.alphas_cumprod``.
+    """
+    kind = model_kind(den.model)
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    check(
+        isinstance(acp, Tensor) and acp.shape == den.alphas_cumprod.shape
+        and torch.allclose(acp.float(), den.alphas_cumprod.float().cpu(), rtol=1e-5, atol=1e-7),
+        "save_denoiser: the scheduler's alphas_cumprod differ from the Denoiser's; pass the scheduler the model was trained with",
+    )
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    den.model.save_pretrained(out / kind.component, safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": kind.pipeline,
+        "_diffusers_version": diffusers.__version__,
+        kind.component: ["diffusers", type(den.model).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    meta = {"num_classes": den.num_classes, "null_label": den.null_label}
+    (out / GAQ_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
