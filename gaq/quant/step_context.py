@@ -1,0 +1,156 @@
+"""Which calibrated sampling step each sample is at, shared by every quantizer of one quantized model.
+
+With per-step activation scales (TFMQ-DM) an activation quantizer holds one scale per calibrated
+sampling step and picks, per sample, the scale of that sample's step. The step of each sample lives
+in one :class:`StepContext` per quantized model:
+
+- a forward pre-hook on the root model (:class:`TimestepHook`) maps the model's timestep argument to
+  step indices (the nearest calibrated timestep; where timesteps repeat, e.g. quadratic spacing
+  repeats 0, the first such step in sampling order);
+- code that runs a single block sets the steps itself with :func:`set_step_index`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gaq.errors import check
+
+#: Names the root model's forward may give its timestep parameter, tried in this order.
+TIMESTEP_ARG_NAMES: tuple[str, ...] = ("timestep", "timesteps", "t")
+
+
+class StepContext:
+    """The per-sample step index of the batch being run.
+
+    Attributes:
+        timesteps: calibrated timesteps in sampling order, float64 ``(S,)`` on the CPU, or None when
+            the model has no per-step scales.
+        canonical: for each step, the first step with the same timestep, LongTensor ``(S,)``.
+        step_index: LongTensor ``(B,)`` (or ``(1,)``, broadcast over the batch) of step indices into
+            ``timesteps``, or None when unset.
+    """
+
+    def __init__(self, timesteps: Tensor | None = None):
+        self.timesteps: Tensor | None = None
+        self.canonical: Tensor | None = None
+        self.step_index: Tensor | None = None
+        self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        if timesteps is not None:
+            ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1)
+            check(ts.numel() >= 1, "timesteps must hold at least one calibrated sampling timestep")
+            check(bool(torch.isfinite(ts).all()), "timesteps must be finite numbers")
+            first = (ts[:, None] == ts[None, :]).int().argmax(dim=1)  # first index with the same value
+            self.timesteps, self.canonical = ts, first.long()
+
+    @property
+    def num_steps(self) -> int:
+        """S, the number of calibrated steps (1 without per-step scales)."""
+        return 1 if self.timesteps is None else int(self.timesteps.numel())
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._device_cache:
+            self._device_cache[device] = (self.timesteps.to(device), self.canonical.to(device))
+        return self._device_cache[device]
+
+    def __deepcopy__(self, memo):  # device caches are not state
+        new = StepContext.__new__(StepContext)
+        memo[id(self)] = new
+        new.timesteps = None if self.timesteps is None else self.timesteps.clone()
+        new.canonical = None if self.canonical is None else self.canonical.clone()
+        new.step_index = None if self.step_index is None else self.step_index.clone()
+        new._device_cache = {}
+        return new
+
+    def steps_for_timesteps(self, t: Tensor) -> Tensor:
+        """Step indices ``(B,)`` of timesteps ``t`` ``(B,)``: the nearest calibrated timestep, first on ties."""
+        check(self.timesteps is not None, "this quantized model has no per-step activation scales")
+        ts, _ = self._on(t.device)
+        dist = (t.reshape(-1, 1).to(torch.float64) - ts.reshape(1, -1)).abs()
+        return dist.argmin(dim=1)  # argmin returns the first minimal index
+
+    def set(self, step: Tensor | None) -> None:
+        """Set the step indices of the next forward passes (None clears them).
+
+        ``step`` is LongTensor ``(B,)`` or ``(1,)`` of indices into ``timesteps``. Steps that share a
+        timestep with an earlier step are mapped to that earlier step, as the timestep hook does.
+        """
+        if step is None or self.timesteps is None:
+            self.step_index = None
+            return
+        step = torch.as_tensor(step)
+        check(not step.is_floating_point() and not step.is_complex(), "step indices must be an integer tensor")
+        step = step.reshape(-1).long()
+        if step.device.type == "cpu":  # range check without a device sync
+            check(step.numel() == 0 or (int(step.min()) >= 0 and int(step.max()) < self.num_steps),
+                  f"step indices must be in [0, {self.num_steps}) (positions in the quantized model's "
+                  f"timesteps), got range [{int(step.min())}, {int(step.max())}]")
+        _, canonical = self._on(step.device)
+        self.step_index = canonical[step]
+
+
+class TimestepHook:
+    """Root-model forward pre-hook that sets the step context from the model's timestep argument."""
+
+    def __init__(self, context: StepContext, position: int, name: str):
+        self.context, self.position, self.name = context, position, name
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.name in kwargs:
+            t = kwargs[self.name]
+        elif len(args) > self.position:
+            t = args[self.position]
+        else:
+            t = None
+        if t is None:
+            self.context.step_index = None
+            return
+        device = next((a.device for a in args if isinstance(a, Tensor)), None)
+        t = torch.as_tensor(t, device=device) if not isinstance(t, Tensor) else t
+        self.context.step_index = self.context.steps_for_timesteps(t.reshape(-1))
+
+
+def timestep_argument(model: nn.Module) -> tuple[int, str] | None:
+    """``(position, name)`` of the timestep parameter of ``model.forward`` (self excluded), or None."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in params]
+    for name in TIMESTEP_ARG_NAMES:
+        if name in names:
+            return names.index(name), name
+    return None
+
+
+def install_timestep_hook(model: nn.Module, context: StepContext) -> Any:
+    """Register the timestep hook on the root ``model``; returns the hook handle."""
+    arg = timestep_argument(model)
+    check(arg is not None, f"{type(model).__name__}.forward has no timestep argument ({', '.join(TIMESTEP_ARG_NAMES)}): "
+          "per-step activation scales need one; set per_step_act: false")
+    return model.register_forward_pre_hook(TimestepHook(context, *arg), with_kwargs=True)
+
+
+def find_step_context(module: nn.Module) -> StepContext | None:
+    """The step context shared by the activation quantizers under ``module`` (None if it has none)."""
+    info = getattr(module, "gaq_quant", None)
+    if info is not None:
+        return info.context
+    for m in module.modules():
+        ctx = getattr(m, "context", None)
+        if isinstance(ctx, StepContext):
+            return ctx
+    return None
+
+
+def set_step_index(qmodel: nn.Module, step: Tensor | None) -> None:
+    """Set the per-sample step indices (LongTensor ``(B,)``, positions in the ``timesteps`` given to
+    :func:`gaq.quant.quantize`) for code that calls blocks of ``qmodel`` directly; None clears them.
+
+    A call of the root model sets them itself from its timestep argument. No-op for models without
+    per-step activation scales.
+    """
+    ctx = find_step_context(qmodel)
+    if ctx is not None:
+        ctx.set(step)
