@@ -43,12 +43,19 @@ class CalibrateCLI(LightningCLI):
 
 
 def setup_logging() -> None:
+    import warnings
+
     from rich.logging import RichHandler
+    # the per-unit checkpoint holds the state after the step, which is what resuming needs
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     logger = logging.getLogger("gaq")
     if not logger.handlers:
         logger.addHandler(RichHandler(show_path=False, rich_tracebacks=False))
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one Trainer per unit: keep their banners quiet
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _build_cli(argv: list[str]) -> CalibrateCLI:

@@ -45,18 +45,22 @@ class UnitReport:
     layers: int
     seconds: float = 0.0
     resumed_from: str = "scratch"  # scratch | unit-checkpoint | lightning-checkpoint
-    error_before: float | None = None
-    error_after: float | None = None
+    error_before: float | None = None  # validation error with nearest rounding (RTN)
+    error_after: float | None = None   # validation error after reconstruction (hard rounding)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def calibration_batches(calib, batch_size: int, indices: Tensor | None = None) -> Iterator[dict[str, Any]]:
-    """Batches ``{"x", "t", "step", "cond"}`` of a calibration set in index order (or of ``indices``)."""
-    n = len(calib)
-    order = torch.arange(n) if indices is None else indices
+    """Batches ``{"x", "t", "step", "cond"}`` of a calibration set in index order (or of ``indices``).
+
+    ``step`` is each tuple's position among the kept timesteps (``calib.timesteps``), which is what
+    per-step activation quantizers index.
+    """
+    order = torch.arange(len(calib)) if indices is None else indices
+    kept_pos = calib.kept_pos
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        yield {"x": calib.x[idx], "t": calib.t[idx], "step": calib.step[idx], "cond": index_cond(calib.cond, idx)}
+        yield {"x": calib.x[idx], "t": calib.t[idx], "step": kept_pos[idx], "cond": index_cond(calib.cond, idx)}
 
 
 def _git_commit() -> str:
@@ -206,9 +210,10 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
         p.requires_grad_(True)
     for _, layer in unit.layers:
         layer.set_quant_state(weight=True, act=False)
-    _set_soft(unit, True)
+    _set_soft(unit, False)  # hard rounding at initialisation = nearest rounding (RTN)
     val_index = torch.as_tensor(dm.val_indices)
     report.error_before = unit_error(unit, cache, val_index, set_step)
+    _set_soft(unit, True)
 
     def regulariser(beta: float) -> Tensor:
         return sum(layer.weight_quantizer.round_loss(beta) for _, layer in unit.layers)

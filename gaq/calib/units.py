@@ -104,12 +104,13 @@ class TimeEmbeddingPath(nn.Module):
     def __init__(self, time_embedding: nn.Module, resnets: list[ResnetBlock2D]):
         super().__init__()
         self.time_embedding = time_embedding
-        self.resnets = nn.ModuleList(resnets)
+        self.projections = nn.ModuleList(r.time_emb_proj for r in resnets)
+        self.activations = nn.ModuleList(nn.Identity() if r.skip_time_act else r.nonlinearity for r in resnets)
+        self._first_resnet = [resnets[0]]  # where the capture hook goes (a list: not a submodule)
 
     def forward(self, t_emb: Tensor, offset: Tensor) -> Tensor:
         emb = self.time_embedding(t_emb) + offset
-        outs = [r.time_emb_proj(emb if r.skip_time_act else r.nonlinearity(emb)) for r in self.resnets]
-        return torch.cat(outs, dim=1)
+        return torch.cat([proj(act(emb)) for proj, act in zip(self.projections, self.activations)], dim=1)
 
 
 class TimeUnit(Unit):
@@ -120,7 +121,7 @@ class TimeUnit(Unit):
 
     def install_capture(self, store: list[Capture], stop: bool) -> list[Any]:
         seen: dict[str, Tensor] = {}
-        mlp, first = self.module.time_embedding, self.module.resnets[0]
+        mlp, first = self.module.time_embedding, self.module._first_resnet[0]
 
         def on_mlp(_m, args, output):
             seen["t_emb"], seen["mlp_out"] = args[0], output
