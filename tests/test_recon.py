@@ -1,0 +1,191 @@
+"""The block-reconstruction engine on a tiny class-conditional UNet: units, caches, reconstruction,
+uniform/GAC weighting, NaN handling, run-folder checks (in-process; the CLI runs are in test_calibrate_cli.py)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import make_tiny_unet
+from diffusers import DDPMScheduler
+
+from gaq.calib.cache import build_unit_cache, capture_inputs
+from gaq.calib.driver import CalibrationJob, calibration_batches, run_calibration
+from gaq.calib.gac import GACConfig
+from gaq.calib.gac_driver import DiagnosticsConfig, GACHooks
+from gaq.calib.recon import ReconConfig, per_sample_error
+from gaq.calib.units import find_units, fp_counterpart
+from gaq.data.calibset import CalibSetConfig, generate_calibration_set
+from gaq.data.datamodule import CalibrationDataModule, SplitConfig
+from gaq.errors import GaqError
+from gaq.models.denoiser import predict_noise
+from gaq.models.loading import Denoiser
+from gaq.quant import QuantConfig, iter_quant_layers, load_quantized, quantize, set_quant_state, set_step_index
+
+CALIB = CalibSetConfig(steps=10, interval=2, samples_per_step=16, spacing="uniform", batch_size=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    den = Denoiser(make_tiny_unet(), DDPMScheduler(num_train_timesteps=1000).alphas_cumprod, (1, 16, 16),
+                   "class", 10, 10, source="tiny")
+    calib = generate_calibration_set(den, CALIB, "cpu", progress=False)
+    return den, calib
+
+
+def _dm(den, calib):
+    dm = CalibrationDataModule("tiny", CALIB, SplitConfig(val_fraction=0.1, num_groups=5))
+    dm.attach(denoiser=den, calib_set=calib).setup("fit")
+    return dm
+
+
+def _trainer(unit_dir: Path, _name: str) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, callbacks=[pl.callbacks.ModelCheckpoint(
+                          dirpath=str(unit_dir), save_last=True, save_top_k=0, every_n_train_steps=5)])
+
+
+def _job(den, calib, tmp_path, method="uniform", iters=12, quant=None, hooks=None, **recon):
+    dm = _dm(den, calib)
+    cfg = ReconConfig(iters=iters, batch_size=8, ckpt_every=5, cache_batch=32, **recon)
+    if method == "gac" and hooks is None:
+        hooks = GACHooks(GACConfig(meta_iters=3, meta_batch=8), dm, tmp_path)
+    return CalibrationJob(den, dm, quant or QuantConfig(w_bits=4, a_bits=8), method, cfg, tmp_path, _trainer,
+                          torch.device("cpu"), {"test": method}, hooks)
+
+
+def _probe(qmodel, calib):
+    b = next(calibration_batches(calib, 2))
+    return lambda: predict_noise(qmodel, b["x"], b["t"], b["cond"])
+
+
+def test_units_cover_every_quantized_layer_once_in_forward_order(setup):
+    den, calib = setup
+    qmodel = quantize(den.model, QuantConfig(w_bits=4, a_bits=8, preset="qdiff_compat"), timesteps=calib.timesteps)
+    set_quant_state(qmodel, weight=False, act=False)
+    units = find_units(qmodel, _probe(qmodel, calib))
+    owned = [id(layer) for u in units for _, layer in u.layers]
+    assert len(owned) == len(set(owned))
+    assert sorted(owned) == sorted(id(m) for _, m in iter_quant_layers(qmodel))
+    assert units[0].kind == "time" and {u.kind for u in units} >= {"time", "resnet", "attention", "sampler", "layer"}
+    # forward order: each unit's module is first called after the previous unit's
+    order: list[str] = []
+    hooks = [u.module.register_forward_pre_hook(lambda m, a, _n=u.name: order.append(_n))
+             for u in units[1:]]
+    _probe(qmodel, calib)()
+    for h in hooks:
+        h.remove()
+    first = list(dict.fromkeys(order))
+    assert first == [u.name for u in units[1:]]
+
+
+def test_cached_inputs_equal_partly_quantized_activations(setup):
+    den, calib = setup
+    qmodel = quantize(den.model, QuantConfig(w_bits=4, a_bits=32), timesteps=calib.timesteps)
+    set_quant_state(qmodel, weight=False, act=False)
+    units = find_units(qmodel, _probe(qmodel, calib))
+    k = 3
+    for unit in units[:k]:  # earlier units quantized (nearest rounding), later ones FP
+        for _, layer in unit.layers:
+            layer.set_quant_state(weight=True, act=False)
+    unit = units[k]
+    cache = build_unit_cache(qmodel, unit, den.model, fp_counterpart(unit, den.model),
+                             calibration_batches(calib, 32), torch.device("cpu"))
+    seen = []
+    h = unit.module.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].clone()), with_kwargs=True)
+    idx = torch.arange(5, 12)
+    with torch.no_grad():
+        predict_noise(qmodel, calib.x[idx], calib.t[idx], {k: v[idx] for k, v in calib.cond.items()})
+    h.remove()
+    args, _, target, _ = cache.batch(idx)
+    torch.testing.assert_close(args[0], seen[0], rtol=0, atol=1e-6)
+    # and the targets are the FP unit's outputs on the FP model's inputs: non-zero error vs quantized input
+    assert target.shape[0] == len(idx)
+
+
+def test_reconstruction_beats_nearest_rounding_and_saves_a_loadable_model(setup, tmp_path):
+    den, calib = setup
+    summary = run_calibration(_job(den, calib, tmp_path, iters=40, warmup=0.2))
+    units = summary["units"]
+    assert summary["num_units"] == len(units) > 5
+    better = [u["error_after"] < u["error_before"] for u in units]
+    assert sum(better) >= 0.8 * len(units), units
+    total_before = sum(u["error_before"] for u in units)
+    total_after = sum(u["error_after"] for u in units)
+    assert total_after < total_before
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "quantized").is_dir()
+    q = load_quantized(tmp_path / "quantized", den.model)
+    x = calib.x[:4]
+    out = predict_noise(q, x, calib.t[:4], {k: v[:4] for k, v in calib.cond.items()})
+    assert torch.isfinite(out).all()
+
+
+def test_zero_meta_iterations_is_bit_identical_to_uniform(setup, tmp_path):
+    den, calib = setup
+    a = run_calibration(_job(den, calib, tmp_path / "u", iters=8))
+    dm = _dm(den, calib)
+    hooks = GACHooks(GACConfig(meta_iters=0), dm, tmp_path / "g")
+    b = run_calibration(_job(den, calib, tmp_path / "g", method="gac", iters=8, hooks=hooks))
+    assert [u["error_after"] for u in a["units"]] == [u["error_after"] for u in b["units"]]
+    from safetensors.torch import load_file
+    ta, tb = load_file(str(tmp_path / "u" / "quantized" / "quantized.safetensors")), \
+        load_file(str(tmp_path / "g" / "quantized" / "quantized.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_gac_learns_weights_and_writes_diagnostics(setup, tmp_path):
+    den, calib = setup
+    dm = _dm(den, calib)
+    hooks = GACHooks(GACConfig(meta_iters=4, meta_batch=8, meta_lr=0.5), dm, tmp_path,
+                     DiagnosticsConfig(samples_per_step=4, alignment_samples=12, bins=3))
+    summary = run_calibration(_job(den, calib, tmp_path, method="gac", iters=6, hooks=hooks))
+    stats = summary["gac"]["units"]
+    assert stats and "time_embedding" not in stats  # the time unit stays uniform by default
+    one = next(iter(stats.values()))
+    assert one["max_min_ratio"] > 1.0 and 0.0 < one["normalized_entropy"] < 1.0
+    assert math.isfinite(one["mean_conflict_before"]) and len(one["mean_weight_per_step"]) == 5
+    pngs = list((tmp_path / "diagnostics").glob("*.png"))
+    assert len(pngs) == 3 * len(stats)
+    assert len(list((tmp_path / "gac").glob("*-s.safetensors"))) == len(stats)
+
+
+def test_nan_loss_names_unit_and_iteration_and_keeps_finished_units(setup, tmp_path):
+    den, calib = setup
+    bad = calib.subset(torch.arange(len(calib)))
+    bad.x = bad.x.clone()
+    bad.x[3] = float("nan")  # the time unit never sees x; the first ResBlock does
+    job = _job(den, bad, tmp_path, iters=4)
+    with pytest.raises(GaqError, match=r"unit down_blocks\.0\.resnets\.0, iteration \d+: the reconstruction loss is nan"):
+        run_calibration(job)
+    files = sorted((tmp_path / "units").glob("*.safetensors"))
+    assert [f.name for f in files] == ["000-time_embedding.safetensors"]
+    # the finished unit's checkpoint is intact and is what a rerun loads
+    job = _job(den, calib, tmp_path, iters=4)
+    summary = run_calibration(job)
+    assert summary["units"][0]["resumed_from"] == "unit-checkpoint"
+    # a corrupted unit file is refused with a clear message
+    files = sorted((tmp_path / "units").glob("*.safetensors"))
+    files[-1].write_bytes(b"garbage")
+    with pytest.raises(GaqError, match="unreadable.*delete it to recompute that unit"):
+        run_calibration(_job(den, calib, tmp_path, iters=4))
+
+
+def test_run_folder_of_another_config_is_refused(setup, tmp_path):
+    den, calib = setup
+    run_calibration(_job(den, calib, tmp_path, method="rtn"))
+    job = _job(den, calib, tmp_path, method="rtn")
+    job.record = {"test": "something else"}
+    with pytest.raises(GaqError, match="different config"):
+        run_calibration(job)
+
+
+def test_uniform_weights_equal_the_unweighted_loss():
+    err = torch.rand(32, dtype=torch.float32)
+    from gaq.calib.recon import uniform_weights
+    w = uniform_weights(torch.arange(32))
+    assert torch.equal((w * err).mean(), err.mean())
+    a, b = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(per_sample_error(a, b), (a - b).pow(2).sum(1).mean((1, 2)))
