@@ -211,3 +211,23 @@ def test_step_context_maps_nearest_timestep_and_repeats_to_the_first():
     assert ctx.step_index.tolist() == [3, 3, 1]
     with pytest.raises(GaqError, match="step indices"):
         ctx.set(torch.tensor([6]))
+
+
+def test_cached_hard_weight_follows_every_change():
+    w = _weight(seed=5)
+    q = AdaRoundQuantizer(w, 4)
+    with torch.no_grad():
+        first = q(w)
+        assert q(w) is first  # cached while nothing changes
+        q.alpha.neg_()  # flips every rounding decision
+        flipped = q(w)
+        assert not torch.equal(flipped, first)
+        q.rtn()
+        assert torch.equal(q(w), first)
+        q.scale.mul_(2)
+        assert not torch.equal(q(w), first)
+    q.learned()
+    q.soft = True
+    out = q(w)  # soft with grad enabled: a fresh graph to alpha every call
+    out.sum().backward()
+    assert q.alpha.grad is not None and q(w) is not out

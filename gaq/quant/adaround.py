@@ -51,6 +51,7 @@ class AdaRoundQuantizer(nn.Module):
             check(sum(self.in_splits) == weight.shape[1] and all(s > 0 for s in self.in_splits),
                   f"input split {self.in_splits} does not cover the weight's {weight.shape[1]} input channels")
         self.soft, self.mode, self.enabled = False, "learned", True
+        self._cache: tuple | None = None  # (state key, fake-quantized weight); see forward
         groups = 1 if self.in_splits is None else len(self.in_splits)
         c_out = weight.shape[0]
         self.register_buffer("scale", torch.ones(c_out, groups, dtype=weight.dtype, device=weight.device))
@@ -123,10 +124,27 @@ class AdaRoundQuantizer(nn.Module):
         return x_floor + (self.alpha >= 0).to(xs.dtype)
 
     def forward(self, weight: Tensor) -> Tensor:
-        """The fake-quantized weight (soft or hard per :attr:`soft`, or nearest per :attr:`mode`)."""
+        """The fake-quantized weight (soft or hard per :attr:`soft`, or nearest per :attr:`mode`).
+
+        Where no gradient can flow to ``alpha`` (hard or nearest rounding, or grad mode off) the result
+        is cached until ``weight``, ``alpha``, ``scale``, ``zero_point`` or the mode change, so
+        sampling does not recompute every weight at every step.
+        """
+        needs_graph = self.soft and self.mode == "learned" and torch.is_grad_enabled()
+        cacheable = not needs_graph and not torch.is_inference_mode_enabled()
+        key = None
+        if cacheable:
+            key = (self.mode, self.soft, self.bits) + tuple(
+                (t.data_ptr(), t._version, t.device) for t in (weight, self.alpha, self.scale, self.zero_point))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         s, z = self.expanded(weight.ndim)
         q = torch.clamp(self.rounding(weight / s) + z, 0, self.qmax)
-        return (q - z) * s
+        out = (q - z) * s
+        if cacheable:  # no gradient reaches alpha here, so nothing is lost by detaching
+            out = out.detach()
+            self._cache = (key, out)
+        return out
 
     @torch.no_grad()
     def integer_codes(self, weight: Tensor) -> Tensor:

@@ -35,14 +35,15 @@ class QuantAttnProcessor(nn.Module):
     ``softmax_quantizer`` (softmax bits, asymmetric: its range starts at 0).
     """
 
-    def __init__(self, bits: int, softmax_bits: int, settings: QuantSettings, context: StepContext, name: str = ""):
+    def __init__(self, bits: int, softmax_bits: int, settings: QuantSettings, context: StepContext, name: str = "",
+                 device: torch.device | None = None):
         super().__init__()
-        self.q_quantizer = make_act_quantizer(bits, settings, context, f"{name}.q_quantizer")
-        self.k_quantizer = make_act_quantizer(bits, settings, context, f"{name}.k_quantizer")
-        self.v_quantizer = make_act_quantizer(bits, settings, context, f"{name}.v_quantizer")
+        self.q_quantizer = make_act_quantizer(bits, settings, context, f"{name}.q_quantizer", device)
+        self.k_quantizer = make_act_quantizer(bits, settings, context, f"{name}.k_quantizer", device)
+        self.v_quantizer = make_act_quantizer(bits, settings, context, f"{name}.v_quantizer", device)
         self.softmax_quantizer = ActQuantizer(
             softmax_bits, symmetric=False, num_steps=self.q_quantizer.num_steps, learn_step=settings.act_learn_step,
-            momentum=settings.act_ema_momentum, context=context, name=f"{name}.softmax_quantizer")
+            momentum=settings.act_ema_momentum, context=context, name=f"{name}.softmax_quantizer", device=device)
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
@@ -115,6 +116,7 @@ def install_quant_attention(attn: Attention, bits: int, softmax_bits: int, setti
     """Set a :class:`QuantAttnProcessor` on ``attn`` (it becomes the submodule ``attn.processor``)."""
     check(supports_quant_attention(attn), f"attention operand quantization does not support the attention at {name!r} "
           "(added key/value projections or causal masking): set quantize_attention: false")
-    proc = QuantAttnProcessor(bits, softmax_bits, settings, context, name=f"{name}.processor")
+    device = next((t.device for t in attn.parameters()), next((t.device for t in attn.buffers()), None))
+    proc = QuantAttnProcessor(bits, softmax_bits, settings, context, name=f"{name}.processor", device=device)
     attn.set_processor(proc)
     return proc

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -41,12 +42,13 @@ class LayerSpec:
     split: list[int] | None = None
 
 
-def make_act_quantizer(bits: int, settings: QuantSettings, context: StepContext, name: str) -> ActQuantizer:
-    """An activation quantizer configured as ``settings`` says (per-step scales, symmetry, LSQ)."""
+def make_act_quantizer(bits: int, settings: QuantSettings, context: StepContext, name: str,
+                       device: torch.device | None = None) -> ActQuantizer:
+    """An activation quantizer configured as ``settings`` says (per-step scales, symmetry, LSQ), on ``device``."""
     return ActQuantizer(bits, symmetric=settings.act_symmetric,
                         num_steps=context.num_steps if settings.per_step_act else 1,
                         learn_step=settings.act_learn_step, momentum=settings.act_ema_momentum,
-                        context=context, name=name)
+                        context=context, name=name, device=device)
 
 
 class QuantLayer(nn.Module):
@@ -73,11 +75,12 @@ class QuantLayer(nn.Module):
         self.input_quantizer: nn.Module | None = None
         if spec.a_bits != FP_ACT_BITS:
             if spec.split:
-                parts = [make_act_quantizer(spec.a_bits, settings, context, f"{spec.path}.input_quantizer.parts.{i}")
-                         for i in range(len(spec.split))]
+                parts = [make_act_quantizer(spec.a_bits, settings, context, f"{spec.path}.input_quantizer.parts.{i}",
+                                            self.weight.device) for i in range(len(spec.split))]
                 self.input_quantizer = SplitActQuantizer(spec.split, parts)
             else:
-                self.input_quantizer = make_act_quantizer(spec.a_bits, settings, context, f"{spec.path}.input_quantizer")
+                self.input_quantizer = make_act_quantizer(spec.a_bits, settings, context, f"{spec.path}.input_quantizer",
+                                                          self.weight.device)
 
     def set_quant_state(self, weight: bool, act: bool) -> None:
         """Turn weight and input quantization on or off."""

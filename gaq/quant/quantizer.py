@@ -93,7 +93,8 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, *, symmetric: bool = False, num_steps: int = 1, learn_step: bool = False,
-                 momentum: float = 0.95, context: StepContext | None = None, name: str = ""):
+                 momentum: float = 0.95, context: StepContext | None = None, name: str = "",
+                 device: torch.device | str | None = None):
         super().__init__()
         check(num_steps == 1 or (context is not None and context.num_steps == num_steps),
               "per-step activation scales need a step context with the same number of steps")
@@ -102,11 +103,11 @@ class ActQuantizer(nn.Module):
         self.context, self.name = context, name
         self.enabled, self.observing, self.ready = False, False, False
         for buf in ("x_min", "x_max", "count", "zero_point"):
-            self.register_buffer(buf, torch.zeros(num_steps))
+            self.register_buffer(buf, torch.zeros(num_steps, device=device))
         if learn_step:
-            self.scale = nn.Parameter(torch.ones(num_steps))
+            self.scale = nn.Parameter(torch.ones(num_steps, device=device))
         else:
-            self.register_buffer("scale", torch.ones(num_steps))
+            self.register_buffer("scale", torch.ones(num_steps, device=device))
 
     @property
     def qmin(self) -> int:
@@ -120,9 +121,9 @@ class ActQuantizer(nn.Module):
         return (f"bits={self.bits}, symmetric={self.symmetric}, steps={self.num_steps}, "
                 f"learn_step={self.learn_step}, enabled={self.enabled}")
 
-    def _load_from_state_dict(self, *args, **kwargs):  # a loaded range is a calibrated range
+    def _load_from_state_dict(self, *args, **kwargs):  # a loaded range is calibrated if it saw any data
         super()._load_from_state_dict(*args, **kwargs)
-        self.ready = True
+        self.ready = bool(self.count.sum() > 0)
 
     # ----- ranges -----
     def reset_observer(self) -> None:
