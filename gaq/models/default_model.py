@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from gaq.errors import check
@@ -217,11 +217,14 @@ class DigitsDDPM(pl.LightningModule):
         )
 
 
-class EMAWeights(WeightAveraging):
-    """Exponential moving average of the weights, copied into the model when training ends.
+class EMAWeights(Callback):
+    """Exponential moving average of the trainable weights, copied into the model when training ends.
 
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs are
-    not dominated by the random initial weights. Uses a foreach (multi-tensor) update.
+    After each optimizer step ``ema <- lerp(ema, w, 1 - d)`` with a decay that warms up as
+    ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs are not dominated by the
+    random initial weights. One foreach update, no host-device synchronisation: Lightning's
+    ``WeightAveraging`` (torch ``AveragedModel``) reads its update counter off the GPU twice a step,
+    which stalls a small model's launch-bound training loop.
 
     Args:
         decay: final EMA decay per optimizer step.
@@ -232,14 +235,39 @@ class EMAWeights(WeightAveraging):
         check(0.0 <= decay < 1.0, f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self._updates = 0  # counted here: reading AveragedModel's device counter would sync the GPU each step
-        super().__init__(multi_avg_fn=self._update)
+        self.updates = 0
+        self._ema: list[Tensor] = []
+        self._last_step = -1
+
+    def _params(self, pl_module: pl.LightningModule) -> list[Tensor]:
+        return [p for p in pl_module.parameters() if p.requires_grad and p.is_floating_point()]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self._params(pl_module)
+        if self._ema:  # restored from a checkpoint
+            self._ema = [e.to(p.device, p.dtype) for e, p in zip(self._ema, params)]
+        else:
+            self._ema = [p.detach().clone() for p in params]
+        self._last_step = trainer.global_step
 
     @torch.no_grad()
-    def _update(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        self._updates += 1
-        n = float(self._updates)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:  # no optimizer step this batch (gradient accumulation)
+            return
+        self._last_step = trainer.global_step
+        self.updates += 1
+        n = self.updates
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        floats = [(e, c) for e, c in zip(ema, current) if e.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - decay)
+        torch._foreach_lerp_(self._ema, [p.detach() for p in self._params(pl_module)], 1.0 - decay)
+
+    @torch.no_grad()
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for p, e in zip(self._params(pl_module), self._ema):
+            p.copy_(e)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "ema": [e.detach().cpu() for e in self._ema]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.updates = int(state_dict["updates"])
+        self._ema = [e.clone() for e in state_dict["ema"]]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from gaq.errors import check
 
@@ -88,6 +88,30 @@ class DigitsSplit:
     labels: Tensor
 
 
+class _BatchTensors(Dataset):
+    """``(images, labels)`` fetched a whole batch of indices at a time (DataLoader's ``__getitems__``
+    path): one gather per batch instead of one indexing call and a collate per image, which matters
+    when a small model trains at hundreds of steps a second."""
+
+    def __init__(self, split: DigitsSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.split.images[i], self.split.labels[i]
+
+    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return self.split.images[i], self.split.labels[i]
+
+
+def _as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """collate_fn of :class:`_BatchTensors`: the batch is already stacked."""
+    return batch
+
+
 def load_digits_splits(data: DigitsData) -> tuple[DigitsSplit, DigitsSplit]:
     """The ``(train, held_out)`` splits described by ``data``."""
     images, labels = load_digit_images(data.image_size, data.upsample)
@@ -133,7 +157,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        dataset = TensorDataset(self.train_split.images, self.train_split.labels)
+        dataset = _BatchTensors(self.train_split)
         num = self.samples_per_epoch or len(dataset)
         check(num >= self.batch_size, f"data.samples_per_epoch ({num}) must be >= data.batch_size ({self.batch_size})")
         return DataLoader(
@@ -141,6 +165,7 @@ class DigitsDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             sampler=RandomSampler(dataset, num_samples=num),
             drop_last=True,
+            collate_fn=_as_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

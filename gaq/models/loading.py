@@ -18,7 +18,7 @@ import diffusers
 import torch
 from diffusers import DiTTransformer2DModel, SchedulerMixin, Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
@@ -84,7 +84,21 @@ GAQ_META_FILE = "gaq.json"
 # Set to 1 to let a hub id that is not in the local cache be downloaded.
 ALLOW_DOWNLOADS_ENV = "GAQ_ALLOW_DOWNLOADS"
 
-CondInfo = tuple[CondKind, int | None, int | None]  # (cond_kind, num_classes, null_label)
+@dataclass(frozen=True)
+class CondInfo:
+    """What a model's class/text conditioning looks like, read off the built model.
+
+    Attributes:
+        kind: ``none``, ``class`` or ``text``.
+        num_classes: real classes (class models), or None.
+        null_label: the classifier-free-guidance null class id, or None.
+        num_embeddings: rows of the class-embedding table (bounds every label id), or None.
+    """
+
+    kind: CondKind = "none"
+    num_classes: int | None = None
+    null_label: int | None = None
+    num_embeddings: int | None = None
 
 
 def _unet_cond(model: nn.Module) -> CondInfo:
@@ -94,15 +108,16 @@ def _unet_cond(model: nn.Module) -> CondInfo:
     """
     cfg = model.config
     if cfg.get("num_class_embeds") is not None:
-        return "class", int(cfg["num_class_embeds"]), None
+        n = int(cfg["num_class_embeds"])
+        return CondInfo("class", n, None, n)
     if cfg.get("class_embed_type") is not None:
-        return "class", None, None
-    return "none", None, None
+        return CondInfo("class")
+    return CondInfo()
 
 
 def _cond_unet_cond(model: nn.Module) -> CondInfo:
     """``UNet2DConditionModel``: always needs ``encoder_hidden_states`` (text embeddings)."""
-    return "text", None, None
+    return CondInfo("text")
 
 
 def _transformer_cond(model: nn.Module) -> CondInfo:
@@ -115,11 +130,11 @@ def _transformer_cond(model: nn.Module) -> CondInfo:
     labels = [m for m in model.modules() if isinstance(m, LabelEmbedding)]
     if labels:
         emb = labels[0]
-        null = emb.num_classes if emb.embedding_table.num_embeddings > emb.num_classes else None
-        return "class", int(emb.num_classes), null
+        rows = emb.embedding_table.num_embeddings
+        return CondInfo("class", int(emb.num_classes), emb.num_classes if rows > emb.num_classes else None, rows)
     if model.config.get("cross_attention_dim") is not None:
-        return "text", None, None
-    return "none", None, None
+        return CondInfo("text")
+    return CondInfo()
 
 
 @dataclass(frozen=True)
@@ -128,7 +143,7 @@ class ModelKind:
 
     Attributes:
         component: the key of the model in a pipeline's ``model_index.json`` (``unet`` / ``transformer``).
-        cond: reads ``(cond_kind, num_classes, null_label)`` off a built model.
+        cond: reads the model's :class:`CondInfo` off a built model.
         pipeline: the diffusers pipeline class written into ``model_index.json`` by :func:`save_denoiser`.
     """
 
@@ -175,14 +190,10 @@ def _looks_local(source: str) -> bool:
 
 @dataclass(frozen=True)
 class _Source:
-    """A model source: a local folder (``local``) or a hub id read with ``local_files_only``."""
+    """Where the files of a model are: a local folder (``local``), or a hub repository (downloads on)."""
 
     ref: str
     local: bool
-
-    @property
-    def local_files_only(self) -> bool:
-        return not self.local and not downloads_allowed()
 
     def exists(self, filename: str, subfolder: str | None = None) -> bool:
         return self.read_json(filename, subfolder) is not None
@@ -193,10 +204,41 @@ class _Source:
             path = Path(self.ref, subfolder or "", filename)
             return json.loads(path.read_text()) if path.is_file() else None
         try:
-            path = hf_hub_download(self.ref, filename, subfolder=subfolder, local_files_only=self.local_files_only)
+            path = hf_hub_download(self.ref, filename, subfolder=subfolder)
         except (OSError, ValueError, EntryNotFoundError):
             return None
         return json.loads(Path(path).read_text())
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local hub-cache snapshot folder of ``repo_id`` (revision ``main``), or None if it is not cached.
+
+    Reads the cache's files only: unlike ``from_pretrained(..., local_files_only=True)``, whose header
+    building may still contact the hub, this touches no network at all.
+    """
+    for filename in ("model_index.json", "config.json"):
+        try:
+            path = try_to_load_from_cache(repo_id, filename)
+        except ValueError:  # not a valid repo id
+            return None
+        if isinstance(path, str):
+            return Path(path).parent
+    return None
+
+
+def _resolve_source(ref: str) -> _Source:
+    """A local folder, a cached hub snapshot (downloads off), or a hub id to download (downloads on)."""
+    path = os.path.expanduser(ref)
+    if os.path.isdir(path):
+        return _Source(path, local=True)
+    if _looks_local(ref) or os.path.exists(path):
+        raise GaqError(f"model folder '{ref}' does not exist (or is not a folder); give a diffusers model folder or a hub id")
+    if downloads_allowed():
+        return _Source(ref, local=False)
+    snapshot = _cached_snapshot(ref)
+    if snapshot is None:
+        raise _hub_error(ref)
+    return _Source(str(snapshot), local=True)
 
 
 def _hub_error(source: str) -> GaqError:
@@ -270,19 +312,19 @@ def _sample_shape(config: Mapping, source: str) -> tuple[int, int, int]:
 
 def _read_meta(src: _Source, cond: CondInfo) -> CondInfo:
     """Apply gaq.json's ``num_classes`` / ``null_label`` (written by :func:`save_denoiser`) to the inferred ones."""
-    kind, num_classes, null_label = cond
     meta = src.read_json(GAQ_META_FILE)
-    if meta is None or kind != "class":
+    if meta is None or cond.kind != "class":
         return cond
-    embeds = num_classes
-    num_classes = int(meta.get("num_classes", num_classes))
-    null_label = meta.get("null_label", null_label)
-    if embeds is not None:
+    num_classes = int(meta.get("num_classes", cond.num_classes))
+    null_label = meta.get("null_label", cond.null_label)
+    null_label = None if null_label is None else int(null_label)
+    rows = cond.num_embeddings
+    if rows is not None:
         check(
-            num_classes <= embeds and (null_label is None or 0 <= int(null_label) < embeds),
-            f"'{src.ref}/{GAQ_META_FILE}' does not fit the model ({embeds} class embeddings); fix or delete it",
+            num_classes <= rows and (null_label is None or 0 <= null_label < rows),
+            f"'{src.ref}/{GAQ_META_FILE}' does not fit the model ({rows} class embeddings); fix or delete it",
         )
-    return kind, num_classes, None if null_label is None else int(null_label)
+    return CondInfo("class", num_classes, null_label, rows)
 
 
 def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None = None) -> Denoiser:
@@ -292,7 +334,8 @@ def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None 
         source: a local folder in diffusers pipeline layout (``model_index.json`` naming ``unet`` or
             ``transformer``, plus ``scheduler/``), a folder holding one model (``config.json`` with
             ``_class_name``) with ``scheduler/`` or ``scheduler_config.json`` beside it, or a hub id.
-            Hub ids are read from the local cache only unless ``GAQ_ALLOW_DOWNLOADS=1``.
+            A hub id is read from the local hub cache (no network) unless ``GAQ_ALLOW_DOWNLOADS=1``,
+            in which case diffusers' ``from_pretrained(id, subfolder=...)`` may download it.
         torch_dtype: dtype to load the weights in (default: as stored).
 
     Returns:
@@ -302,19 +345,14 @@ def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None 
         GaqError: missing folder, unsupported class, no scheduler, or a hub id that cannot be had.
     """
     ref = os.fspath(source)
-    if os.path.isdir(os.path.expanduser(ref)):
-        src = _Source(os.path.expanduser(ref), local=True)
-    elif _looks_local(ref) or os.path.exists(ref):
-        raise GaqError(f"model folder '{ref}' does not exist (or is not a folder); give a diffusers model folder or a hub id")
-    else:
-        src = _Source(ref, local=False)
+    src = _resolve_source(ref)
     layout = _find_layout(src)
     cls = MODEL_CLASSES.get(layout.class_name)
     check(cls is not None, f"'{ref}' holds a {layout.class_name}; gaq supports {', '.join(MODEL_CLASSES)}")
     try:
         model = cls.from_pretrained(
             src.ref, subfolder=layout.model_subfolder, torch_dtype=torch_dtype,
-            local_files_only=src.local_files_only, low_cpu_mem_usage=False,
+            low_cpu_mem_usage=False,
         )
         alphas_cumprod = _load_alphas_cumprod(src, layout.scheduler_subfolder)
     except (OSError, EntryNotFoundError) as err:
@@ -322,14 +360,14 @@ def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None 
             raise GaqError(f"cannot load model '{ref}': {err}".splitlines()[0]) from err
         raise _hub_error(ref) from err
     model.eval()
-    cond_kind, num_classes, null_label = _read_meta(src, model_kind(model).cond(model))
+    cond = _read_meta(src, model_kind(model).cond(model))
     return Denoiser(
         model=model,
         alphas_cumprod=alphas_cumprod,
         sample_shape=_sample_shape(model.config, ref),
-        cond_kind=cond_kind,
-        num_classes=num_classes,
-        null_label=null_label,
+        cond_kind=cond.kind,
+        num_classes=cond.num_classes,
+        null_label=cond.null_label,
         source=ref,
     )
 
