@@ -110,17 +110,22 @@ class IndexStream:
         return self.global_batch(i)[rank::world]
 
 
-class StepNumbers(Dataset):
-    """The Lightning steps still to run, ``start .. total-1``; the module derives each step's data."""
+class StepSlots(Dataset):
+    """One item per Lightning step of the unit (``total`` in all); the items carry no data.
 
-    def __init__(self, total: int, start: int):
-        self.total, self.start = total, start
+    The module takes each step's number from its own checkpointed counter, not from the item:
+    on resume Lightning restores how many batches of the epoch were done and runs only the rest,
+    whether or not it skips the loader's first items, so the counter is what stays exact.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
 
     def __len__(self) -> int:
-        return max(self.total - self.start, 0)
+        return self.total
 
     def __getitem__(self, j: int) -> int:
-        return self.start + j
+        return j
 
 
 @dataclass
@@ -212,10 +217,10 @@ class UnitReconstruction(pl.LightningModule):
         self._recon_stream = IndexStream(self.train_indices, self.recon.batch_size, self.recon.seed, world)
         if self.meta is not None:
             self._meta_stream = IndexStream(self.train_indices, self.meta.cfg.meta_batch, self.recon.seed + 1, world)
-        return DataLoader(StepNumbers(self.total_steps, self.step_done), batch_size=None, shuffle=False)
+        return DataLoader(StepSlots(self.total_steps), batch_size=None, shuffle=False)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # step numbers stay on the host; the cache moves what it gathers
+        return batch  # slots carry no data; the cache moves what it gathers
 
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -233,7 +238,8 @@ class UnitReconstruction(pl.LightningModule):
         out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
         return per_sample_error(out, target)
 
-    def training_step(self, step: int, batch_idx: int) -> None:
+    def training_step(self, _slot: int, batch_idx: int) -> None:
+        step = self.step_done
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         rank, world = self.trainer.global_rank, self.trainer.world_size
