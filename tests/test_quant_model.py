@@ -261,7 +261,30 @@ def test_default_state_and_deepcopy(tiny_unet):
     assert all(layer.weight_quantizer.enabled for _, layer in iter_quant_layers(q))
     layers = dict(iter_quant_layers(q))
     assert layers["conv_in"].spec.w_bits == 8 and layers["conv_out"].spec.w_bits == 8  # BRECQ's 8-bit ends
+    # a per-step model copies with its own step context (the root hook and the quantizers share the copy's)
+    q = quantize(tiny_unet, QuantConfig(preset="tfmq_compat", w_range=FAST), timesteps=TS)
+    calibrate_activations(q, _batches(tiny_unet, 1))
     q2 = copy.deepcopy(q)
+    ctx2 = quant_info(q2).context
+    assert ctx2 is not quant_info(q).context
+    assert all(a.context is ctx2 for _, a in iter_act_quantizers(q2))
     x, cond = _inputs(tiny_unet)
+    t = torch.tensor([0, 300, 600, 900])
     with torch.no_grad():
-        assert torch.equal(predict_noise(q, x, TS, cond), predict_noise(q2, x, TS, cond))
+        assert torch.equal(predict_noise(q, x, t, cond), predict_noise(q2, x, t, cond))
+    assert ctx2.step_index.tolist() == [3, 2, 1, 0]
+
+
+def test_dit_roles_follow_the_model_structure():
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=11).eval()
+    q = quantize(dit, QuantConfig(preset="tfmq_compat", w_range=FAST), timesteps=TS)
+    assert set(quant_info(q).plan.kept_fp) == {
+        "pos_embed.proj", "proj_out_2", *(f"transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_1" for i in range(2))}
+    q = quantize(dit, QuantConfig(preset="qdiff_compat", w_range=FAST))
+    set_quant_state(q, weight=False, act=False)
+    x, y = torch.randn(2, 4, 8, 8), {"class_labels": torch.tensor([1, 2])}
+    with torch.no_grad():
+        assert torch.allclose(predict_noise(q, x, TS[:2], y), predict_noise(dit, x, TS[:2], y), atol=1e-5)

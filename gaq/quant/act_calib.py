@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from gaq.errors import check
 from gaq.models.denoiser import predict_noise
-from gaq.quant.quantizer import ActQuantizer
 from gaq.quant.wrap import iter_act_quantizers, quant_info
 
 log = logging.getLogger(__name__)

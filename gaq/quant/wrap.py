@@ -12,7 +12,6 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
