@@ -171,6 +171,7 @@ def evaluate_fp(
     real = torch.cat([data.train_split.images, data.held_out.images])
     perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(cfg.fid_split_seed))
     half = len(real) // 2
+    half_b = real[perm[half : 2 * half]]
     acc_real, per_real = class_accuracy(classifier, data.held_out.images, data.held_out.labels, k)
     acc_fp, per_fp = class_accuracy(classifier, samples, labels, k)
     per_row = min(cfg.grid_per_class, cfg.num_samples // k)
@@ -192,7 +193,10 @@ def evaluate_fp(
             "fp_vs_real": fid_with_features(real, samples, features),
             "real_count": len(real),
             "fp_count": cfg.num_samples,
-            "real_half_vs_half": fid_with_features(real[perm[:half]], real[perm[half : 2 * half]], features),
+            # noise floor: half A vs half B of the real digits; the FP samples against the same half B
+            # with as many samples (comparable to the floor; None when fewer samples than a half)
+            "real_half_vs_half": fid_with_features(real[perm[:half]], half_b, features),
+            "fp_vs_real_half": fid_with_features(half_b, samples[:half], features) if cfg.num_samples >= half else None,
             "half_count": half,
             "half_split_seed": cfg.fid_split_seed,
         },
