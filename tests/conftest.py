@@ -3,9 +3,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CI has 2 cores and several tests start 2-process DDP runs: one intra-op thread per process avoids
+# oversubscription (subprocesses inherit it through the environment)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(1)
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
 
 NUM_CLASSES = 10

@@ -101,7 +101,9 @@ def _trainer_factory(cli: CalibrateCLI, run_dir: Path):
         ckpt = ModelCheckpoint(dirpath=str(unit_dir), filename="step{step}", save_last=True, save_top_k=0,
                                every_n_train_steps=cli.model.recon.ckpt_every or None, save_on_train_epoch_end=False)
         callbacks = [cb for cb in user_callbacks if not isinstance(cb, (RichProgressBar, ModelCheckpoint))]
-        callbacks += [RichProgressBar(leave=False), ckpt]
+        if cli.config.trainer.get("enable_progress_bar") is not False:
+            callbacks.append(RichProgressBar(leave=False))
+        callbacks.append(ckpt)
         return cli.instantiate_trainer(
             callbacks=callbacks, default_root_dir=str(unit_dir), max_epochs=1, max_steps=-1,
             use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
