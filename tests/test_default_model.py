@@ -217,3 +217,20 @@ def test_train_default_print_config_and_size_mismatch(capsys):
         gaq.cli.main(["train-default", "--config", QUICK, "--data.image_size", "12"])
     assert info.value.code == 2
     assert "must be equal" in capsys.readouterr().err
+
+
+def test_shipped_default_model_draws_the_requested_digits():
+    """checkpoints/default (committed) loads offline and its FP samples are read as the asked-for digits."""
+    from gaq.eval.sampling import SamplerConfig
+    from gaq.models.train_default import sample_classes
+
+    folder = REPO / "checkpoints" / "default"
+    den = load_denoiser(folder)
+    assert (den.cond_kind, den.num_classes, den.null_label, den.sample_shape) == ("class", 10, 10, (1, 16, 16))
+    report = json.loads((REPO / "bench" / "default_model" / "report.json").read_text())
+    assert den.fingerprint == report["ddpm"]["fingerprint"]  # the report describes this very model
+    labels = torch.arange(30) % 10
+    samples = sample_classes(den, labels, SamplerConfig(steps=10, guidance_scale=2.0), seed=0, batch_size=30,
+                             device=torch.device("cpu"))
+    accuracy, _ = class_accuracy(load_digit_features(folder).classifier, samples, labels, 10)
+    assert accuracy >= 0.9
