@@ -84,6 +84,7 @@ GAQ_META_FILE = "gaq.json"
 # Set to 1 to let a hub id that is not in the local cache be downloaded.
 ALLOW_DOWNLOADS_ENV = "GAQ_ALLOW_DOWNLOADS"
 
+
 @dataclass(frozen=True)
 class CondInfo:
     """What a model's class/text conditioning looks like, read off the built model.
@@ -165,10 +166,11 @@ PIPELINE_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(k.component for k in 
 
 
 def model_kind(model: nn.Module) -> ModelKind:
-    """The registry entry of ``model``'s class."""
-    kind = MODEL_KINDS.get(type(model))
-    check(kind is not None, f"unsupported model class {type(model).__name__}; supported: {', '.join(MODEL_CLASSES)}")
-    return kind
+    """The registry entry of ``model``'s class (or of its nearest registered base class)."""
+    for cls in type(model).__mro__:
+        if cls in MODEL_KINDS:
+            return MODEL_KINDS[cls]
+    raise GaqError(f"unsupported model class {type(model).__name__}; supported: {', '.join(MODEL_CLASSES)}")
 
 
 # --------------------------------------------------------------------------------------------
