@@ -1,0 +1,105 @@
+"""``gaq evaluate``: sample an FP model or a quantized run and measure FID and friends.
+
+``gaq evaluate --config configs/default/evaluate.yaml [--run checkpoints/runs/<run>] [--key value ...]``
+
+The YAML holds the keys of :class:`~gaq.eval.evaluate.EvaluateConfig` at the top level (``source``,
+``run``, ``num_samples``, ``sampler``, ``features``, ``reference``, ...) and Lightning's ``trainer``
+section (``accelerator: auto`` picks the device; ``callbacks`` with ``class_path`` adds callbacks).
+``--print_config`` prints the resolved config. Writes into the output folder (default
+``<run>/eval`` or ``runs/eval-fp``): ``metrics.json``, ``metrics.csv``, ``samples_grid.png`` and, for
+a run, ``timestep_error.json`` / ``timestep_error.png``; prints a table, then the folder as the last line.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import warnings
+from dataclasses import fields
+from typing import Any
+
+from jsonargparse import ActionConfigFile
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser
+
+from gaq.eval.evaluate import EvaluateConfig
+
+# the evaluation's Trainer defaults: one device, no logger, no checkpoints, no grad-free inference tensors
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "trainer.devices": 1, "trainer.logger": False, "trainer.enable_checkpointing": False,
+    "trainer.enable_model_summary": False, "trainer.inference_mode": False,
+}
+
+
+def build_parser() -> LightningArgumentParser:
+    """The typed parser of ``gaq evaluate`` (top-level EvaluateConfig keys + the ``trainer`` section)."""
+    parser = LightningArgumentParser(
+        prog="gaq evaluate",
+        description="Sample an FP model or a quantized run (gaq calibrate) and compute FID, sFID, precision/recall, "
+                    "class accuracy and the per-step error against the FP model.",
+    )
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
+    parser.add_class_arguments(EvaluateConfig, None, fail_untyped=True)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.set_defaults(TRAINER_DEFAULTS)
+    return parser
+
+
+def _instantiate(parser: LightningArgumentParser, cfg):
+    fn = getattr(parser, "instantiate", None) or parser.instantiate_classes  # `instantiate` from jsonargparse 4.49
+    return fn(cfg)
+
+
+def _setup_logging() -> None:
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`instantiate_classes` was deprecated.*")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def print_table(result: dict) -> None:
+    """The metrics as a rich table (stdout), then the notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    model = result.get("model", {})
+    what = "FP" if model.get("model") == "fp" else (
+        f"{model.get('method')} W{model.get('w_bits')}A{model.get('a_bits')} ({model.get('preset')})")
+    table = Table(title=f"gaq evaluate: {what}, {result['samples']['count']} samples")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        if isinstance(value, list):
+            table.add_row(key, " ".join(_fmt(v) for v in value))
+        else:
+            table.add_row(key, _fmt(value))
+    ts = result.get("timestep_error")
+    if ts:
+        table.add_row("timestep MSE (mean / max)", f"{_fmt(ts['mean_mse'])} / {_fmt(ts['max_mse'])}")
+    console = Console()
+    console.print(table)
+    for note in result.get("notes", []):
+        console.print(f"note: {note}")
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of ``gaq evaluate`` (``argv`` without the subcommand)."""
+    from gaq.eval.evaluate import run_evaluation
+
+    _setup_logging()
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    init = _instantiate(parser, cfg)
+    eval_cfg = EvaluateConfig(**{f.name: init[f.name] for f in fields(EvaluateConfig)})
+    trainer_kwargs = dict(init["trainer"])
+    result = run_evaluation(eval_cfg, trainer_kwargs, command=shlex.join(["gaq", "evaluate", *argv]))
+    print_table(result)
+    print(eval_cfg.output_dir())
