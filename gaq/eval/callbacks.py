@@ -13,6 +13,7 @@ Both callbacks work in two places:
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -63,12 +64,12 @@ class MetricsCallback(Callback):
     """
 
     def __init__(self, features: str | None = "checkpoints/default/classifier",
-                 reference: ReferenceConfig | None = None, metrics: MetricsConfig | None = None,
-                 sampling: SamplingConfig | None = None, subdir: str = CALIBRATION_EVAL_DIR, filename: str = "metrics"):
+                 reference: ReferenceConfig = ReferenceConfig(), metrics: MetricsConfig = MetricsConfig(),
+                 sampling: SamplingConfig = SamplingConfig(), subdir: str = CALIBRATION_EVAL_DIR, filename: str = "metrics"):
         self.features = features
-        self.reference = reference or ReferenceConfig()
-        self.metrics = metrics or MetricsConfig()
-        self.sampling = sampling or SamplingConfig()
+        self.reference = copy.deepcopy(reference)
+        self.metrics = copy.deepcopy(metrics)
+        self.sampling = copy.deepcopy(sampling)
         self.subdir = subdir
         self.filename = filename
         self.extractors, self.notes = build_extractors(features, self.metrics)
@@ -131,7 +132,7 @@ class MetricsCallback(Callback):
             "reference": self._ref_info,
             "samples": {"count": int(len(labels)), "per_class": counts, "seconds": time.perf_counter() - self._t0},
             "metric_settings": {"k": self.metrics.k, "sfid_channels": self.metrics.sfid_channels,
-                                "inception": self.metrics.inception},
+                                "inception": self.metrics.inception, "pr_equal_sizes": self.metrics.pr_equal_sizes},
         }
         self._out.mkdir(parents=True, exist_ok=True)
         (self._out / f"{self.filename}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -197,11 +198,11 @@ class SampleGridCallback(Callback):
     """
 
     def __init__(self, per_class: int = 10, max_rows: int = 10, scale: int = 4, filename: str = "samples_grid.png",
-                 sampling: SamplingConfig | None = None, subdir: str = CALIBRATION_EVAL_DIR):
+                 sampling: SamplingConfig = SamplingConfig(), subdir: str = CALIBRATION_EVAL_DIR):
         check(per_class >= 1 and max_rows >= 1, "SampleGridCallback needs per_class >= 1 and max_rows >= 1")
         self.per_class, self.max_rows, self.scale = per_class, max_rows, scale
         self.filename = filename
-        self.sampling = sampling or SamplingConfig()
+        self.sampling = copy.deepcopy(sampling)
         self.subdir = subdir
         self.path: Path | None = None  # the last PNG written
         self._rows: dict[int, list[Tensor]] = {}

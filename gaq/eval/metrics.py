@@ -54,6 +54,9 @@ class MetricsConfig:
         inception_weights: path of torch-fidelity's Inception weights; default: the torch hub cache
             (``<torch.hub.get_dir()>/checkpoints/weights-inception-2015-12-05-6726825d.pth``).
         is_splits: splits of the Inception Score.
+        pr_equal_sizes: precision / recall on sets of equal size, as Kynkäänniemi et al. measure
+            them (the k-NN radii shrink as a set grows): the larger set is cut to the smaller one's
+            size (generated: the first images, class-balanced; reference: a seeded random subset).
         batch_size: images per feature-extractor call.
         chunk_size: rows per ``torch.cdist`` block of precision / recall (memory only).
     """
@@ -63,6 +66,7 @@ class MetricsConfig:
     inception: InceptionMode = "auto"
     inception_weights: str | None = None
     is_splits: int = 10
+    pr_equal_sizes: bool = True
     batch_size: int = 500
     chunk_size: int = 1024
 
@@ -201,7 +205,7 @@ def class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> tuple[fl
 
 
 def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
-    """Inception Score (mean, std over ``splits``) of Inception logits ``(N, 1008)`` via torchmetrics.
+    """Inception Score (mean, std over ``splits``; std 0 for one split) of Inception logits ``(N, 1008)`` via torchmetrics.
 
     torchmetrics shuffles the images before splitting; the shuffle is seeded here.
     """
@@ -211,13 +215,14 @@ def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[fl
 
     check(len(logits) >= splits, f"the Inception Score with {splits} splits needs at least {splits} images")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "will save all extracted features in buffer": intended
+        # "will save all extracted features in buffer" (intended) and, for one split, "std(): degrees of freedom"
+        warnings.simplefilter("ignore")
         metric = InceptionScore(feature=FeaturePassthrough(logits.shape[1]), splits=splits)
-    metric.update(logits.double())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return float(mean), float(std)
+        metric.update(logits.double())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mean, std = metric.compute()
+    return float(mean), (float(std) if splits > 1 else 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +441,12 @@ def compute_metrics(
     out: dict[str, float | list[float] | None] = {}
     suffix = "" if extractor.name == "classifier" else f"_{extractor.name}"
     out[f"fid{suffix}"] = frechet_distance(real.features.to(device), fake.features.to(device))
-    p, r = precision_recall(real.features.to(device), fake.features, cfg.k, cfg.chunk_size)
+    real_pr, fake_pr = real.features, fake.features
+    if cfg.pr_equal_sizes and len(real_pr) != len(fake_pr):
+        n = min(len(real_pr), len(fake_pr))
+        keep = torch.randperm(len(real_pr), generator=torch.Generator().manual_seed(0))[:n].sort().values
+        real_pr, fake_pr = (real_pr[keep], fake_pr) if len(real_pr) > n else (real_pr, fake_pr[:n])
+    p, r = precision_recall(real_pr.to(device), fake_pr, cfg.k, cfg.chunk_size)
     out[f"precision{suffix}"], out[f"recall{suffix}"] = p, r
     if extractor.name == "classifier":
         has_spatial = real.spatial is not None and fake.spatial is not None

@@ -1,0 +1,391 @@
+"""The method table: calibrate and evaluate every method x bit setting x seed, then tabulate.
+
+    python bench/method_table.py                                   # defaults below, the default model
+    python bench/method_table.py --iters 500 --num_samples 2000 --accelerator gpu
+    python bench/method_table.py --methods '[rtn, uniform]' --bits '[W4A8]' --seeds '[0]'
+
+For each row ``(preset, method, bits)`` and seed it runs ``gaq calibrate`` (``--calibrate_config``
+with the method, bits, preset and seed set; seeds go to ``seed_everything``, the calibration set,
+its split and the reconstruction), then ``gaq evaluate --run <run>`` (``--evaluate_config``; the
+same evaluation seed for every run, so the rows are compared on the same starting noise), plus one
+evaluation of the FP model. It writes ``<out_dir>/<name>.md`` (mean ± sample std over seeds of FID,
+sFID, precision, recall, class accuracy, calibration seconds and peak memory) and ``<name>.json``
+(every run's numbers, the settings, device and git commit).
+
+Runs live in ``<runs_root>/<preset>-<method>-<bits>-s<seed>-<digest>``, where the digest covers
+every calibrate argument: rerunning the command reuses finished runs (``summary.json``) and
+evaluations made with the same evaluate command (``eval/metrics.json``); a changed setting gets a
+new folder. Each command runs in a fresh process (``--in_process false``, the default: clean
+memory, its peak host memory measured, multi-GPU DDP possible); ``--in_process true`` runs them in
+this process (quicker for tiny CPU runs and tests). A failed run is recorded and the table goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gaq.errors import GaqError, check  # noqa: E402
+
+METRICS = ("fid", "sfid", "precision", "recall", "accuracy")  # from metrics.json["metrics"]
+# column header, how to read it from one run, number format
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("FID ↓", "fid", "{:.4g}"), ("sFID ↓", "sfid", "{:.4g}"), ("precision ↑", "precision", "{:.3f}"),
+    ("recall ↑", "recall", "{:.3f}"), ("class acc. ↑", "accuracy", "{:.3f}"),
+    ("calib. s", "calibration_seconds", "{:.1f}"), ("peak GPU MiB", "peak_gpu_mib", "{:.0f}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+)
+
+
+def _default_extra_presets() -> dict[str, list[str]]:
+    return {"qdiff_compat": ["uniform", "gac"]}
+
+
+@dataclass
+class TableConfig:
+    """The method table's settings.
+
+    Attributes:
+        source: the FP model (the shipped default).
+        methods: calibration methods (``rtn``, ``uniform``, ``gac``).
+        bits: bit settings ``W<w>A<a>`` (A32: weights only).
+        seeds: calibration seeds; mean and spread are over these.
+        presets: protocol presets every method runs under.
+        extra_presets: more presets for some methods only (``{preset: [methods]}``).
+        calibrate_config: the base ``gaq calibrate`` YAML.
+        evaluate_config: the base ``gaq evaluate`` YAML.
+        iters: reconstruction iterations per unit (``model.recon.iters``); None: the YAML's.
+        meta_iters: GAC meta steps per unit (``gac.meta_iters``); None: the YAML's.
+        num_samples: evaluation samples; None: the YAML's.
+        accelerator: ``trainer.accelerator`` of both commands; None: the YAMLs'.
+        devices: ``trainer.devices`` of calibrate (evaluate always uses one); None: the YAML's.
+        calibrate_args: more ``gaq calibrate`` arguments, e.g. ``["--data.calib.samples_per_step", "256"]``.
+        evaluate_args: more ``gaq evaluate`` arguments.
+        runs_root: where the runs go.
+        out_dir: where the table goes.
+        name: file stem of the table (``<name>.md`` / ``<name>.json``).
+        in_process: run the commands in this process instead of fresh ones.
+        reuse: reuse finished runs and matching evaluations.
+    """
+
+    source: str = "checkpoints/default"
+    methods: list[str] = field(default_factory=lambda: ["rtn", "uniform", "gac"])
+    bits: list[str] = field(default_factory=lambda: ["W4A32", "W4A8", "W8A8"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    presets: list[str] = field(default_factory=lambda: ["tfmq_compat"])
+    extra_presets: dict[str, list[str]] = field(default_factory=_default_extra_presets)
+    calibrate_config: str = "configs/default/calibrate.yaml"
+    evaluate_config: str = "configs/default/evaluate.yaml"
+    iters: int | None = None
+    meta_iters: int | None = None
+    num_samples: int | None = None
+    accelerator: str | None = None
+    devices: int | None = None
+    calibrate_args: list[str] = field(default_factory=list)
+    evaluate_args: list[str] = field(default_factory=list)
+    runs_root: str = "checkpoints/runs/method_table"
+    out_dir: str = "bench/results"
+    name: str = "method_table"
+    in_process: bool = False
+    reuse: bool = True
+
+
+@dataclass
+class RunSpec:
+    """One calibration run of the table."""
+
+    preset: str
+    method: str
+    bits: str
+    seed: int
+
+    @property
+    def w_bits(self) -> int:
+        return parse_bits(self.bits)[0]
+
+    @property
+    def a_bits(self) -> int:
+        return parse_bits(self.bits)[1]
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"W4A8"`` -> ``(4, 8)``."""
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", text.strip())
+    check(m is not None, f"bit setting {text!r} is not W<bits>A<bits> (e.g. W4A8, W4A32)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def run_specs(cfg: TableConfig) -> list[RunSpec]:
+    """Every (preset, method, bits, seed) of the table, in table order."""
+    for b in cfg.bits:
+        parse_bits(b)
+    for m in [*cfg.methods, *(m for ms in cfg.extra_presets.values() for m in ms)]:
+        check(m in ("rtn", "uniform", "gac"), f"unknown method {m!r}; use rtn, uniform or gac")
+    rows = [(p, m) for p in cfg.presets for m in cfg.methods]
+    rows += [(p, m) for p, ms in cfg.extra_presets.items() for m in ms if (p, m) not in rows]
+    return [RunSpec(p, m, b, s) for p, m in rows for b in cfg.bits for s in cfg.seeds]
+
+
+def calibrate_args(cfg: TableConfig, spec: RunSpec) -> list[str]:
+    """The ``gaq calibrate`` arguments of one run (without ``--run_dir``)."""
+    s = str(spec.seed)
+    args = ["--config", cfg.calibrate_config, "--method", spec.method, "--quant.preset", spec.preset,
+            "--quant.w_bits", str(spec.w_bits), "--quant.a_bits", str(spec.a_bits), "--data.source", cfg.source,
+            "--seed_everything", s, "--data.calib.seed", s, "--data.split.seed", s, "--model.recon.seed", s]
+    if cfg.iters is not None:
+        args += ["--model.recon.iters", str(cfg.iters)]
+    if cfg.meta_iters is not None and spec.method == "gac":
+        args += ["--gac.meta_iters", str(cfg.meta_iters)]
+    if cfg.accelerator is not None:
+        args += ["--trainer.accelerator", cfg.accelerator]
+    if cfg.devices is not None:
+        args += ["--trainer.devices", str(cfg.devices)]
+    return args + list(cfg.calibrate_args)
+
+
+def evaluate_args(cfg: TableConfig, run_dir: Path | None, out_dir: Path) -> list[str]:
+    """The ``gaq evaluate`` arguments of one run (``run_dir`` None: the FP model)."""
+    args = ["--config", cfg.evaluate_config, "--source", cfg.source, "--out_dir", str(out_dir)]
+    if run_dir is not None:
+        args += ["--run", str(run_dir)]
+    if cfg.num_samples is not None:
+        args += ["--num_samples", str(cfg.num_samples)]
+    if cfg.accelerator is not None:
+        args += ["--trainer.accelerator", cfg.accelerator]
+    return args + list(cfg.evaluate_args)
+
+
+def run_dir_of(cfg: TableConfig, spec: RunSpec) -> Path:
+    digest = hashlib.sha256(json.dumps(calibrate_args(cfg, spec)).encode()).hexdigest()[:8]
+    return Path(cfg.runs_root) / f"{spec.preset}-{spec.method}-{spec.bits}-s{spec.seed}-{digest}"
+
+
+@dataclass
+class CommandResult:
+    """How one ``gaq`` command went."""
+
+    ok: bool
+    seconds: float
+    peak_rss_bytes: int | None = None
+    error: str | None = None
+    log: str | None = None
+
+
+def run_gaq(subcommand: str, args: list[str], in_process: bool, log_path: Path) -> CommandResult:
+    """Run ``gaq <subcommand> <args>``: in a fresh process (output to ``log_path``) or in this one."""
+    t0 = time.perf_counter()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if in_process:
+        from gaq.cli import main as gaq_main
+        try:
+            gaq_main([subcommand, *args])
+        except SystemExit as err:  # gaq.cli turns GaqErrors into exit status 2 after printing them
+            if err.code not in (0, None):
+                return CommandResult(False, time.perf_counter() - t0, error=f"exit status {err.code}")
+        except Exception as err:  # a crash of one run must not lose the others
+            return CommandResult(False, time.perf_counter() - t0, error=f"{type(err).__name__}: {err}".splitlines()[0])
+        return CommandResult(True, time.perf_counter() - t0)
+    cmd = [sys.executable, "-m", "gaq.cli", subcommand, *args]
+    with log_path.open("w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss * 1024 if sys.platform != "darwin" else usage.ru_maxrss  # KiB on Linux
+    if proc.returncode != 0:
+        tail = [ln for ln in log_path.read_text().splitlines() if ln.strip()][-1:] or ["no output"]
+        return CommandResult(False, time.perf_counter() - t0, rss, f"exit status {proc.returncode}: {tail[0][:300]}",
+                             str(log_path))
+    return CommandResult(True, time.perf_counter() - t0, rss, log=str(log_path))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def evaluate_once(cfg: TableConfig, run_dir: Path | None, out_dir: Path, log_path: Path) -> tuple[dict | None, CommandResult | None]:
+    """``metrics.json`` of an evaluation, reused when it was made by the same command."""
+    args = evaluate_args(cfg, run_dir, out_dir)
+    command = shlex.join(["gaq", "evaluate", *args])
+    existing = _read_json(out_dir / "metrics.json")
+    if cfg.reuse and existing is not None and existing.get("command") == command:
+        return existing, None
+    result = run_gaq("evaluate", args, cfg.in_process, log_path)
+    return (_read_json(out_dir / "metrics.json") if result.ok else None), result
+
+
+def run_one(cfg: TableConfig, spec: RunSpec, console) -> dict:
+    """Calibrate (or reuse) and evaluate one run; returns its record for the JSON."""
+    run_dir = run_dir_of(cfg, spec)
+    logs = Path(cfg.runs_root) / "logs"
+    record: dict[str, Any] = {**asdict(spec), "run_dir": str(run_dir), "status": "ok"}
+    summary = _read_json(run_dir / "summary.json") if cfg.reuse else None
+    calib = None
+    if summary is None:
+        calib = run_gaq("calibrate", [*calibrate_args(cfg, spec), "--run_dir", str(run_dir)], cfg.in_process,
+                        logs / f"{run_dir.name}.calibrate.log")
+        summary = _read_json(run_dir / "summary.json") if calib.ok else None
+        if summary is None:
+            record.update(status="calibrate failed", error=calib.error, log=calib.log)
+            return record
+    record["calibration_reused"] = calib is None
+    record["calibration_seconds"] = summary.get("calibration_seconds")
+    gpu = summary.get("peak_memory_bytes")
+    record["peak_gpu_mib"] = None if gpu is None else gpu / 2**20
+    record["peak_rss_mib"] = None if calib is None or calib.peak_rss_bytes is None else calib.peak_rss_bytes / 2**20
+    record["calibration_device"] = summary.get("device")
+    metrics, ev = evaluate_once(cfg, run_dir, run_dir / "eval", logs / f"{run_dir.name}.evaluate.log")
+    if metrics is None:
+        record.update(status="evaluate failed", error=ev.error if ev else "no metrics.json", log=ev.log if ev else None)
+        return record
+    record.update({k: metrics["metrics"].get(k) for k in METRICS})
+    record["eval_device"] = metrics.get("device")
+    record["timestep_mse"] = (metrics.get("timestep_error") or {}).get("mean_mse")
+    return record
+
+
+def _finite(values: list) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
+
+
+def mean_std(values: list) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation (0 for one value) of the finite values, and their count."""
+    xs = _finite(values)
+    if not xs:
+        return None, None, 0
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std, len(xs)
+
+
+def aggregate(records: list[dict], cfg: TableConfig) -> list[dict]:
+    """One row per (preset, method, bits): per column the mean, std and values over the seeds that worked."""
+    rows = []
+    keys = list(dict.fromkeys((r["preset"], r["method"], r["bits"]) for r in records))
+    for preset, method, bits in keys:
+        group = [r for r in records if (r["preset"], r["method"], r["bits"]) == (preset, method, bits)]
+        ok = [r for r in group if r["status"] == "ok"]
+        row = {"preset": preset, "method": method, "bits": bits, "seeds": [r["seed"] for r in ok],
+               "failed_seeds": [r["seed"] for r in group if r["status"] != "ok"], "columns": {}}
+        for _, key, _ in COLUMNS:
+            mean, std, n = mean_std([r.get(key) for r in ok])
+            row["columns"][key] = {"mean": mean, "std": std, "n": n, "values": [r.get(key) for r in ok]}
+        rows.append(row)
+    return rows
+
+
+def _cell(col: dict, fmt: str) -> str:
+    if col["mean"] is None:
+        return "–"
+    text = fmt.format(col["mean"])
+    return text + (f" ± {fmt.format(col['std'])}" if col["n"] > 1 else "")
+
+
+def markdown(rows: list[dict], fp: dict | None, meta: dict) -> str:
+    """The table as markdown, with its provenance."""
+    lines = [f"# Method table: {meta['source']}", "",
+             f"- created {meta['created']}, git commit `{meta['git_commit']}`",
+             f"- calibration device: {meta['calibration_device']}; evaluation device: {meta['eval_device']}",
+             f"- command: `{meta['command']}`",
+             f"- seeds {meta['seeds']}: mean ± sample std over seeds; evaluation: {meta['eval_summary']}",
+             "- FID / sFID / precision / recall / class accuracy on the digit classifier's features (see metrics.json "
+             "of each run for the notes); peak RSS only when each command runs in its own process", ""]
+    header = ["preset", "method", "bits", "seeds", *[c[0] for c in COLUMNS]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if fp is not None:
+        m = fp.get("metrics", {})
+        cells = [_cell({"mean": m.get(key), "n": 1}, fmt) if key in METRICS else "–" for _, key, fmt in COLUMNS]
+        lines.append("| – | FP | W32A32 | – | " + " | ".join(cells) + " |")
+    for r in rows:
+        seeds = ",".join(str(s) for s in r["seeds"]) + (f" (failed: {','.join(map(str, r['failed_seeds']))})"
+                                                        if r["failed_seeds"] else "")
+        cells = [_cell(r["columns"][key], fmt) for _, key, fmt in COLUMNS]
+        lines.append(f"| {r['preset']} | {r['method']} | {r['bits']} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="bench/method_table.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML with any of the keys below")
+    parser.add_class_arguments(TableConfig, None, fail_untyped=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the table; returns the JSON content (also written)."""
+    from rich.console import Console
+
+    from gaq.eval.evaluate import git_commit
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cfg = TableConfig(**{k: ns[k] for k in TableConfig.__dataclass_fields__})
+    console = Console(stderr=True)
+    specs = run_specs(cfg)
+    check(len(specs) > 0, "the table is empty: give at least one method, bit setting and seed")
+    t0 = time.perf_counter()
+    records = []
+    for i, spec in enumerate(specs):
+        console.print(f"[bold][{i + 1}/{len(specs)}][/bold] {spec.preset} {spec.method} {spec.bits} seed {spec.seed}")
+        record = run_one(cfg, spec, console)
+        if record["status"] != "ok":
+            console.print(f"  [red]{record['status']}[/red]: {record.get('error')}")
+        else:
+            console.print(f"  FID {record.get('fid')}, calibration {record.get('calibration_seconds') or 0:.1f} s")
+        records.append(record)
+    console.print("[bold]FP model[/bold]")
+    fp_dir = Path(cfg.runs_root) / "fp" / "eval"
+    fp, fp_run = evaluate_once(cfg, None, fp_dir, Path(cfg.runs_root) / "logs" / "fp.evaluate.log")
+    if fp is None:
+        console.print(f"  [red]evaluate failed[/red]: {fp_run.error if fp_run else ''}")
+    rows = aggregate(records, cfg)
+    ok = [r for r in records if r["status"] == "ok"]
+    eval_meta = fp or (_read_json(Path(ok[0]["run_dir"]) / "eval" / "metrics.json") if ok else None) or {}
+    sampling = eval_meta.get("sampling", {})
+    meta = {
+        "command": shlex.join(["python", "bench/method_table.py", *argv]), "source": cfg.source,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commit": git_commit(),
+        "calibration_device": ", ".join(sorted({str(r.get("calibration_device")) for r in ok})) or "–",
+        "eval_device": eval_meta.get("device", "–"), "seeds": cfg.seeds, "seconds": time.perf_counter() - t0,
+        "eval_summary": (f"{sampling.get('num_samples')} samples, sampler {sampling.get('sampler')}, seed {sampling.get('seed')}"
+                         if sampling else "–"),
+    }
+    result = {"meta": meta, "settings": asdict(cfg), "fp": fp, "rows": rows, "runs": records}
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{cfg.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / f"{cfg.name}.md").write_text(markdown(rows, fp, meta))
+    failed = [r for r in records if r["status"] != "ok"]
+    console.print(f"wrote {out / (cfg.name + '.md')} ({len(records) - len(failed)} runs ok, {len(failed)} failed)")
+    print(out / f"{cfg.name}.md")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        result = main()
+    except GaqError as err:
+        print(f"method_table: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    failed = [r for r in result["runs"] if r["status"] != "ok"] or ([] if result["fp"] is not None else ["fp"])
+    raise SystemExit(1 if failed else 0)
