@@ -194,6 +194,8 @@ def test_evaluate_fp_and_a_calibrated_run_end_to_end(tmp_path, model_dir, capsys
     (["--run", "/no/such/run"], "/no/such/run"),
     (["--features", "/no/such/classifier"], "/no/such/classifier"),
     (["--num_samples", "0"], "num_samples"),
+    (["--num_samples", "15"], "multiple of the model's 10 classes"),
+    (["--sampler.steps", "0"], "sampler steps"),
 ])
 def test_bad_input_gets_one_error_line(tmp_path, model_dir, capsys, args, message):
     cfg = write_eval_config(tmp_path, model_dir)

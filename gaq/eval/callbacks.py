@@ -28,7 +28,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from gaq.errors import check
-from gaq.eval.evaluate import ReferenceConfig, SamplingConfig, SamplingModule, generate, module_device, reference_stats
+from gaq.eval.evaluate import (Conditioning, ReferenceConfig, SamplingConfig, SamplingModule, generate, module_device,
+                               reference_stats)
 from gaq.eval.grid import save_grid
 from gaq.eval.metrics import FeatureStats, MetricsConfig, build_extractors, compute_metrics
 from gaq.models.loading import Denoiser
@@ -160,6 +161,7 @@ class MetricsCallback(Callback):
     # ------------------------------------------------------------------ gaq calibrate
     def on_calibration_end(self, qmodel: nn.Module, denoiser: Denoiser, run_dir: str | Path) -> dict[str, Any]:
         """Sample ``qmodel`` (where it is) per ``sampling``, measure, write into ``<run_dir>/<subdir>``."""
+        Conditioning.of(denoiser, self.sampling).check_balanced(self.sampling.num_samples, "sampling.num_samples")
         self.start(denoiser, module_device(qmodel), Path(run_dir) / self.subdir)
         self.meta = {**self.meta, "model": {"model": "quantized", "run": str(run_dir), "source": denoiser.source}}
         for _, cond_id, images in generate(qmodel.eval(), denoiser, self.sampling):

@@ -53,6 +53,7 @@ def _instantiate(parser: LightningArgumentParser, cfg):
 def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`instantiate_classes` was deprecated.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")  # inside lightning
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -87,7 +88,7 @@ def print_table(result: dict) -> None:
     console = Console()
     console.print(table)
     for note in result.get("notes", []):
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", soft_wrap=True)
 
 
 def main(argv: list[str]) -> None:

@@ -7,8 +7,8 @@
    model on the FP model's DDIM trajectories (:mod:`gaq.eval.timestep_error`);
 3. samples ``num_samples`` images with ``Trainer.predict`` over a :class:`SamplingModule` (the
    Trainer owns the device, precision and progress bar); class-conditional models get the classes
-   round-robin (sample ``i`` asks for class ``i % num_classes``, so every class gets the same count
-   when ``num_samples`` is a multiple of it);
+   round-robin (sample ``i`` asks for class ``i % num_classes``; ``num_samples`` must be a multiple
+   of the class count, so every class gets the same number of samples);
 4. lets :class:`~gaq.eval.callbacks.MetricsCallback` and
    :class:`~gaq.eval.callbacks.SampleGridCallback` turn the samples into ``metrics.json`` /
    ``metrics.csv`` and ``samples_grid.png``.
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -116,6 +117,12 @@ class Conditioning:
             return Conditioning("text", embeddings=emb, uncond=uncond)
         check(not guided, "sampler.guidance_scale must be 1 for an unconditional model")
         return Conditioning("none")
+
+    def check_balanced(self, n: int, what: str = "num_samples") -> None:
+        """Raise unless ``n`` samples give every class (or prompt) the same count."""
+        k = self.num_classes if self.kind == "class" else (self.embeddings.shape[0] if self.kind == "text" else 1)
+        check(n % k == 0, f"{what} ({n}) must be a multiple of the model's {k} "
+                          f"{'classes' if self.kind == 'class' else 'prompts'} so that each gets the same number of samples")
 
     def cond_ids(self, n: int) -> Tensor:
         """Round-robin condition ids of samples ``0..n-1``, LongTensor ``(n,)``."""
@@ -241,6 +248,7 @@ class SamplingModule(pl.LightningModule):
         self.denoiser = denoiser  # metadata only: not a submodule (its model may be a different one)
         self.sampling = sampling
         self.conditioning = Conditioning.of(denoiser, sampling)
+        self.conditioning.check_balanced(sampling.num_samples)
         self.out_dir = Path(out_dir)
 
     def cond_ids(self) -> Tensor:
@@ -512,8 +520,13 @@ def run_evaluation(cfg: EvaluateConfig, trainer_kwargs: dict[str, Any], command:
     grid_cb = SampleGridCallback(per_class=cfg.grid.per_class, max_rows=cfg.grid.max_rows, scale=cfg.grid.scale,
                                  sampling=sampling)
     den, model, info = load_models(cfg)
+    conditioning = Conditioning.of(den, sampling)
+    conditioning.check_balanced(sampling.num_samples)
     kwargs = dict(trainer_kwargs)
-    kwargs["callbacks"] = [metrics_cb, grid_cb, *list(kwargs.get("callbacks") or [])]
+    user_callbacks = list(kwargs.get("callbacks") or [])
+    kwargs["callbacks"] = [metrics_cb, grid_cb, *user_callbacks]
+    if kwargs.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in user_callbacks):
+        kwargs["callbacks"].append(RichProgressBar(leave=False))
     kwargs.setdefault("default_root_dir", str(out_dir))
     trainer = pl.Trainer(**kwargs)
     check(trainer.world_size == 1, "gaq evaluate samples on one device; set trainer.devices: 1")
@@ -523,7 +536,7 @@ def run_evaluation(cfg: EvaluateConfig, trainer_kwargs: dict[str, Any], command:
     ts_summary = None
     if cfg.run and cfg.timestep_error.enabled:
         t0 = time.perf_counter()
-        result = timestep_error(den.model.to(device), model.to(device), den, cfg.sampler, Conditioning.of(den, sampling),
+        result = timestep_error(den.model.to(device), model.to(device), den, cfg.sampler, conditioning,
                                 cfg.timestep_error, cfg.seed)
         title = f"{info.get('method')} W{info.get('w_bits')}A{info.get('a_bits')} ({info.get('preset')}) vs FP"
         json_path, png_path = save_timestep_error(result, out_dir, title)

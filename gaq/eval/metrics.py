@@ -403,6 +403,10 @@ def build_extractors(features: str | None, cfg: MetricsConfig) -> tuple[list[Fea
     except ImportError:
         notes.append("FID-Inception and IS skipped: torch-fidelity is not installed (pip install torch-fidelity)")
         return extractors, notes
+    except Exception as err:  # e.g. a torchvision built for another torch fails at import time
+        notes.append(f"FID-Inception and IS skipped: torch-fidelity cannot be imported ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0][:120] if str(err) else ''})")
+        return extractors, notes
     weights = inception_weights_path(cfg.inception_weights)
     if not weights.is_file():
         notes.append(f"FID-Inception and IS skipped: Inception weights not found at {weights} (gaq never downloads; "
