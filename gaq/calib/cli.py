@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from gaq.calib.checkpoints import AtomicCheckpointIO, config_digest
 from gaq.calib.driver import CalibrationJob, run_calibration
 from gaq.calib.gac import GACConfig
+from gaq.calib.gac_driver import DiagnosticsConfig
 from gaq.calib.recon import UnitReconstruction
 from gaq.data.datamodule import CalibrationDataModule
 from gaq.quant import QuantConfig
@@ -36,6 +37,7 @@ class CalibrateCLI(LightningCLI):
         parser.add_argument("--method", type=Literal["rtn", "uniform", "gac"], default="uniform",
                             help="rtn: nearest rounding; uniform: AdaRound block reconstruction; gac: gradient-aligned")
         parser.add_class_arguments(GACConfig, "gac", fail_untyped=True)
+        parser.add_class_arguments(DiagnosticsConfig, "diagnostics", fail_untyped=True)
         parser.add_argument("--run_dir", type=Optional[str], default=None,
                             help="run folder; default: <runs_root>/<name>-<method>-w<W>a<A>-<digest of the config>")
         parser.add_argument("--runs_root", type=str, default="checkpoints/runs")
@@ -131,7 +133,7 @@ def main(argv: list[str]) -> None:
     hooks = None
     if cli.config.method == "gac":
         from gaq.calib.gac_driver import GACHooks
-        hooks = GACHooks(cli.config_init.gac, dm, run_dir)
+        hooks = GACHooks(cli.config_init.gac, dm, run_dir, cli.config_init.diagnostics)
     job = CalibrationJob(
         denoiser=dm.denoiser, datamodule=dm, quant=cli.config_init.quant, method=cli.config.method,
         recon=cli.model.recon, run_dir=run_dir, make_trainer=_trainer_factory(cli, run_dir),
