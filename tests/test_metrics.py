@@ -101,6 +101,9 @@ def test_classifier_extractor_outputs_and_identity():
     assert ex.identity() == ClassifierExtractor(small_classifier(), 7).identity()
     assert ex.identity() != ClassifierExtractor(small_classifier(seed=1), 7).identity()
     assert ClassifierExtractor(small_classifier(), sfid_channels=0).extract(images).spatial is None
+    ex.check_channels(1)
+    with pytest.raises(GaqError, match="set features: null"):
+        ex.check_channels(4)                              # e.g. a latent-space model
 
 
 def test_compute_metrics_of_a_set_against_itself():

@@ -93,13 +93,8 @@ class MetricsCallback(Callback):
         """Prepare a new measurement: extractors on ``device``, reference statistics loaded or computed."""
         self._reset()
         self._den, self._out, self._t0 = den, Path(out_dir), time.perf_counter()
-        c = den.sample_shape[0]
         for ex in self.extractors:
-            check(ex.name != "classifier" or c == ex.classifier.config.in_channels,
-                  f"the features classifier takes {ex.classifier.config.in_channels}-channel images but the model samples "
-                  f"{c} channels; set features: null")
-            check(ex.name != "inception" or c in (1, 3), f"Inception takes grey or RGB images, the model samples {c} channels "
-                                                         "(latents?); set metrics.inception: off")
+            ex.check_channels(den.sample_shape[0])
             ex.to(device)
             self._real[ex.name], self._ref_info[ex.name] = reference_stats(self.reference, ex, tuple(den.sample_shape),
                                                                            self.metrics.batch_size)

@@ -249,6 +249,10 @@ class FeatureExtractor(nn.Module):
         """Outputs of one batch, moved to the CPU as float32."""
         raise NotImplementedError
 
+    def check_channels(self, channels: int) -> None:
+        """Raise :class:`GaqError` unless images with ``channels`` channels can be measured."""
+        raise NotImplementedError
+
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """Stays in eval mode: extractors are frozen."""
         return super().train(False)
@@ -310,6 +314,11 @@ class ClassifierExtractor(FeatureExtractor):
     def _capture(self, module: nn.Module, args, output: Tensor) -> None:
         self._captured = output
 
+    def check_channels(self, channels: int) -> None:
+        want = self.classifier.config.in_channels
+        check(channels == want, f"the features classifier takes {want}-channel images but the model samples {channels} "
+                                "channels; set features: null")
+
     def identity(self) -> dict:
         return {"kind": "digit_classifier", "fingerprint": self.fingerprint, "image_size": self.image_size,
                 "sfid_channels": self.sfid_channels if self._spatial_layer is not None else 0}
@@ -351,6 +360,10 @@ class InceptionExtractor(FeatureExtractor):
                                                feature_extractor_weights_path=weights)
         self.num_features = 2048
         self.description = "Inception v3 (torch-fidelity), pool3 features (2048 dims)"
+
+    def check_channels(self, channels: int) -> None:
+        check(channels in (1, 3), f"Inception takes grey or RGB images, the model samples {channels} channels (latents?); "
+                                  "set metrics.inception: off")
 
     def identity(self) -> dict:
         path = Path(self.weights)
