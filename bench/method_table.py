@@ -9,7 +9,8 @@ with the method, bits, preset and seed set; seeds go to ``seed_everything``, the
 its split and the reconstruction), then ``gaq evaluate --run <run>`` (``--evaluate_config``; the
 same evaluation seed for every run, so the rows are compared on the same starting noise), plus one
 evaluation of the FP model. It writes ``<out_dir>/<name>.md`` (mean ± sample std over seeds of FID,
-sFID, precision, recall, class accuracy, calibration seconds and peak memory) and ``<name>.json``
+sFID, precision, recall, class accuracy, the mean per-step noise-prediction MSE against the FP model,
+calibration seconds and peak memory) and ``<name>.json``
 (every run's numbers, the settings, device and git commit).
 
 Runs live in ``<runs_root>/<preset>-<method>-<bits>-s<seed>-<digest>``, where the digest covers
@@ -44,7 +45,7 @@ METRICS = ("fid", "sfid", "precision", "recall", "accuracy")  # from metrics.jso
 # column header, how to read it from one run, number format
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("FID ↓", "fid", "{:.4g}"), ("sFID ↓", "sfid", "{:.4g}"), ("precision ↑", "precision", "{:.3f}"),
-    ("recall ↑", "recall", "{:.3f}"), ("class acc. ↑", "accuracy", "{:.3f}"),
+    ("recall ↑", "recall", "{:.3f}"), ("class acc. ↑", "accuracy", "{:.3f}"), ("step MSE ↓", "timestep_mse", "{:.3g}"),
     ("calib. s", "calibration_seconds", "{:.1f}"), ("peak GPU MiB", "peak_gpu_mib", "{:.0f}"),
     ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
 )
