@@ -3,6 +3,7 @@
     python bench/method_table.py                                   # defaults below, the default model
     python bench/method_table.py --iters 500 --num_samples 2000 --accelerator gpu
     python bench/method_table.py --methods '[rtn, uniform]' --bits '[W4A8]' --seeds '[0]'
+    python bench/method_table.py --calibrate_args="--data.calib.samples_per_step 256 --model.recon.batch_size 64"
 
 For each row ``(preset, method, bits)`` and seed it runs ``gaq calibrate`` (``--calibrate_config``
 with the method, bits, preset and seed set; seeds go to ``seed_everything``, the calibration set,
@@ -73,8 +74,9 @@ class TableConfig:
         num_samples: evaluation samples; None: the YAML's.
         accelerator: ``trainer.accelerator`` of both commands; None: the YAMLs'.
         devices: ``trainer.devices`` of calibrate (evaluate always uses one); None: the YAML's.
-        calibrate_args: more ``gaq calibrate`` arguments, e.g. ``["--data.calib.samples_per_step", "256"]``.
-        evaluate_args: more ``gaq evaluate`` arguments.
+        calibrate_args: more ``gaq calibrate`` arguments as one shell-quoted string, e.g.
+            ``--calibrate_args="--data.calib.samples_per_step 256"`` (note the ``=``).
+        evaluate_args: more ``gaq evaluate`` arguments, likewise.
         runs_root: where the runs go.
         out_dir: where the table goes.
         name: file stem of the table (``<name>.md`` / ``<name>.json``).
@@ -95,8 +97,8 @@ class TableConfig:
     num_samples: int | None = None
     accelerator: str | None = None
     devices: int | None = None
-    calibrate_args: list[str] = field(default_factory=list)
-    evaluate_args: list[str] = field(default_factory=list)
+    calibrate_args: str = ""
+    evaluate_args: str = ""
     runs_root: str = "checkpoints/runs/method_table"
     out_dir: str = "bench/results"
     name: str = "method_table"
@@ -154,7 +156,7 @@ def calibrate_args(cfg: TableConfig, spec: RunSpec) -> list[str]:
         args += ["--trainer.accelerator", cfg.accelerator]
     if cfg.devices is not None:
         args += ["--trainer.devices", str(cfg.devices)]
-    return args + list(cfg.calibrate_args)
+    return args + shlex.split(cfg.calibrate_args)
 
 
 def evaluate_args(cfg: TableConfig, run_dir: Path | None, out_dir: Path) -> list[str]:
@@ -166,7 +168,7 @@ def evaluate_args(cfg: TableConfig, run_dir: Path | None, out_dir: Path) -> list
         args += ["--num_samples", str(cfg.num_samples)]
     if cfg.accelerator is not None:
         args += ["--trainer.accelerator", cfg.accelerator]
-    return args + list(cfg.evaluate_args)
+    return args + shlex.split(cfg.evaluate_args)
 
 
 def run_dir_of(cfg: TableConfig, spec: RunSpec) -> Path:

@@ -214,7 +214,8 @@ def test_method_table_at_tiny_settings(tmp_path, model_dir):
             "--extra_presets", "{}", "--iters", "2", "--num_samples", "20", "--in_process", "true",
             "--calibrate_config", str(write_calibrate_config(tmp_path, model_dir)),
             "--evaluate_config", str(write_eval_config(tmp_path, model_dir)),
-            "--runs_root", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "results")]
+            "--runs_root", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "results"),
+            "--evaluate_args=--grid.per_class 1"]
     result = method_table.main(argv)
     assert [r["status"] for r in result["runs"]] == ["ok"] * 4 and result["fp"] is not None
     rows = {(r["method"], r["bits"]): r for r in result["rows"]}
@@ -226,6 +227,7 @@ def test_method_table_at_tiny_settings(tmp_path, model_dir):
     assert "| tfmq_compat | uniform | W8A8 | 0,1 |" in md and "| – | FP |" in md and result["meta"]["git_commit"] in md
     saved = json.loads((tmp_path / "results" / "method_table.json").read_text())
     assert saved["meta"]["eval_device"] == "cpu" and len(saved["runs"]) == 4
+    assert result["fp"]["command"].endswith("--grid.per_class 1")          # arguments passed through
     # seeds reach the calibration: the two seeds' calibration sets differ, so do their runs
     assert len({r["run_dir"] for r in result["runs"]}) == 4
     # a second call reuses every run and evaluation
