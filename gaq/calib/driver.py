@@ -127,11 +127,10 @@ def run_calibration(job: CalibrationJob) -> dict:
     is_zero = _global_rank() == 0
     if is_zero:
         check_run_record(run_dir, job.record)
-    if torch.cuda.is_available() and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
     fp_model = job.denoiser.model.to(device).eval().requires_grad_(False)
     qmodel = quantize(fp_model, job.quant, timesteps=calib.timesteps).to(device).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     set_quant_state(qmodel, weight=False, act=False)
     qmodel.requires_grad_(False)
     set_step = lambda step: set_step_index(qmodel, step)  # noqa: E731
@@ -229,6 +228,7 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
         report.resumed_from = "lightning-checkpoint"
     trainer = job.make_trainer(unit_dir, unit.name)
     trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    module.to(device)  # Lightning's teardown moves the module (and so the unit inside qmodel) to the CPU
     _set_soft(unit, False)
     report.error_after = unit_error(unit, cache, val_index, set_step)
     if hooks is not None:
