@@ -138,3 +138,14 @@ def test_bad_input_gets_one_clear_error_line(tmp_path, model_dir, override, mess
     err = [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert err and message in err[-1], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_sample_grid_callback_runs_after_calibration(tmp_path, model_dir):
+    cfg = write_config(tmp_path, model_dir, method="rtn", **{"trainer.callbacks": [{
+        "class_path": "gaq.eval.callbacks.SampleGridCallback",
+        "init_args": {"per_class": 2, "sampling": {"batch_size": 20, "sampler": {"steps": 3}}}}]})
+    gaq("calibrate", "--config", str(cfg), "--run_dir", str(tmp_path / "run"))
+    grids = list((tmp_path / "run").rglob("samples_grid.png"))
+    assert len(grids) == 1 and grids[0].stat().st_size > 0
+    import json
+    assert "SampleGridCallback" in json.loads((tmp_path / "run" / "summary.json").read_text())["callbacks"]

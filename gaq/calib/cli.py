@@ -138,6 +138,7 @@ def main(argv: list[str]) -> None:
         denoiser=dm.denoiser, datamodule=dm, quant=cli.config_init.quant, method=cli.config.method,
         recon=cli.model.recon, run_dir=run_dir, make_trainer=_trainer_factory(cli, run_dir),
         device=cli.trainer.strategy.root_device, record=record, method_hooks=hooks,
+        end_callbacks=list(cli.config_init.trainer.get("callbacks") or []),
     )
     summary = run_calibration(job)
     if cli.trainer.is_global_zero:

@@ -102,6 +102,8 @@ class CalibrationJob:
         device: where calibration runs.
         record: the run's configuration as plain data (written to ``run.json``, compared on resume).
         method_hooks: the GAC extension (``gaq.calib.gac_driver.GACHooks``) or None.
+        end_callbacks: ``trainer.callbacks`` with a ``calibration_end`` hook (sample grids, metrics),
+            run once on the finished quantized model.
     """
 
     denoiser: Denoiser
@@ -114,6 +116,7 @@ class CalibrationJob:
     device: torch.device
     record: dict
     method_hooks: Any = None
+    end_callbacks: list = field(default_factory=list)
 
 
 def run_calibration(job: CalibrationJob) -> dict:
@@ -191,6 +194,9 @@ def run_calibration(job: CalibrationJob) -> dict:
         summary["stored_weight_bytes"] = {"quantized": qbytes, "fp32": fpbytes}
         save_quantized(qmodel, run_dir / "quantized", base_source=job.denoiser.source, config=job.quant,
                        extra_meta={"method": job.method, "git_commit": summary["git_commit"]})
+        if job.end_callbacks:
+            from gaq.eval.callbacks import calibration_end
+            summary["callbacks"] = calibration_end(job.end_callbacks, qmodel, job.denoiser, run_dir)
         atomic_write_json(run_dir / "summary.json", summary)
     _barrier()
     return summary
