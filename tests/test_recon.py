@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
-from gaq.calib.cache import build_unit_cache, capture_inputs
+from gaq.calib.cache import build_unit_cache
 from gaq.calib.driver import CalibrationJob, calibration_batches, run_calibration
 from gaq.calib.gac import GACConfig
 from gaq.calib.gac_driver import DiagnosticsConfig, GACHooks
@@ -22,7 +22,7 @@ from gaq.data.datamodule import CalibrationDataModule, SplitConfig
 from gaq.errors import GaqError
 from gaq.models.denoiser import predict_noise
 from gaq.models.loading import Denoiser
-from gaq.quant import QuantConfig, iter_quant_layers, load_quantized, quantize, set_quant_state, set_step_index
+from gaq.quant import QuantConfig, iter_quant_layers, load_quantized, quantize, set_quant_state
 
 CALIB = CalibSetConfig(steps=10, interval=2, samples_per_step=16, spacing="uniform", batch_size=16, seed=0)
 

@@ -6,7 +6,6 @@ after each unit. The driver owns the order of work; the per-unit LightningModule
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -22,10 +21,12 @@ from torch import Tensor, nn
 from gaq.calib.cache import build_unit_cache
 from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, save_unit_state,
                                    unit_file)
-from gaq.calib.recon import ReconConfig, UnitReconstruction, uniform_weights
+from gaq.calib.recon import ReconConfig, UnitReconstruction, per_sample_error, uniform_weights
 from gaq.calib.units import Unit, find_units, fp_counterpart
 from gaq.models.denoiser import index_cond, predict_noise
 from gaq.models.loading import Denoiser
+from gaq.quant import (calibrate_activations, quantize, rounding_parameters, save_quantized, set_adaround_soft,
+                       set_quant_state, set_step_index, stored_weight_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ def _device_name(device: torch.device) -> str:
 @torch.no_grad()
 def unit_error(unit: Unit, cache, index: Tensor, set_step) -> float:
     """Mean per-sample reconstruction error of ``unit`` over the tuples ``index`` (in chunks)."""
-    from gaq.calib.recon import per_sample_error
     total = 0.0
     for s in range(0, len(index), 256):
         args, kwargs, target, step = cache.batch(index[s:s + 256])
@@ -121,9 +121,6 @@ class CalibrationJob:
 
 def run_calibration(job: CalibrationJob) -> dict:
     """Quantize ``job.denoiser.model`` and calibrate it unit by unit; returns the summary (also saved)."""
-    from gaq.quant import (calibrate_activations, quantize, rounding_parameters, save_quantized, set_quant_state,
-                           set_step_index, stored_weight_bytes)
-
     t_start = time.time()
     dm, device, run_dir = job.datamodule, job.device, Path(job.run_dir)
     calib = dm.calib_set
@@ -204,8 +201,6 @@ def run_calibration(job: CalibrationJob) -> dict:
 
 def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
                       set_step, report: UnitReport, hooks) -> None:
-    from gaq.quant import rounding_parameters
-
     dm, device = job.datamodule, job.device
     cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
                              calibration_batches(calib, job.recon.cache_batch), device, job.recon.cache_placement)
@@ -244,7 +239,6 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
 
 
 def _set_soft(unit: Unit, soft: bool) -> None:
-    from gaq.quant import set_adaround_soft
     for _, layer in unit.layers:
         set_adaround_soft(layer, soft)
 

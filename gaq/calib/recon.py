@@ -13,7 +13,7 @@ single-process gradient of the same global batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
