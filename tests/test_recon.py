@@ -189,3 +189,22 @@ def test_uniform_weights_equal_the_unweighted_loss():
     assert torch.equal((w * err).mean(), err.mean())
     a, b = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(per_sample_error(a, b), (a - b).pow(2).sum(1).mean((1, 2)))
+
+
+def test_the_unit_stays_in_eval_mode_during_fit(setup, tmp_path):
+    """Dropout must not act during reconstruction: the FP targets were computed without it."""
+    den, calib = setup
+    from gaq.calib.recon import UnitReconstruction
+    seen = []
+    original = UnitReconstruction.training_step
+
+    def spy(self, *args, **kwargs):
+        seen.append(any(m.training for m in self.unit.modules()))
+        return original(self, *args, **kwargs)
+
+    UnitReconstruction.training_step = spy
+    try:
+        run_calibration(_job(den, calib, tmp_path, iters=2))
+    finally:
+        UnitReconstruction.training_step = original
+    assert seen and not any(seen)

@@ -63,6 +63,7 @@ def setup_logging() -> None:
 def _build_cli(argv: list[str]) -> CalibrateCLI:
     return CalibrateCLI(
         UnitReconstruction, CalibrationDataModule, args=argv, run=False, save_config_callback=None,
+        seed_everything_default=0,
         trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
                           "logger": False, "enable_checkpointing": True},
         parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC)."},

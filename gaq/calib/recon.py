@@ -190,7 +190,7 @@ class UnitReconstruction(pl.LightningModule):
             weights: per-sample weight of global indices, e.g. uniform (the meta phase replaces it).
             set_step: sets the per-sample sampling step for per-step activation quantizers.
         """
-        self.unit_name, self.unit, self._call = unit_name, unit, call
+        self.unit_name, self.unit, self._call = unit_name, unit.eval(), call
         self._rounding, self._regulariser, self.cache = rounding, regulariser, cache
         self.train_indices, self._weights, self._set_step = train_indices, weights, set_step
         return self
@@ -200,6 +200,14 @@ class UnitReconstruction(pl.LightningModule):
         self.meta = meta
         self.sample_weights = meta.weights
         self._weights = lambda index: meta.weights.weights(index, validate=False).detach()
+        return self
+
+    def train(self, mode: bool = True) -> "UnitReconstruction":
+        """Lightning switches the module to training mode for ``fit``; the unit itself stays in eval
+        mode (no dropout), as the FP targets were computed, so only the rounding is learned."""
+        super().train(mode)
+        if isinstance(getattr(self, "unit", None), nn.Module):
+            self.unit.eval()
         return self
 
     # ---- the step plan ------------------------------------------------------------------------
