@@ -142,10 +142,10 @@ def build_unit_cache(
 
 
 def _choose_placement(nbytes: int, device: torch.device, placement: Placement) -> torch.device:
-    if device.type != "cuda" or placement == "host":
-        return torch.device("cpu") if device.type != "cpu" and placement == "host" else device
-    if placement == "device":
+    if device.type != "cuda" or placement == "device":
         return device
+    if placement == "host":
+        return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
     return device if nbytes <= free // 2 else torch.device("cpu")
 

@@ -77,11 +77,11 @@ def _device_name(device: torch.device) -> str:
 
 
 @torch.no_grad()
-def unit_error(unit: Unit, cache, index: Tensor, set_step) -> float:
-    """Mean per-sample reconstruction error of ``unit`` over the tuples ``index`` (in chunks)."""
+def unit_error(unit: Unit, cache, index: Tensor, set_step, chunk: int) -> float:
+    """Mean per-sample reconstruction error of ``unit`` over the tuples ``index``, ``chunk`` at a time."""
     total = 0.0
-    for s in range(0, len(index), 256):
-        args, kwargs, target, step = cache.batch(index[s:s + 256])
+    for s in range(0, len(index), chunk):
+        args, kwargs, target, step = cache.batch(index[s:s + chunk])
         set_step(step)
         total += per_sample_error(unit(*args, **kwargs), target).sum().item()
     return total / max(len(index), 1)
@@ -212,7 +212,7 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
         layer.set_quant_state(weight=True, act=False)
     _set_soft(unit, False)  # hard rounding at initialisation = nearest rounding (RTN)
     val_index = torch.as_tensor(dm.val_indices)
-    report.error_before = unit_error(unit, cache, val_index, set_step)
+    report.error_before = unit_error(unit, cache, val_index, set_step, job.recon.cache_batch)
     _set_soft(unit, True)
 
     def regulariser(beta: float) -> Tensor:
@@ -231,7 +231,7 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
     trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
     module.to(device)  # Lightning's teardown moves the module (and so the unit inside qmodel) to the CPU
     _set_soft(unit, False)
-    report.error_after = unit_error(unit, cache, val_index, set_step)
+    report.error_after = unit_error(unit, cache, val_index, set_step, job.recon.cache_batch)
     if hooks is not None:
         report.extra.update(hooks.finish_unit(module, k, unit, cache))
     for p in rounding:
