@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the table; returns the JSON content (also written)."""
     from rich.console import Console
 
-    from gaq.eval.evaluate import git_commit
+    from gaq.provenance import git_commit
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -21,13 +21,14 @@ import lightning.pytorch as pl
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from gaq.calib.driver import CalibrationJob, _git_commit, run_calibration
+from gaq.calib.driver import CalibrationJob, run_calibration
 from gaq.calib.gac import GACConfig
 from gaq.calib.gac_driver import DiagnosticsConfig, GACHooks
 from gaq.calib.recon import ReconConfig
 from gaq.data.calibset import CalibSetConfig, generate_calibration_set
 from gaq.data.datamodule import CalibrationDataModule, SplitConfig
 from gaq.models.loading import Denoiser
+from gaq.provenance import device_name, git_commit
 from gaq.quant import QuantConfig
 
 # google/ddpm-cifar10-32 unet/config.json
@@ -80,7 +81,7 @@ def main() -> None:
     t0 = time.time()
     calib = generate_calibration_set(den, ccfg, device, progress=False)
     gen_s = time.time() - t0
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "git_commit": _git_commit(),
+    results = {"device": device_name(device), "torch": torch.__version__, "git_commit": git_commit(),
                "params": sum(p.numel() for p in model.parameters()), "calibration_set": len(calib),
                "calibration_set_seconds": gen_s, "iters_measured": args.iters, "meta_iters_measured": args.meta_iters,
                "methods": {}}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from gaq.calib.recon import ReconConfig, UnitReconstruction, per_sample_error, u
 from gaq.calib.units import Unit, find_units, fp_counterpart
 from gaq.models.denoiser import index_cond, predict_noise
 from gaq.models.loading import Denoiser
+from gaq.provenance import device_name, git_commit
 from gaq.quant import (calibrate_activations, quantize, rounding_parameters, save_quantized, set_adaround_soft,
                        set_quant_state, set_step_index, stored_weight_bytes)
 
@@ -62,18 +62,6 @@ def calibration_batches(calib, batch_size: int, indices: Tensor | None = None) -
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         yield {"x": calib.x[idx], "t": calib.t[idx], "step": kept_pos[idx], "cond": index_cond(calib.cond, idx)}
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 @torch.no_grad()
@@ -180,7 +168,7 @@ def run_calibration(job: CalibrationJob) -> dict:
         "method": job.method, "units": [asdict(r) for r in reports], "num_units": len(units),
         "calibration_seconds": time.time() - t_start, "activation_calibration_seconds": act_seconds,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "device": _device_name(device), "world_size": _world_size(), "git_commit": _git_commit(),
+        "device": device_name(device), "world_size": _world_size(), "git_commit": git_commit(),
         "calibration_set": {"tuples": len(calib), "train": int(len(dm.train_indices)), "val": int(len(dm.val_indices))},
         "recon": asdict(job.recon),
     }

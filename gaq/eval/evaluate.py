@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from gaq.eval.sampling import SamplerConfig, ddim_sample
 from gaq.eval.timestep_error import TimestepErrorConfig
 from gaq.models.digits import DigitsData, Upsample, load_digit_images, split_indices
 from gaq.models.loading import Denoiser
+from gaq.provenance import device_name, git_commit
 
 RUN_QUANTIZED_DIR = "quantized"     # where gaq calibrate saves the quantized model inside a run folder
 RUN_SUMMARY_FILE = "summary.json"   # gaq calibrate's summary inside a run folder
@@ -457,21 +457,6 @@ class EvaluateConfig:
         if self.out_dir:
             return Path(self.out_dir)
         return Path(self.run) / RUN_EVAL_DIR if self.run else Path(FP_EVAL_DIR)
-
-
-def git_commit() -> str:
-    """Short commit hash of the gaq checkout, or ``unknown``."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    """GPU name, or ``cpu``."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def load_models(cfg: EvaluateConfig) -> tuple[Denoiser, nn.Module, dict]:

@@ -37,6 +37,7 @@ from gaq.models.classifier import ClassifierModule, ClassifierTraining, DigitCla
 from gaq.models.default_model import DigitsDDPM
 from gaq.models.digits import DigitsDataModule
 from gaq.models.loading import Denoiser, save_denoiser
+from gaq.provenance import device_name
 
 REPORT_FILE = "report.json"
 GRID_FILE = "samples_grid.png"
@@ -142,8 +143,6 @@ def fit_classifier(
     return module.classifier.cpu().eval().requires_grad_(False), trainer.global_step, seconds
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _param_count(model: nn.Module) -> int:
@@ -242,7 +241,7 @@ def main(argv: list[str]) -> None:
     metrics = evaluate_fp(den, classifier, cli.datamodule, init.report, device, bench_dir)
     report = {
         "command": shlex.join(["gaq", "train-default", *argv]),
-        "device": _device_name(device),
+        "device": device_name(device),
         "versions": {"torch": torch.__version__, "lightning": pl.__version__, "diffusers": diffusers.__version__},
         "seed": seed,
         "out_dir": str(out_dir),
