@@ -184,8 +184,8 @@ def test_run_folder_of_another_config_is_refused(setup, tmp_path):
 
 def test_uniform_weights_equal_the_unweighted_loss():
     err = torch.rand(32, dtype=torch.float32)
-    from gaq.calib.recon import uniform_weights
-    w = uniform_weights(torch.arange(32))
+    from gaq.calib.weights import UniformWeights
+    w = UniformWeights().weights(torch.arange(32))
     assert torch.equal((w * err).mean(), err.mean())
     a, b = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(per_sample_error(a, b), (a - b).pow(2).sum(1).mean((1, 2)))

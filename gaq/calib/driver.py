@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from gaq.calib.cache import build_unit_cache
 from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, save_unit_state,
                                    unit_file)
-from gaq.calib.recon import ReconConfig, UnitReconstruction, per_sample_error, uniform_weights
+from gaq.calib.recon import ReconConfig, UnitReconstruction, per_sample_error
 from gaq.calib.units import Unit, find_units, fp_counterpart
 from gaq.models.denoiser import index_cond, predict_noise
 from gaq.models.loading import Denoiser
@@ -208,7 +208,7 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
 
     module = UnitReconstruction(job.recon).bind(
         unit.name, unit.module, unit, rounding, regulariser, cache, torch.as_tensor(dm.train_indices),
-        weights=uniform_weights, set_step=set_step)
+        set_step=set_step)
     if hooks is not None:
         hooks.prepare_unit(module, k, unit, cache)
     unit_dir = Path(job.run_dir) / "lightning" / f"{k:03d}"

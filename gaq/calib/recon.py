@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from gaq.calib.cache import Placement, UnitCache
+from gaq.calib.weights import UniformWeights
 from gaq.errors import GaqError, check
 
 
@@ -146,11 +147,6 @@ class MetaPhase:
 WeightFn = Callable[[Tensor], Tensor]
 
 
-def uniform_weights(index: Tensor) -> Tensor:
-    """The uniform-weight baseline: every sample weighs 1."""
-    return torch.ones(index.shape[0])
-
-
 class UnitReconstruction(pl.LightningModule):
     """AdaRound reconstruction of one unit (created per unit by the calibration driver), with an
     optional GAC meta phase that learns the per-sample weights first (or interleaved).
@@ -176,7 +172,7 @@ class UnitReconstruction(pl.LightningModule):
 
     def bind(self, unit_name: str, unit: nn.Module, call: Callable[..., Tensor], rounding: list[nn.Parameter],
              regulariser: Callable[[float], Tensor], cache: UnitCache, train_indices: Tensor,
-             weights: WeightFn = uniform_weights, set_step: Callable[[Tensor | None], None] | None = None):
+             weights: WeightFn = UniformWeights().weights, set_step: Callable[[Tensor | None], None] | None = None):
         """Attach one unit.
 
         Args:
