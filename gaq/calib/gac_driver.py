@@ -51,11 +51,8 @@ class GACHooks:
         self.train_indices = torch.as_tensor(datamodule.train_indices).long()
         self.weights = LearnedSampleWeights(self.train_indices, s_init=cfg.s_init, tau=cfg.tau)
         calib = datamodule.calib_set
-        self.step_of = calib.step.long()                     # sampling step of each tuple
-        kept = torch.unique(self.step_of, sorted=True)
-        self.kept_pos = torch.full((int(kept.max()) + 1,), -1, dtype=torch.long)
-        self.kept_pos[kept] = torch.arange(len(kept))         # sampling step -> kept-step position
-        self.num_kept = len(kept)
+        self.pos_of = calib.kept_pos.long()                   # kept-step position of each tuple
+        self.num_kept = len(calib.timesteps)
         self.unit_stats: dict[str, Any] = {}
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -66,7 +63,7 @@ class GACHooks:
         return self.run_dir / "gac" / f"{k:03d}-s.safetensors"
 
     def _pos(self, index: Tensor) -> Tensor:
-        return self.kept_pos[self.step_of[index]]
+        return self.pos_of[index]
 
     def _by_step(self, indices: Tensor, cap: int | None) -> list[Tensor]:
         pos = self._pos(indices)
@@ -111,16 +108,17 @@ class GACHooks:
         if is_zero:
             self._weights_file(k).parent.mkdir(parents=True, exist_ok=True)
             save_file({"s": self.weights.s.detach().cpu().contiguous()}, str(self._weights_file(k)))
-        stats = unit_weight_stats(self.weights, self.kept_pos[self.step_of], self.num_kept)
+        stats = unit_weight_stats(self.weights, self.pos_of, self.num_kept)
         stats["groups"] = self._pending["groups"]
         if self.diag.enabled:
-            stats.update(self._diagnose(module, k, unit, is_zero))
+            stats.update(self._diagnose(module, k, unit, is_zero, stats["mean_weight_per_step"]))
         self.unit_stats[unit.name] = stats
         log.info("unit %s: omega max/min %.4f, normalized entropy %.6f", unit.name, stats["max_min_ratio"],
                  stats["normalized_entropy"])
         return {"gac": stats}
 
-    def _diagnose(self, module: UnitReconstruction, k: int, unit: Unit, is_zero: bool) -> dict[str, Any]:
+    def _diagnose(self, module: UnitReconstruction, k: int, unit: Unit, is_zero: bool,
+                  mean_weight_per_step: list[float]) -> dict[str, Any]:
         from gaq.quant import set_adaround_soft
         for _, layer in unit.layers:  # gradients of the reconstructed unit, through its soft rounding
             set_adaround_soft(layer, True)
@@ -145,8 +143,7 @@ class GACHooks:
             d.mkdir(parents=True, exist_ok=True)
             stem = f"{k:03d}-{unit.name.replace('.', '_')}"
             plot_conflict_matrix(cb.cpu(), ca.cpu(), d / f"{stem}-conflict.png")
-            means = unit_weight_stats(self.weights, self.kept_pos[self.step_of], self.num_kept)["mean_weight_per_step"]
-            plot_weight_by_step(means, d / f"{stem}-weight_by_step.png")
+            plot_weight_by_step(mean_weight_per_step, d / f"{stem}-weight_by_step.png")
             plot_weight_vs_alignment(table, d / f"{stem}-weight_vs_alignment.png")
         return out
 
