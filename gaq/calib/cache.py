@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gaq.calib.units import Capture, StopForward, Unit
+from gaq.data.datamodule import to_device
 from gaq.models.denoiser import predict_noise
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def build_unit_cache(
     """
     q_caps, targets, steps = [], [], []
     for b in batches:
-        x, t, cond = b["x"].to(device), b["t"].to(device), {k: v.to(device) for k, v in b["cond"].items()}
+        b = to_device(b, device)
+        x, t, cond = b["x"], b["t"], b["cond"]
         q_caps.append(_to(capture_inputs(qmodel, qunit, x, t, cond), "cpu"))
         fp_in = capture_inputs(fp_model, fp_unit, x, t, cond)
         targets.append(fp_unit(*fp_in.args, **fp_in.kwargs).float().cpu())

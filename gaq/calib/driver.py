@@ -22,6 +22,7 @@ from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_uni
                                    unit_file)
 from gaq.calib.recon import ReconConfig, UnitReconstruction, per_sample_error
 from gaq.calib.units import Unit, find_units, fp_counterpart
+from gaq.data.datamodule import to_device
 from gaq.models.denoiser import index_cond, predict_noise
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
@@ -123,9 +124,7 @@ def run_calibration(job: CalibrationJob) -> dict:
     qmodel.requires_grad_(False)
     set_step = lambda step: set_step_index(qmodel, step)  # noqa: E731
 
-    probe = next(calibration_batches(calib, 2))
-    probe = {k: (v.to(device) if isinstance(v, Tensor) else {c: t.to(device) for c, t in v.items()})
-             for k, v in probe.items()}
+    probe = to_device(next(calibration_batches(calib, 2)), device)
     run_probe = lambda: predict_noise(qmodel, probe["x"], probe["t"], probe["cond"])  # noqa: E731
     units = find_units(qmodel, run_probe, time_unit=job.recon.time_unit)
     log.info("%d reconstruction units: %s", len(units), ", ".join(u.name for u in units))
@@ -158,7 +157,7 @@ def run_calibration(job: CalibrationJob) -> dict:
     if job.quant.a_bits < 32:
         t0 = time.time()
         set_quant_state(qmodel, weight=True, act=True)
-        calibrate_activations(qmodel, _device_batches(calibration_batches(calib, job.recon.cache_batch), device))
+        calibrate_activations(qmodel, (to_device(b, device) for b in calibration_batches(calib, job.recon.cache_batch)))
         act_seconds = time.time() - t0
     set_quant_state(qmodel, weight=True, act=job.quant.a_bits < 32)
 
@@ -229,12 +228,6 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
 def _set_soft(unit: Unit, soft: bool) -> None:
     for _, layer in unit.layers:
         set_adaround_soft(layer, soft)
-
-
-def _device_batches(batches, device):
-    for b in batches:
-        yield {"x": b["x"].to(device), "t": b["t"].to(device), "step": b["step"].to(device),
-               "cond": {k: v.to(device) for k, v in b["cond"].items()}}
 
 
 def _global_rank() -> int:

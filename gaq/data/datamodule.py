@@ -328,7 +328,7 @@ class CalibrationDataModule(LightningDataModule):
             idx = self.val_indices[self.group_of[self.val_indices] == g]
             batch = self.dataset[idx]
             if device is not None:
-                batch = _to_device(batch, torch.device(device))
+                batch = to_device(batch, torch.device(device))
             out.append(batch)
         return out
 
@@ -344,9 +344,10 @@ class CalibrationDataModule(LightningDataModule):
         return len(SeededBatchSampler(self.train_indices, self.batch_size, True, self.split.seed, world, rank))
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensors, possibly in nested dicts such as ``cond``) on ``device``."""
     if isinstance(batch, Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
