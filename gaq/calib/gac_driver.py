@@ -20,6 +20,7 @@ from gaq.calib.grouping import make_groups, per_step_gradients
 from gaq.calib.recon import MetaPhase, UnitReconstruction
 from gaq.calib.units import Unit
 from gaq.calib.weights import LearnedSampleWeights
+from gaq.atomic import atomic_write
 from gaq.errors import check
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ class GACHooks:
             return {"gac": "uniform (time unit)" if unit.kind == "time" else "uniform"}
         is_zero = module.trainer.is_global_zero
         if is_zero:
-            self._weights_file(k).parent.mkdir(parents=True, exist_ok=True)
-            save_file({"s": self.weights.s.detach().cpu().contiguous()}, str(self._weights_file(k)))
+            s = {"s": self.weights.s.detach().cpu().contiguous()}
+            atomic_write(self._weights_file(k), lambda tmp: save_file(s, str(tmp)))
         stats = unit_weight_stats(self.weights, self.pos_of, self.num_kept)
         stats["groups"] = self._pending["groups"]
         if self.diag.enabled:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 import gaq
+from gaq.atomic import atomic_write
 from gaq.errors import GaqError, check
 from gaq.eval.sampling import SamplerConfig, Spacing, ddim_sample, sampling_timesteps
 from gaq.models.loading import Denoiser
@@ -191,15 +191,8 @@ class CalibrationSet:
         tensors.update({_COND_PREFIX + k: v for k, v in self.cond.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = dict(self.meta, format_version=FORMAT_VERSION)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
+                                                        metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect_meta: Mapping[str, Any] | None = None) -> "CalibrationSet":

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from gaq.atomic import atomic_write
 from gaq.errors import check
 from gaq.models.classifier import DigitClassifier, load_classifier
 
@@ -493,10 +494,8 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: dict) -> Path
         tensors["spatial"] = stats.spatial.contiguous()
     if stats.logits is not None:
         tensors["logits"] = stats.logits.contiguous()
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"gaq_meta": json.dumps(meta, sort_keys=True, default=str)})
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(
+        tensors, str(tmp), metadata={"gaq_meta": json.dumps(meta, sort_keys=True, default=str)}))
 
 
 def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict] | None:

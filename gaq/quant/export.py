@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import gaq
+from gaq.atomic import atomic_write
 from gaq.errors import GaqError, check
 from gaq.quant.adaround import AdaRoundQuantizer
 from gaq.quant.config import QuantConfig, QuantSettings
@@ -113,12 +114,6 @@ def _plan_hash(settings: dict, plan: dict) -> str:
     return hashlib.sha256(json.dumps({"settings": settings, "plan": plan}, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, base_source: str, config: QuantConfig,
                    extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``qmodel`` to ``folder`` (created) as ``quantized.safetensors`` + ``quant_config.json``.
@@ -143,7 +138,7 @@ def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, base_source: st
         tensors[TIMESTEPS_KEY] = info.context.timesteps.clone()
     settings, plan = info.settings.to_dict(), info.plan.to_dict()
     digest = _plan_hash(settings, plan)
-    _atomic_write_bytes(folder / WEIGHTS_FILE,
+    atomic_write(folder / WEIGHTS_FILE,
                         lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "plan_sha256": digest}))
     weight_on = any(q.enabled for q in qmodel.modules() if isinstance(q, AdaRoundQuantizer))
     act_on = any(q.enabled for q in qmodel.modules() if isinstance(q, ActQuantizer))
@@ -157,7 +152,7 @@ def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, base_source: st
         "quant_state": {"weight": weight_on, "act": act_on}, "extra": dict(extra_meta or {}),
     }
     text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    _atomic_write_bytes(folder / CONFIG_FILE, lambda p: p.write_text(text))
+    atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(text))
     return folder
 
 
