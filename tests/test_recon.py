@@ -12,6 +12,7 @@ from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
 from gaq.calib.cache import build_unit_cache
+from gaq.calib.checkpoints import UnitCheckpoint
 from gaq.calib.driver import CalibrationJob, calibration_batches, run_calibration
 from gaq.calib.gac import GACConfig
 from gaq.calib.gac_driver import DiagnosticsConfig, GACHooks
@@ -44,8 +45,7 @@ def _dm(den, calib):
 def _trainer(unit_dir: Path, _name: str) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=[pl.callbacks.ModelCheckpoint(
-                          dirpath=str(unit_dir), save_last=True, save_top_k=0, every_n_train_steps=5)])
+                      limit_val_batches=0, enable_checkpointing=False, callbacks=[UnitCheckpoint(unit_dir)])
 
 
 def _job(den, calib, tmp_path, method="uniform", iters=12, quant=None, hooks=None, **recon):
@@ -158,7 +158,7 @@ def test_nan_loss_names_unit_and_iteration_and_keeps_finished_units(setup, tmp_p
     bad.x = bad.x.clone()
     bad.x[3] = float("nan")  # the time unit never sees x; the first ResBlock does
     job = _job(den, bad, tmp_path, iters=4)
-    with pytest.raises(GaqError, match=r"unit down_blocks\.0\.resnets\.0, iteration \d+: the reconstruction loss is nan"):
+    with pytest.raises(GaqError, match=r"unit down_blocks\.0\.resnets\.0, iteration \d+: the reconstruction loss is not finite"):
         run_calibration(job)
     files = sorted((tmp_path / "units").glob("*.safetensors"))
     assert [f.name for f in files] == ["000-time_embedding.safetensors"]

@@ -98,12 +98,6 @@ def _stack(captures: list[Capture], n: int) -> tuple[list[_Slot], dict[str, _Slo
     return args, kwargs
 
 
-def _place(tensor: Tensor, where: torch.device) -> Tensor:
-    if where.type == "cpu" and torch.cuda.is_available():
-        return tensor.cpu().pin_memory()
-    return tensor.to(where)
-
-
 @torch.no_grad()
 def build_unit_cache(
     qmodel: nn.Module,
@@ -123,24 +117,35 @@ def build_unit_cache(
             ``auto`` picks the device when the cache takes at most half of the free device memory.
     """
     q_caps, targets, steps = [], [], []
+    where: torch.device | None = None
+    batches = list(batches)
     for b in batches:
         b = to_device(b, device)
         x, t, cond = b["x"], b["t"], b["cond"]
-        q_caps.append(_to(capture_inputs(qmodel, qunit, x, t, cond), "cpu"))
+        cap = capture_inputs(qmodel, qunit, x, t, cond)
         fp_in = capture_inputs(fp_model, fp_unit, x, t, cond)
-        targets.append(fp_unit(*fp_in.args, **fp_in.kwargs).float().cpu())
-        steps.append(b["step"].cpu())
+        target = fp_unit(*fp_in.args, **fp_in.kwargs).float()
+        if where is None:  # decided on the first batch, so the rest goes straight to its place
+            where = _choose_placement(_capture_bytes(cap, target) * len(batches), device, placement)
+        q_caps.append(_to(cap, where))
+        targets.append(target.to(where))
+        steps.append(b["step"].to(where))
     n = sum(s.shape[0] for s in steps)
     args, kwargs = _stack(q_caps, n)
     cache = UnitCache(args, kwargs, torch.cat(targets), torch.cat(steps), device)
-    where = _choose_placement(cache.nbytes, device, placement)
-    for slot in cache.args + list(cache.kwargs.values()):
-        if slot.batched is not None:
-            slot.batched = _place(slot.batched, where)
-    cache.target, cache.step = _place(cache.target, where), cache.step.to(where)
+    if where is not None and where.type == "cpu" and torch.cuda.is_available():
+        for slot in cache.args + list(cache.kwargs.values()):
+            if slot.batched is not None:
+                slot.batched = slot.batched.pin_memory()
+        cache.target = cache.target.pin_memory()
     log.info("unit %s: cache of %d tuples, %.1f MiB, kept on %s", qunit.name, n, cache.nbytes / 2**20,
              "the device" if where == device and device.type != "cpu" else "the host")
     return cache
+
+
+def _capture_bytes(capture: Capture, target: Tensor) -> int:
+    parts = list(capture.args) + list(capture.kwargs.values()) + [target]
+    return sum(p.nbytes for p in parts if isinstance(p, Tensor))
 
 
 def _choose_placement(nbytes: int, device: torch.device, placement: Placement) -> torch.device:
@@ -152,6 +157,6 @@ def _choose_placement(nbytes: int, device: torch.device, placement: Placement) -
     return device if nbytes <= free // 2 else torch.device("cpu")
 
 
-def _to(capture: Capture, where: str) -> Capture:
+def _to(capture: Capture, where: torch.device) -> Capture:
     move = lambda v: v.to(where) if isinstance(v, Tensor) else v  # noqa: E731
     return Capture(tuple(move(a) for a in capture.args), {k: move(v) for k, v in capture.kwargs.items()})

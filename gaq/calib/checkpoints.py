@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -84,3 +85,24 @@ def load_unit_state(path: Path, layers: list[tuple[str, nn.Module]]) -> None:
             raise GaqError(f"unit checkpoint {path} does not match layer {lname} ({first}); "
                            "delete it to recompute that unit") from None
 
+
+
+class UnitCheckpoint(Callback):
+    """Writes the unit's resumable ``last.ckpt`` into ``dirpath`` when the reconstruction module says
+    one is due (``pl_module.checkpoint_due``: the Lightning step crossed a multiple of
+    ``recon.ckpt_every`` iterations). Counting iterations, not Lightning's optimizer steps, keeps the
+    schedule the same whatever ``iters_per_step`` and the meta phase add. Every rank calls
+    ``Trainer.save_checkpoint`` (it is collective); rank 0 writes, atomically through the trainer's
+    checkpoint IO.
+    """
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "checkpoint_due", False):
+            trainer.save_checkpoint(self.last_path)

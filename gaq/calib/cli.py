@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from gaq.calib.checkpoints import AtomicCheckpointIO, config_digest
+from gaq.calib.checkpoints import AtomicCheckpointIO, UnitCheckpoint, config_digest
 from gaq.calib.driver import CalibrationJob, run_calibration
 from gaq.calib.gac import GACConfig
 from gaq.calib.gac_driver import DiagnosticsConfig
@@ -48,8 +48,6 @@ def setup_logging() -> None:
     import warnings
 
     from rich.logging import RichHandler
-    # the per-unit checkpoint holds the state after the step, which is what resuming needs
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     logger = logging.getLogger("gaq")
     if not logger.handlers:
@@ -65,7 +63,7 @@ def _build_cli(argv: list[str]) -> CalibrateCLI:
         UnitReconstruction, CalibrationDataModule, args=argv, run=False, save_config_callback=None,
         seed_everything_default=0,
         trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
-                          "logger": False, "enable_checkpointing": True},
+                          "logger": False, "enable_checkpointing": False},
         parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC)."},
     )
 
@@ -101,8 +99,7 @@ def _trainer_factory(cli: CalibrateCLI, run_dir: Path):
     user_callbacks = list(cli.config_init.trainer.get("callbacks") or [])
 
     def make(unit_dir: Path, unit_name: str):
-        ckpt = ModelCheckpoint(dirpath=str(unit_dir), filename="step{step}", save_last=True, save_top_k=0,
-                               every_n_train_steps=cli.model.recon.ckpt_every or None, save_on_train_epoch_end=False)
+        ckpt = UnitCheckpoint(unit_dir)
         callbacks = [cb for cb in user_callbacks if not isinstance(cb, (RichProgressBar, ModelCheckpoint))]
         if cli.config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar(leave=False))
@@ -110,7 +107,7 @@ def _trainer_factory(cli: CalibrateCLI, run_dir: Path):
         return cli.instantiate_trainer(
             callbacks=callbacks, default_root_dir=str(unit_dir), max_epochs=1, max_steps=-1,
             use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
-            limit_val_batches=0, enable_checkpointing=True,
+            limit_val_batches=0, enable_checkpointing=False,
             logger=CSVLogger(str(run_dir), name="logs", version=unit_dir.name),
         )
 

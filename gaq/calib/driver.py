@@ -46,6 +46,8 @@ class UnitReport:
     kind: str
     layers: int
     seconds: float = 0.0
+    cache_seconds: float = 0.0  # capturing the unit's inputs and FP targets
+    fit_seconds: float = 0.0    # the unit's Trainer.fit (meta steps and reconstruction iterations)
     resumed_from: str = "scratch"  # scratch | unit-checkpoint | lightning-checkpoint
     error_before: float | None = None  # validation error with nearest rounding (RTN)
     error_after: float | None = None   # validation error after reconstruction (hard rounding)
@@ -189,8 +191,10 @@ def run_calibration(job: CalibrationJob) -> dict:
 def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
                       set_step, report: UnitReport, hooks) -> None:
     dm, device = job.datamodule, job.device
+    t0 = time.time()
     cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
                              calibration_batches(calib, job.recon.cache_batch), device, job.recon.cache_placement)
+    report.cache_seconds = time.time() - t0
     rounding = [p for _, layer in unit.layers for p in rounding_parameters(layer)]
     qmodel.requires_grad_(False)
     for p in rounding:
@@ -215,7 +219,9 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
     if last.exists():
         report.resumed_from = "lightning-checkpoint"
     trainer = job.make_trainer(unit_dir, unit.name)
+    t0 = time.time()
     trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    report.fit_seconds = time.time() - t0
     module.to(device)  # Lightning's teardown moves the module (and so the unit inside qmodel) to the CPU
     _set_soft(unit, False)
     report.error_after = unit_error(unit, cache, val_index, set_step, job.recon.cache_batch)

@@ -349,13 +349,18 @@ def meta_outer_loss(
         parts = _outer_parts_by_backend(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss,
                                         unit_name)
     _check_finite(parts, unit_name, step)
+    return parts["outer"], meta_stats(parts)
+
+
+def meta_stats(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The detached scalar statistics of an outer loss's pieces (see :func:`meta_outer_loss`)."""
     stats = {"outer": parts["outer"].detach(), "inner_loss": parts["inner"].detach(),
              "val_loss": parts["val"].detach().mean(), "gm_loss": parts["gm"].detach()}
     stats.update({f"val_loss_group{g}": v for g, v in enumerate(parts["val"].detach())})
     for key in ("alignment", "weight_grad_norm"):
         if key in parts:
             stats[key] = parts[key].detach()
-    return parts["outer"], stats
+    return stats
 
 
 def meta_step(
@@ -392,6 +397,39 @@ def meta_step(
     outer, stats = meta_outer_loss(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg,
                                    extra_loss=extra_loss, unit_name=unit_name, step=step)
     (grad_s,) = torch.autograd.grad(outer, s)
+    check_hypergradient(grad_s, unit_name, step)
+    return grad_s, stats
+
+
+def check_hypergradient(grad_s: Tensor, unit_name: str, step: int) -> None:
+    """One host sync: refuse a non-finite hypergradient with a message naming the unit and step."""
     check(bool(torch.isfinite(grad_s).all()),
           f"non-finite hypergradient in GAC meta step {step} of unit {unit_name!r}: lower gac.inner_lr or gac.meta_lr")
-    return grad_s, stats
+
+
+def meta_hypergradient_parts(
+    weights: LearnedSampleWeights,
+    index: Tensor,
+    unit: nn.Module,
+    theta: Sequence[Tensor],
+    per_sample_loss: PerSampleLoss,
+    train_batch: Any,
+    val_batches: Sequence[Any],
+    cfg: GACConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`meta_step`'s arithmetic with no host synchronisation, for capture in a CUDA graph:
+    ``index`` and the batches must already be on the device; the functional backend runs (higher's
+    fallback is found by catching its failure, which a capture cannot survive) and nothing is
+    checked. The caller checks the returned pieces with :func:`check_meta_parts`."""
+    s = weights.s.detach().clone().requires_grad_(True)
+    w = weights.weights(index, s=s, validate=False)
+    with sdpa_kernel([SDPBackend.MATH]):
+        parts = _outer_parts(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, None, at=_functional_at)
+    (grad_s,) = torch.autograd.grad(parts["outer"], s)
+    return grad_s, {k: v.detach() for k, v in parts.items()}
+
+
+def check_meta_parts(grad_s: Tensor, parts: dict[str, Tensor], unit_name: str, step: int) -> None:
+    """The checks of :func:`meta_step` on the outputs of :func:`meta_hypergradient_parts`."""
+    _check_finite(parts, unit_name, step)
+    check_hypergradient(grad_s, unit_name, step)

@@ -12,6 +12,7 @@ single-process gradient of the same global batch.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from gaq.calib.cache import Placement, UnitCache
 from gaq.calib.weights import UniformWeights
 from gaq.errors import GaqError, check
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,7 +39,12 @@ class ReconConfig:
         reg_weight: weight of the AdaRound rounding regulariser.
         beta_start / beta_end: annealing of the regulariser's exponent.
         warmup: fraction of iterations with the regulariser off and beta held at ``beta_start``.
-        ckpt_every: write a resumable Lightning checkpoint every this many iterations (0: none).
+        ckpt_every: write a resumable Lightning checkpoint every this many iterations and meta steps
+            (at the end of the Lightning step that reaches a multiple; 0: none).
+        iters_per_step: iterations (or meta steps) per Lightning step: Lightning's per-step work
+            (hooks, progress bar, checkpoint test) is paid once per this many iterations.
+        cuda_graph: on a CUDA device with the cache on it, capture one iteration's forward and
+            backward as a CUDA graph and replay it (:mod:`gaq.calib.graphed`); else eager.
         seed: data-order seed.
         cache_batch: batch size used to capture unit inputs and targets.
         cache_placement: ``auto`` (device if it fits in half of the free memory), ``device`` or ``host``.
@@ -52,6 +60,8 @@ class ReconConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     ckpt_every: int = 1000
+    iters_per_step: int = 10
+    cuda_graph: bool = True
     seed: int = 0
     cache_batch: int = 256
     cache_placement: Placement = "auto"
@@ -63,6 +73,8 @@ class ReconConfig:
         check(self.batch_size >= 1, f"recon.batch_size must be >= 1, got {self.batch_size}")
         check(0.0 <= self.warmup < 1.0, f"recon.warmup must be in [0, 1), got {self.warmup}")
         check(self.lr > 0, f"recon.lr must be > 0, got {self.lr}")
+        check(self.iters_per_step >= 1, f"recon.iters_per_step must be >= 1, got {self.iters_per_step}")
+        check(self.ckpt_every >= 0, f"recon.ckpt_every must be >= 0, got {self.ckpt_every}")
 
 
 def beta_at(it: int, cfg: ReconConfig) -> float | None:
@@ -91,20 +103,24 @@ class IndexStream:
     training positions drawn from ``(seed, epoch = i // nb)``; a pure function of ``i``, so resumed
     runs see the same data as straight ones."""
 
-    def __init__(self, train_indices: Tensor, batch_size: int, seed: int, world: int = 1):
+    def __init__(self, train_indices: Tensor, batch_size: int, seed: int, world: int = 1,
+                 device: torch.device | str = "cpu"):
         check(batch_size % world == 0, f"batch size {batch_size} must be divisible by the {world} DDP ranks")
         check(len(train_indices) >= batch_size,
               f"batch size {batch_size} is larger than the training split ({len(train_indices)} tuples)")
-        self.train_indices, self.batch, self.seed = train_indices, batch_size, seed
+        self.train_indices, self.batch, self.seed = torch.as_tensor(train_indices), batch_size, seed
+        self.device = torch.device(device)
         self.per_epoch = len(train_indices) // batch_size
-        self._perm_epoch, self._perm = -1, None
+        self._epoch, self._order = -1, None
 
     def global_batch(self, i: int) -> Tensor:
+        """Global batch ``i`` on :attr:`device` (the permutation is drawn on the CPU, once per epoch)."""
         epoch, pos = divmod(i, self.per_epoch)
-        if epoch != self._perm_epoch:
+        if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.train_indices), generator=g), epoch
-        return self.train_indices[self._perm[pos * self.batch:(pos + 1) * self.batch]]
+            order = self.train_indices[torch.randperm(len(self.train_indices), generator=g)]
+            self._order, self._epoch = order.to(self.device), epoch
+        return self._order[pos * self.batch:(pos + 1) * self.batch]
 
     def rank_batch(self, i: int, rank: int, world: int) -> Tensor:
         """Rank ``rank``'s share of global batch ``i`` (every ``world``-th element)."""
@@ -147,6 +163,16 @@ class MetaPhase:
 WeightFn = Callable[[Tensor], Tensor]
 
 
+def _capture_or_false(unit_name: str, what: str, capture: Callable[[], Any]) -> Any:
+    """``capture()``, or False (run eagerly) when this unit's code cannot be captured as a CUDA graph."""
+    try:
+        return capture()
+    except RuntimeError as err:  # e.g. an operation that synchronises with the host inside the unit
+        log.warning("unit %s: the %s could not be captured as a CUDA graph (%s); running it eagerly",
+                    unit_name, what, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False
+
+
 class UnitReconstruction(pl.LightningModule):
     """AdaRound reconstruction of one unit (created per unit by the calibration driver), with an
     optional GAC meta phase that learns the per-sample weights first (or interleaved).
@@ -155,10 +181,12 @@ class UnitReconstruction(pl.LightningModule):
         recon: reconstruction settings.
 
     ``bind`` attaches the unit, its trainable parameters, its cache and the weight source before
-    ``fit``; ``enable_meta`` adds the meta phase. Lightning steps: with a meta phase run before the
-    reconstruction (``interleave_every = 0``), steps ``0 .. M-1`` are meta steps and the next
-    ``recon.iters`` are reconstruction iterations; with interleaving, each step is one
-    reconstruction iteration preceded by the meta steps the schedule puts there.
+    ``fit``; ``enable_meta`` adds the meta phase. Work is counted in meta steps and reconstruction
+    iterations, ``recon.iters_per_step`` of them per Lightning step: with a meta phase run before the
+    reconstruction (``interleave_every = 0``), the first ``ceil(M / K)`` Lightning steps run the M
+    meta steps and the rest the ``recon.iters`` iterations; with interleaving, each iteration is
+    preceded by the meta steps the schedule puts there. The counters are checkpointed, so a resumed
+    run does exactly the work the straight run would have done next.
     """
 
     def __init__(self, recon: ReconConfig | None = None):
@@ -167,8 +195,13 @@ class UnitReconstruction(pl.LightningModule):
         self.automatic_optimization = False
         self.step_done = 0   # Lightning steps finished (checkpointed)
         self.meta_done = 0   # meta steps finished (checkpointed)
+        self.iters_done = 0  # reconstruction iterations finished (checkpointed)
+        self.checkpoint_due = False  # this Lightning step crossed a multiple of recon.ckpt_every
         self.unit_name = "<unbound>"
         self.meta: MetaPhase | None = None
+        self._graph = None              # GraphedIteration, False (eager), or None (not decided yet)
+        self._meta_graph_state = None   # GraphedMetaStep, False (eager), or None (not decided yet)
+        self._first_bad: Tensor | None = None
 
     def bind(self, unit_name: str, unit: nn.Module, call: Callable[..., Tensor], rounding: list[nn.Parameter],
              regulariser: Callable[[float], Tensor], cache: UnitCache, train_indices: Tensor,
@@ -209,16 +242,19 @@ class UnitReconstruction(pl.LightningModule):
     # ---- the step plan ------------------------------------------------------------------------
     @property
     def _meta_first(self) -> int:
-        """Lightning steps spent on a meta phase that runs before the reconstruction."""
+        """Meta steps run before the reconstruction (0 when interleaved or without a meta phase)."""
         return self.meta.cfg.meta_iters if self.meta is not None and self.meta.cfg.interleave_every == 0 else 0
 
     @property
     def total_steps(self) -> int:
-        return self._meta_first + self.recon.iters
+        """Lightning steps of the unit."""
+        k = self.recon.iters_per_step
+        return -(-self._meta_first // k) + -(-self.recon.iters // k)
 
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size
-        self._recon_stream = IndexStream(self.train_indices, self.recon.batch_size, self.recon.seed, world)
+        self._recon_stream = IndexStream(self.train_indices, self.recon.batch_size, self.recon.seed, world,
+                                         device=self.cache.device)
         if self.meta is not None:
             self._meta_stream = IndexStream(self.train_indices, self.meta.cfg.meta_batch, self.recon.seed + 1, world)
         return DataLoader(StepSlots(self.total_steps), batch_size=None, shuffle=False)
@@ -228,7 +264,8 @@ class UnitReconstruction(pl.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
-        opts = [torch.optim.Adam(self._rounding, lr=self.recon.lr)]
+        fused = self.device.type == "cuda"  # one kernel for the whole update on a GPU
+        opts = [torch.optim.Adam(self._rounding, lr=self.recon.lr, fused=fused or None)]
         if self.meta is not None:  # created here, after the module reached its device (s is a buffer)
             opts.append(torch.optim.Adam([self.meta.weights.s], lr=self.meta.cfg.meta_lr))
         return opts
@@ -242,54 +279,141 @@ class UnitReconstruction(pl.LightningModule):
         out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
         return per_sample_error(out, target)
 
-    def training_step(self, _slot: int, batch_idx: int) -> None:
-        step = self.step_done
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        if step < self._meta_first:
-            self._meta_step(opts[1], self.meta_done, rank, world)
-        else:
-            it = step - self._meta_first
-            if self.meta is not None and self._meta_first == 0:
-                from gaq.calib.gac import meta_steps_before
-                for _ in range(meta_steps_before(self.meta.cfg, it)):
-                    self._meta_step(opts[1], self.meta_done, rank, world)
-            self._recon_step(opts[0], it, self._recon_stream.rank_batch(it, rank, world))
-        self.step_done = step + 1
-
-    def _recon_step(self, opt, it: int, index: Tensor) -> None:
+    def loss_terms(self, index: Tensor, beta: Tensor | float, reg_on: Tensor | bool) -> tuple[Tensor, Tensor]:
+        """``(weighted reconstruction loss, rounding regulariser)`` of the batch ``index``; the
+        regulariser is only computed where ``reg_on`` (a bool, or a 0/1 tensor in a CUDA graph)."""
         err = self.unit_error(index)
         w = self._weights(index).to(err.device, err.dtype)
         rec = (w * err).mean()
-        beta = beta_at(it, self.recon)
-        reg = self._regulariser(beta) if beta is not None else rec.new_zeros(())
-        loss = rec + self.recon.reg_weight * reg
-        if not torch.isfinite(loss):
-            raise GaqError(f"unit {self.unit_name}, iteration {it}: the reconstruction loss is {loss.item()} "
-                           "(not finite); lower model.recon.lr or check the calibration set; finished units are kept")
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        opt.step()
+        if isinstance(reg_on, bool) and not reg_on:
+            return rec, rec.new_zeros(())
+        return rec, self._regulariser(beta)
+
+    def training_step(self, _slot: int, batch_idx: int) -> None:
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        k, work_before = self.recon.iters_per_step, self.meta_done + self.iters_done
+        if self.meta_done < self._meta_first:
+            for _ in range(min(k, self._meta_first - self.meta_done)):
+                self._meta_step(opts[1], self.meta_done, rank, world)
+        else:
+            first = self.iters_done
+            for it in range(first, min(first + k, self.recon.iters)):
+                if self.meta is not None and self._meta_first == 0:
+                    from gaq.calib.gac import meta_steps_before
+                    for _ in range(meta_steps_before(self.meta.cfg, it)):
+                        self._meta_step(opts[1], self.meta_done, rank, world)
+                self._recon_step(opts[0], it, self._recon_stream.rank_batch(it, rank, world), world)
+                self.iters_done = it + 1
+            self._check_finite(first)
+        self.step_done += 1
+        every = self.recon.ckpt_every
+        self.checkpoint_due = every > 0 and (self.meta_done + self.iters_done) // every > work_before // every
+
+    def _recon_step(self, opt, it: int, index: Tensor, world: int) -> None:
+        graph = self._iteration_graph(index.shape[0], world)
+        if graph is not None:
+            graph.run(index, it)
+            if world > 1:  # the replayed backward bypasses DDP's hooks: average the gradients in place
+                for p in self._rounding:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+            opt.step()
+            rec, reg, beta = graph.rec, graph.reg, graph.beta.clone()
+        else:
+            beta_f = beta_at(it, self.recon)
+            rec, reg = self.loss_terms(index, beta_f if beta_f is not None else 0.0, beta_f is not None)
+            loss = rec + self.recon.reg_weight * reg
+            self._first_bad = torch.where((self._first_bad < 0) & ~torch.isfinite(loss.detach()), it, self._first_bad)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+            beta = float(beta_f or 0.0)
         if it % self.recon.log_every == 0 or it + 1 == self.recon.iters:
-            self.log_dict({"rec_loss": rec.detach(), "round_reg": reg.detach(), "beta": float(beta or 0.0)},
+            self.log_dict({"rec_loss": rec.detach().clone(), "round_reg": reg.detach().clone(), "beta": beta},
                           prog_bar=True, on_step=True, batch_size=index.shape[0])
 
+    def _iteration_graph(self, batch: int, world: int):
+        """The CUDA graph of one iteration (captured on first use), or None where the eager path runs."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        if not self.recon.cuda_graph:
+            return None
+        if self._graph is None:
+            from gaq.calib.graphed import GraphedIteration, graph_unavailable_reason
+            reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
+            if reason is not None:
+                log.info("unit %s runs eagerly: %s", self.unit_name, reason)
+                self._graph = False
+                return None
+            betas = [beta_at(i, self.recon) for i in range(self.recon.iters)]
+            self._graph = _capture_or_false(self.unit_name, "iteration", lambda: GraphedIteration(
+                self.loss_terms, self.recon.reg_weight, self._rounding,
+                torch.tensor([b if b is not None else self.recon.beta_start for b in betas]),
+                torch.tensor([float(b is not None) for b in betas]), batch, self.device))
+            if self._graph:
+                self._first_bad = self._graph.first_bad
+        return self._graph or None
+
+    def _check_finite(self, first: int) -> None:
+        """Raise if an iteration of this Lightning step had a non-finite loss (one host sync per step)."""
+        if self._first_bad is None:
+            return
+        bad = int(self._first_bad)
+        if bad >= 0:
+            raise GaqError(f"unit {self.unit_name}, iteration {bad}: the reconstruction loss is not finite "
+                           "(NaN or Inf); lower model.recon.lr or check the calibration set; finished units are kept")
+
+    def on_train_end(self) -> None:
+        for graph in (self._graph, self._meta_graph_state):
+            if graph:
+                graph.release()
+        self._graph = self._meta_graph_state = None
+
     def _meta_step(self, opt, m: int, rank: int, world: int) -> None:
-        from gaq.calib.gac import meta_step
+        from gaq.calib.gac import check_meta_parts, meta_stats, meta_step
         index = self._meta_stream.rank_batch(m, rank, world)
-        grad_s, stats = meta_step(
-            self.meta.weights, index, self.unit, self._rounding, self._meta_loss, index, self.meta.val_groups,
-            self.meta.cfg, unit_name=self.unit_name, step=m)
+        graph = self._meta_graph(index)
+        if graph is not None:
+            grad_s, parts = graph.run(index)
+            check_meta_parts(grad_s, parts, self.unit_name, m)
+            stats = meta_stats(parts)
+        else:
+            grad_s, stats = meta_step(
+                self.meta.weights, index, self.unit, self._rounding, self._meta_loss, index, self.meta.val_groups,
+                self.meta.cfg, unit_name=self.unit_name, step=m)
         if world > 1:  # autograd.grad bypasses DDP's hooks: average the hypergradient explicitly
-            grad_s = self.trainer.strategy.reduce(grad_s, reduce_op="mean")
+            grad_s = self.trainer.strategy.reduce(grad_s.clone(), reduce_op="mean")
         self.meta.weights.s.grad = grad_s.to(self.meta.weights.s.dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.meta_done = m + 1
         if m % self.recon.log_every == 0 or m + 1 == self.meta.cfg.meta_iters:
-            self.log_dict({f"meta/{k}": v for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1},
+            self.log_dict({f"meta/{k}": v.clone() for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1},
                           on_step=True, batch_size=index.shape[0])
+
+    def _meta_graph(self, index: Tensor):
+        """The CUDA graph of one meta step's hypergradient (captured on first use), or None (eager)."""
+        if not self.recon.cuda_graph:
+            return None
+        if self._meta_graph_state is None:
+            from functools import partial
+
+            from gaq.calib.gac import meta_hypergradient_parts
+            from gaq.calib.graphed import GraphedMetaStep, graph_unavailable_reason
+            reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
+            if reason is not None:
+                log.info("unit %s: meta steps run eagerly: %s", self.unit_name, reason)
+                self._meta_graph_state = False
+                return None
+            val = [v.to(self.device) for v in self.meta.val_groups]
+            hyper = partial(meta_hypergradient_parts, self.meta.weights, unit=self.unit, theta=self._rounding,
+                            per_sample_loss=self._meta_loss, val_batches=val, cfg=self.meta.cfg)
+            self._meta_graph_state = _capture_or_false(
+                self.unit_name, "meta step", lambda: GraphedMetaStep(lambda idx: hyper(idx, train_batch=idx), index,
+                                                                     self.device))
+        return self._meta_graph_state or None
 
     def _meta_loss(self, fmodel: Callable[..., Any], index: Tensor) -> Tensor:
         """GAC's ``per_sample_loss`` contract: the unit run through ``fmodel`` at the evaluated parameters."""
@@ -297,7 +421,8 @@ class UnitReconstruction(pl.LightningModule):
 
     # ---- checkpoint state -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["gaq_unit"] = {"name": self.unit_name, "step_done": self.step_done, "meta_done": self.meta_done}
+        checkpoint["gaq_unit"] = {"name": self.unit_name, "step_done": self.step_done, "meta_done": self.meta_done,
+                                  "iters_done": self.iters_done}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("gaq_unit", {})
@@ -305,3 +430,4 @@ class UnitReconstruction(pl.LightningModule):
             raise GaqError(f"the Lightning checkpoint belongs to unit {state.get('name')!r}, not {self.unit_name!r}; "
                            "delete the run folder's lightning/ checkpoints to restart that unit")
         self.step_done, self.meta_done = int(state["step_done"]), int(state["meta_done"])
+        self.iters_done = int(state["iters_done"])
