@@ -1,14 +1,31 @@
 """Paper-protocol configs run end to end on a random-initialised model of the exact architecture
-(built here, no download), with tiny sample counts: only the weights are missing offline."""
+(built here, no download), with tiny sample counts: only the weights are missing offline.
+
+The latent models (LSUN-Bedrooms and ImageNet LDM-4, DiT-XL/2) are too large for that on a CPU: their
+full-size architectures are built on the meta device to count parameters and reconstruction units,
+and the configs run end to end on the same architectures at scaled-down widths and resolutions."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel,
+                       UNet2DModel, VQModel)
 from test_calibrate_cli import gaq
 
-from gaq.models.loading import Denoiser, save_denoiser
+from gaq.calib.units import find_units
+from gaq.eval.callbacks import SampleGridCallback
+from gaq.eval.evaluate import SamplingConfig
+from gaq.eval.sampling import SamplerConfig
+from gaq.models.denoiser import predict_noise
+from gaq.models.latent import LatentDecoder
+from gaq.models.loading import Denoiser, load_denoiser, save_denoiser
+from gaq.quant import QuantConfig
+from gaq.quant.config import resolve_config
+from gaq.quant.export import load_quantized
+from gaq.quant.wrap import build_quantized, plan_quantization
 
 # google/ddpm-cifar10-32's unet/config.json (architecture keys)
 CIFAR10_DDPM = dict(
@@ -38,3 +55,180 @@ def test_cifar10_paper_config_runs_end_to_end_on_the_exact_architecture(tmp_path
     kinds = [u["kind"] for u in summary["units"]]
     assert (kinds.count("time"), kinds.count("resnet"), kinds.count("attention"), kinds.count("sampler")) == (1, 22, 6, 3)
     assert summary["method"] == "gac" and (run / "quantized" / "quantized.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Latent diffusion (LSUN-Bedrooms LDM-4, ImageNet LDM-4) and the transformer case (DiT-XL/2).
+# Full-size architectures are built on the meta device (no memory, no weights) to count parameters
+# and reconstruction units; the end-to-end runs use the same block types, depth, patching and
+# conditioning at scaled-down widths and resolutions, with a tiny autoencoder of the same kind.
+# --------------------------------------------------------------------------------------------
+
+# CompVis' LDM-4 UNet of lsun_bedrooms-ldm-vq-4.yaml (= celebahq-ldm-vq-4.yaml: model_channels 224, channel_mult
+# 1,2,3,4, attention at downsampling factors 2,4,8, num_head_channels 32, 3x64x64 latents) in diffusers' UNet2DModel
+# terms, as CompVis/ldm-celebahq-256's unet/ holds it (diffusers' UNet2DModel defaults are this model's):
+# cos-first timestep embedding, stride-2 padding-1 downsampling, GroupNorm eps 1e-5.
+LDM4_UNET = dict(
+    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(224, 448, 672, 896),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=32, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_num_groups=32,
+    norm_eps=1e-5, act_fn="silu",
+)
+# The VQ-f4 first stage (embed_dim 3, n_embed 8192, ch 128, ch_mult 1,2,4): CompVis/ldm-celebahq-256's vqvae/config.json
+VQ_F4 = dict(
+    in_channels=3, out_channels=3, latent_channels=3, num_vq_embeddings=8192, block_out_channels=(128, 256, 512),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2,
+    norm_num_groups=32, sample_size=256,
+)
+# LDM's "linear" betas (linear_start 0.0015, linear_end 0.0195) are diffusers' scaled_linear
+LDM_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                    clip_sample=False)
+# CompVis' cin256-v2.yaml (model_channels 192, channel_mult 1,2,3,5, num_heads 1, attention at factors 2,4,8,
+# SpatialTransformer depth 1 with context_dim 512, 3x64x64 latents) in diffusers' UNet2DConditionModel terms
+# (attention_head_dim is the head count there: one head per block).
+CIN256_UNET = dict(
+    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(192, 384, 576, 960),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=1, cross_attention_dim=512, transformer_layers_per_block=1, use_linear_projection=False,
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+)
+# facebook/DiT-XL-2-256 transformer/config.json (its defaults in diffusers' DiTTransformer2DModel are DiT-XL/2's;
+# 8 output channels: learned sigma)
+DIT_XL2 = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+    patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_eps=1e-5, norm_elementwise_affine=False,
+    activation_fn="gelu-approximate", attention_bias=True,
+)
+# its vae/ (stabilityai/sd-vae-ft-ema, the KL-f8 autoencoder, scaling_factor 0.18215)
+KL_F8 = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
+)
+DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+
+# The tiny runs: few samples, two kept steps, two reconstruction iterations per unit.
+TINY_RUN = ("--data.calib.samples_per_step", "4", "--data.calib.batch_size", "4", "--data.split.num_groups", "2",
+            "--model.recon.iters", "2", "--model.recon.batch_size", "4", "--model.recon.cache_batch", "16",
+            "--gac.meta_iters", "1", "--gac.meta_batch", "4", "--diagnostics.enabled", "false",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false")
+
+
+def _scaled(config: dict, **changes) -> dict:
+    return {**config, **changes}
+
+
+def _unit_kinds_on_meta(model: torch.nn.Module, x_shape: tuple, cond: dict) -> dict[str, int]:
+    """Reconstruction units of ``model`` (built on the meta device) under tfmq_compat: a forward pass on meta tensors
+    finds their order; quantizer ranges are not initialised (meta weights have no values)."""
+    settings = resolve_config(QuantConfig(preset="tfmq_compat"))
+    qmodel = build_quantized(model, settings, plan_quantization(model, settings), torch.arange(10), init_ranges=False)
+    x = torch.zeros(1, *x_shape, device="meta")
+    cond = {k: v.to("meta") for k, v in cond.items()}
+    units = find_units(qmodel, lambda: predict_noise(qmodel, x, torch.zeros(1, dtype=torch.long, device="meta"), cond))
+    return dict(Counter(u.kind for u in units))
+
+
+def _on_meta(cls, config: dict) -> torch.nn.Module:
+    with torch.device("meta"):
+        return cls(**config).eval()
+
+
+def _calibrate(config: str, model_dir: Path, tmp_path: Path, *extra: str) -> dict:
+    run = tmp_path / "run"
+    gaq("calibrate", "--config", config, "--data.source", str(model_dir), "--data.cache_dir", str(tmp_path / "calib"),
+        *TINY_RUN, *extra, "--run_dir", str(run), timeout=600)
+    return json.loads((run / "summary.json").read_text())
+
+
+def _decoded_grid(model_dir: Path, run: Path) -> tuple[tuple[int, int], str]:
+    """Sample a 2x2 grid from the run's quantized model through the latent decoder; the PNG's (width, height) and mode."""
+    from PIL import Image
+
+    den = load_denoiser(model_dir)
+    qmodel = load_quantized(run / "quantized", den.model)
+    sampler = SamplerConfig(steps=2, guidance_scale=1.0, clip_sample=False)
+    grid = SampleGridCallback(per_class=2, max_rows=2, scale=1, sampling=SamplingConfig(4, 4, 0, sampler))
+    with Image.open(grid.on_calibration_end(qmodel, den, run)["grid"]) as png:
+        return png.size, png.mode
+
+
+def test_lsun_ldm4_full_size_architecture():
+    unet = _on_meta(UNet2DModel, LDM4_UNET)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6) == 274  # LDM-4 on LSUN-Bedrooms: 274M
+    # TFMQ-DM-style units: the time block, 22 ResBlocks, 16 attention blocks, 3 upsample convs (downsample convs stay FP)
+    assert _unit_kinds_on_meta(unet, (3, 64, 64), {}) == {"time": 1, "resnet": 22, "attention": 16, "sampler": 3}
+    vq = LatentDecoder(_on_meta(VQModel, VQ_F4), 1.0)
+    assert vq.image_shape((3, 64, 64)) == (3, 256, 256)
+
+
+def test_lsun_ldm4_config_runs_end_to_end_and_decodes(tmp_path):
+    torch.manual_seed(0)
+    sched = DDIMScheduler(**LDM_SCHEDULE)
+    unet = UNet2DModel(**_scaled(LDM4_UNET, sample_size=16, block_out_channels=(32, 32, 64, 64), norm_num_groups=8)).eval()
+    vq = VQModel(**_scaled(VQ_F4, num_vq_embeddings=64, block_out_channels=(8, 8, 8), norm_num_groups=4,
+                           layers_per_block=1, sample_size=64)).eval()
+    save_denoiser(Denoiser(unet, sched.alphas_cumprod, (3, 16, 16), decoder=LatentDecoder(vq, 1.0)), tmp_path / "ldm", sched)
+    assert json.loads((tmp_path / "ldm" / "gaq.json").read_text())["latent_scaling_factor"] == 1.0
+    summary = _calibrate("configs/paper/lsun_bedrooms_ldm4_w4a8.yaml", tmp_path / "ldm", tmp_path,
+                         "--data.calib.steps", "20")  # interval 10: two kept steps
+    assert dict(Counter(u["kind"] for u in summary["units"])) == {"time": 1, "resnet": 22, "attention": 16, "sampler": 3}
+    # 3x16x16 latents decode to 3x64x64 images: a 2x2 grid with 1-pixel gaps
+    assert _decoded_grid(tmp_path / "ldm", tmp_path / "run") == ((131, 131), "RGB")
+
+
+def test_imagenet_ldm4_full_size_architecture():
+    unet = _on_meta(UNet2DConditionModel, CIN256_UNET)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6) == 401  # cin256-v2: 400.9M
+    cond = {"encoder_hidden_states": torch.zeros(1, 1, 512)}  # the class embedding as a one-token context
+    assert _unit_kinds_on_meta(unet, (3, 64, 64), cond) == {"time": 1, "resnet": 22, "attention": 16, "sampler": 3}
+
+
+def test_imagenet_ldm4_config_runs_end_to_end_with_class_embeddings(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sched = DDIMScheduler(**LDM_SCHEDULE)
+    unet = UNet2DConditionModel(**_scaled(CIN256_UNET, sample_size=16, block_out_channels=(32, 32, 64, 64),
+                                          norm_num_groups=8, cross_attention_dim=16)).eval()
+    vq = VQModel(**_scaled(VQ_F4, num_vq_embeddings=64, block_out_channels=(8, 8, 8), norm_num_groups=4,
+                           layers_per_block=1, sample_size=64)).eval()
+    save_denoiser(Denoiser(unet, sched.alphas_cumprod, (3, 16, 16), "text", decoder=LatentDecoder(vq, 1.0)),
+                  tmp_path / "cin", sched)
+    table = torch.randn(11, 16)  # the ClassEmbedder's table: 10 classes + the null class
+    save_file({"cond": table[:10, None].contiguous(), "uncond": table[10:]}, str(tmp_path / "classes.safetensors"))
+    summary = _calibrate("configs/paper/imagenet_ldm4_w4a8.yaml", tmp_path / "cin", tmp_path, "--data.calib.steps", "2",
+                         "--data.calib.cond_embeddings", str(tmp_path / "classes.safetensors"))
+    assert dict(Counter(u["kind"] for u in summary["units"])) == {"time": 1, "resnet": 22, "attention": 16, "sampler": 3}
+
+
+def test_dit_xl2_full_size_architecture():
+    dit = _on_meta(DiTTransformer2DModel, DIT_XL2)
+    # 675M in the original; diffusers keeps a timestep / label embedder copy in each of the 28 blocks
+    assert round(sum(p.numel() for p in dit.parameters()) / 1e6) == 750
+    cond = {"class_labels": torch.zeros(1, dtype=torch.long)}
+    # the 28 AdaLN-Zero transformer blocks and the final adaLN linear (proj_out_1); no UNet time path
+    assert _unit_kinds_on_meta(dit, (4, 32, 32), cond) == {"attention": 28, "layer": 1}
+    settings = resolve_config(QuantConfig(preset="tfmq_compat"))
+    kept = plan_quantization(dit, settings).kept_fp
+    assert len(kept) == 30 and {"pos_embed.proj", "proj_out_2"} <= set(kept)  # + 28 first timestep linears
+    assert LatentDecoder(_on_meta(AutoencoderKL, KL_F8), 0.18215).image_shape((4, 32, 32)) == (3, 256, 256)
+
+
+def test_dit_xl2_config_runs_end_to_end_and_decodes(tmp_path):
+    torch.manual_seed(0)
+    sched = DDIMScheduler(**DIT_SCHEDULE)
+    dit = DiTTransformer2DModel(**_scaled(DIT_XL2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                          sample_size=8)).eval()
+    vae = AutoencoderKL(**_scaled(KL_F8, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1,
+                                  sample_size=64)).eval()
+    den = Denoiser(dit, sched.alphas_cumprod, (4, 8, 8), "class", 1000, 1000, decoder=LatentDecoder(vae, 0.18215))
+    save_denoiser(den, tmp_path / "dit", sched)
+    loaded = load_denoiser(tmp_path / "dit")
+    assert (loaded.cond_kind, loaded.num_classes, loaded.null_label, loaded.image_shape) == ("class", 1000, 1000, (3, 64, 64))
+    summary = _calibrate("configs/paper/imagenet_dit_xl2_w4a8.yaml", tmp_path / "dit", tmp_path, "--data.calib.steps", "4")
+    assert dict(Counter(u["kind"] for u in summary["units"])) == {"attention": 2, "layer": 1}
+    assert summary["method"] == "gac"
+    assert _decoded_grid(tmp_path / "dit", tmp_path / "run") == ((131, 131), "RGB")  # 4x8x8 latents -> 3x64x64 images

@@ -94,9 +94,9 @@ class MetricsCallback(Callback):
         self._reset()
         self._den, self._out, self._t0 = den, Path(out_dir), time.perf_counter()
         for ex in self.extractors:
-            ex.check_channels(den.sample_shape[0])
+            ex.check_channels(den.image_shape[0])
             ex.to(device)
-            self._real[ex.name], self._ref_info[ex.name] = reference_stats(self.reference, ex, tuple(den.sample_shape),
+            self._real[ex.name], self._ref_info[ex.name] = reference_stats(self.reference, ex, tuple(den.image_shape),
                                                                            self.metrics.batch_size)
 
     def add(self, images: Tensor, cond_id: Tensor) -> None:

@@ -196,6 +196,8 @@ def sample_images(model: nn.Module, den: Denoiser, index: Tensor, cond_id: Tenso
     guided = sampling.sampler.guidance_scale != 1.0
     eta_gen = torch.Generator().manual_seed((int(sampling.seed) * 7919 + int(index[0])) % (2**63))
     x = ddim_sample(model, den.alphas_cumprod, noise, sampling.sampler, cond, null if guided else None, generator=eta_gen)
+    if den.decoder is not None:  # a latent model: the images are the decoded latents
+        x = den.decoder.to(device)(x)
     return x.float().clamp(-1, 1)
 
 
@@ -350,7 +352,8 @@ def load_reference_images(cfg: ReferenceConfig, sample_shape: tuple[int, int, in
 
     Args:
         cfg: where they come from.
-        sample_shape: ``(C, H, W)`` of the model's samples (digits are made at this resolution).
+        sample_shape: ``(C, H, W)`` of the model's images (``Denoiser.image_shape``: decoded latents for
+            latent models); digits are made at this resolution.
     """
     c, h, w = sample_shape
     if cfg.kind == "digits":

@@ -3,7 +3,9 @@
 A *source* is what a user writes in a config: a local folder in diffusers' pipeline layout
 (``model_index.json`` + ``unet/`` or ``transformer/`` + ``scheduler/``), a folder holding one
 model (``config.json`` + weights) and a ``scheduler/`` folder, or a hub id such as
-``google/ddpm-cifar10-32``. The shipped default is ``checkpoints/default``.
+``google/ddpm-cifar10-32``. The shipped default is ``checkpoints/default``. A latent diffusion
+pipeline's autoencoder (``vqvae/`` or ``vae/``) is loaded too, as the :class:`Denoiser`'s
+``decoder`` (:mod:`gaq.models.latent`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
 from gaq.errors import GaqError, check
+from gaq.models.latent import AUTOENCODER_CLASSES, AUTOENCODER_COMPONENTS, SCALING_FACTOR_KEY, LatentDecoder
 
 CondKind = Literal["none", "class", "text"]
 
@@ -42,6 +45,8 @@ class Denoiser:
         null_label: the null class id, or None.
         source: where it came from (folder or hub id), for metadata.
         fingerprint: a short hash of the model's config and weights, used to key caches.
+        decoder: for latent diffusion models, the autoencoder that turns sampled latents into
+            images (``sample_shape`` is then the latent's shape); None for pixel-space models.
     """
 
     model: nn.Module
@@ -52,10 +57,16 @@ class Denoiser:
     null_label: int | None = None
     source: str = "<in-memory>"
     fingerprint: str = field(default="")
+    decoder: LatentDecoder | None = None
 
     def __post_init__(self):
         if not self.fingerprint:
             self.fingerprint = model_fingerprint(self.model)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one generated image: ``sample_shape``, or the decoded latent's shape."""
+        return self.sample_shape if self.decoder is None else self.decoder.image_shape(self.sample_shape)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -79,7 +90,8 @@ def model_fingerprint(model: nn.Module) -> str:
 # Supported noise predictors: a registry keyed by class.
 # --------------------------------------------------------------------------------------------
 
-# gaq writes this file into every model folder it saves: {"num_classes": 10, "null_label": 10}.
+# gaq writes this file into every model folder it saves: {"num_classes": 10, "null_label": 10}, plus
+# {"latent_scaling_factor": ...} for latent models (see gaq.models.latent).
 GAQ_META_FILE = "gaq.json"
 # Set to 1 to let a hub id that is not in the local cache be downloaded.
 ALLOW_DOWNLOADS_ENV = "GAQ_ALLOW_DOWNLOADS"
@@ -329,6 +341,22 @@ def _read_meta(src: _Source, cond: CondInfo) -> CondInfo:
     return CondInfo("class", num_classes, null_label, rows)
 
 
+def _load_decoder(src: _Source, torch_dtype: torch.dtype | None) -> LatentDecoder | None:
+    """The pipeline's autoencoder (``vqvae`` or ``vae`` in model_index.json) as a decoder, or None if it has none."""
+    index = src.read_json("model_index.json")
+    keys = [k for k in dict.fromkeys(AUTOENCODER_COMPONENTS.values())
+            if index is not None and isinstance(index.get(k), list) and index[k][1] is not None]
+    if not keys:
+        return None
+    key, class_name = keys[0], index[keys[0]][1]
+    cls = AUTOENCODER_CLASSES.get(class_name)
+    check(cls is not None, f"'{src.ref}': the {key} component is a {class_name}; gaq decodes latents with "
+                           f"{', '.join(AUTOENCODER_CLASSES)}")
+    autoencoder = cls.from_pretrained(src.ref, subfolder=key, torch_dtype=torch_dtype, low_cpu_mem_usage=False)
+    meta = src.read_json(GAQ_META_FILE) or {}
+    return LatentDecoder(autoencoder, float(meta.get(SCALING_FACTOR_KEY, autoencoder.config.scaling_factor)))
+
+
 def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None = None) -> Denoiser:
     """Load a noise predictor and its noise schedule from a local folder or a hub id.
 
@@ -341,7 +369,8 @@ def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None 
         torch_dtype: dtype to load the weights in (default: as stored).
 
     Returns:
-        The :class:`Denoiser`, model in eval mode on the CPU.
+        The :class:`Denoiser`, model in eval mode on the CPU; for a pipeline with a ``vqvae`` /
+        ``vae`` component, with that autoencoder as its ``decoder``.
 
     Raises:
         GaqError: missing folder, unsupported class, no scheduler, or a hub id that cannot be had.
@@ -357,6 +386,7 @@ def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None 
             low_cpu_mem_usage=False,
         )
         alphas_cumprod = _load_alphas_cumprod(src, layout.scheduler_subfolder)
+        decoder = _load_decoder(src, torch_dtype)
     except (OSError, EntryNotFoundError) as err:
         if src.local:
             raise GaqError(f"cannot load model '{ref}': {err}".splitlines()[0]) from err
@@ -371,6 +401,7 @@ def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None 
         num_classes=cond.num_classes,
         null_label=cond.null_label,
         source=ref,
+        decoder=decoder,
     )
 
 
@@ -378,7 +409,8 @@ def save_denoiser(den: Denoiser, folder: str | os.PathLike, scheduler: Scheduler
     """Write ``den`` in diffusers pipeline layout so that :func:`load_denoiser` (and diffusers) read it back.
 
     Layout: ``model_index.json``, ``unet/`` or ``transformer/`` (config + safetensors weights),
-    ``scheduler/scheduler_config.json`` and ``gaq.json`` (``num_classes``, ``null_label``).
+    ``scheduler/scheduler_config.json``, the decoder's autoencoder in ``vqvae/`` or ``vae/`` (latent
+    models) and ``gaq.json`` (``num_classes``, ``null_label``, ``latent_scaling_factor``).
 
     Args:
         den: the model and its metadata.
@@ -403,7 +435,11 @@ def save_denoiser(den: Denoiser, folder: str | os.PathLike, scheduler: Scheduler
         kind.component: ["diffusers", type(den.model).__name__],
         "scheduler": ["diffusers", type(scheduler).__name__],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     meta = {"num_classes": den.num_classes, "null_label": den.null_label}
+    if den.decoder is not None:
+        den.decoder.autoencoder.save_pretrained(out / den.decoder.component, safe_serialization=True)
+        index[den.decoder.component] = ["diffusers", type(den.decoder.autoencoder).__name__]
+        meta[SCALING_FACTOR_KEY] = den.decoder.scaling_factor
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / GAQ_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
