@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,9 @@ class TableConfig:
         name: file stem of the table (``<name>.md`` / ``<name>.json``).
         in_process: run the commands in this process instead of fresh ones.
         reuse: reuse finished runs and matching evaluations.
+        jobs: runs (calibrate + evaluate) at a time, each in its own processes; small models leave
+            most of a GPU idle, so several share it well. Calibration seconds then include the
+            contention: time methods against each other with ``bench/speed_cifar.py`` instead.
     """
 
     source: str = "checkpoints/default"
@@ -104,6 +108,7 @@ class TableConfig:
     name: str = "method_table"
     in_process: bool = False
     reuse: bool = True
+    jobs: int = 1
 
 
 @dataclass
@@ -308,6 +313,8 @@ def markdown(rows: list[dict], fp: dict | None, meta: dict) -> str:
              f"- calibration device: {meta['calibration_device']}; evaluation device: {meta['eval_device']}",
              f"- command: `{meta['command']}`",
              f"- seeds {meta['seeds']}: mean ± sample std over seeds; evaluation: {meta['eval_summary']}",
+             f"- runs at a time: {meta.get('jobs', 1)}" + (" (calibration seconds include their contention)"
+                                                           if meta.get("jobs", 1) > 1 else ""),
              "- FID / sFID / precision / recall / class accuracy on the digit classifier's features (see metrics.json "
              "of each run for the notes); peak RSS only when each command runs in its own process", ""]
     header = ["preset", "method", "bits", "seeds", *[c[0] for c in COLUMNS]]
@@ -346,16 +353,20 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(stderr=True)
     specs = run_specs(cfg)
     check(len(specs) > 0, "the table is empty: give at least one method, bit setting and seed")
+    check(cfg.jobs >= 1 and (cfg.jobs == 1 or not cfg.in_process), "--jobs must be >= 1, and 1 with --in_process true")
     t0 = time.perf_counter()
-    records = []
-    for i, spec in enumerate(specs):
-        console.print(f"[bold][{i + 1}/{len(specs)}][/bold] {spec.preset} {spec.method} {spec.bits} seed {spec.seed}")
+
+    def one(i: int, spec: RunSpec) -> dict:
         record = run_one(cfg, spec, console)
+        head = f"[bold][{i + 1}/{len(specs)}][/bold] {spec.preset} {spec.method} {spec.bits} seed {spec.seed}:"
         if record["status"] != "ok":
-            console.print(f"  [red]{record['status']}[/red]: {record.get('error')}")
+            console.print(f"{head} [red]{record['status']}[/red]: {record.get('error')}")
         else:
-            console.print(f"  FID {record.get('fid')}, calibration {record.get('calibration_seconds') or 0:.1f} s")
-        records.append(record)
+            console.print(f"{head} FID {record.get('fid')}, calibration {record.get('calibration_seconds') or 0:.1f} s")
+        return record
+
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:  # threads only wait on the commands' processes
+        records = list(pool.map(one, range(len(specs)), specs))
     console.print("[bold]FP model[/bold]")
     fp_dir = Path(cfg.runs_root) / "fp" / "eval"
     fp, fp_run = evaluate_once(cfg, None, fp_dir, Path(cfg.runs_root) / "logs" / "fp.evaluate.log")
@@ -369,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": shlex.join(["python", "bench/method_table.py", *argv]), "source": cfg.source,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commit": git_commit(),
         "calibration_device": ", ".join(sorted({str(r.get("calibration_device")) for r in ok})) or "–",
-        "eval_device": eval_meta.get("device", "–"), "seeds": cfg.seeds, "seconds": time.perf_counter() - t0,
+        "eval_device": eval_meta.get("device", "–"), "seeds": cfg.seeds, "jobs": cfg.jobs, "seconds": time.perf_counter() - t0,
         "eval_summary": (f"{sampling.get('num_samples')} samples, sampler {sampling.get('sampler')}, seed {sampling.get('seed')}"
                          if sampling else "–"),
     }

@@ -162,8 +162,8 @@ def main() -> None:
             }
             codes[key] = load_file(str(run_dir / "quantized" / "quantized.safetensors"))
             print(key, json.dumps({k: v for k, v in results["runs"][key].items() if k != "units"}), flush=True)
-    results["agreement"] = _agreement(codes, results["runs"])
-    _write(results, Path(args.out), args)
+            results["agreement"] = _agreement(codes, results["runs"])
+            _write(results, Path(args.out), args)  # after every run, so a cut-off bench keeps what finished
 
 
 def _agreement(codes: dict, runs: dict) -> dict:
