@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import gaq
 from gaq.errors import GaqError, check
 from gaq.eval.metrics import FeatureExtractor, FeatureStats, MetricsConfig, extract_all, load_stats, save_stats, stats_digest
+from gaq.eval.runner import ModelRunner
 from gaq.eval.sampling import SamplerConfig, ddim_sample
 from gaq.eval.timestep_error import TimestepErrorConfig
 from gaq.models.digits import DigitsData, Upsample, load_digit_images, split_indices
@@ -184,13 +185,16 @@ def module_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def sample_images(model: nn.Module, den: Denoiser, index: Tensor, cond_id: Tensor, sampling: SamplingConfig,
-                  conditioning: Conditioning) -> Tensor:
+def sample_images(model: nn.Module | ModelRunner, den: Denoiser, index: Tensor, cond_id: Tensor,
+                  sampling: SamplingConfig, conditioning: Conditioning) -> Tensor:
     """DDIM samples of ``model`` for samples ``index`` ``(B,)`` with conditions ``cond_id`` ``(B,)``.
 
-    Runs where ``model`` is. Returns float32 ``(B, C, H, W)`` on that device, clamped to [-1, 1].
+    ``model`` is the noise predictor or a :class:`ModelRunner` of it (kept across batches, so CUDA
+    graphs and compiled code are built once). Runs where the model is. Returns float32
+    ``(B, C, H, W)`` on that device, clamped to [-1, 1].
     """
-    device, dtype = module_device(model), _model_dtype(model)
+    net = model.model if isinstance(model, ModelRunner) else model
+    device, dtype = module_device(net), _model_dtype(net)
     noise = sample_noise(sampling.seed, index.cpu(), tuple(den.sample_shape)).to(device, dtype)
     cond, null = conditioning.build(cond_id, device, dtype)
     guided = sampling.sampler.guidance_scale != 1.0
@@ -222,13 +226,17 @@ def generate(model: nn.Module, den: Denoiser, sampling: SamplingConfig, cond_ids
     index = torch.arange(len(ids))
     bar = Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    disable=not progress, transient=True)
-    with bar:
-        task = bar.add_task("sampling", total=len(ids))
-        for s in range(0, len(ids), sampling.batch_size):
-            idx, cid = index[s:s + sampling.batch_size], ids[s:s + sampling.batch_size]
-            images = sample_images(model, den, idx, cid, sampling, conditioning)
-            bar.advance(task, len(idx))
-            yield idx, cid, images
+    runner = ModelRunner.for_sampler(model, sampling.sampler)
+    try:
+        with bar:
+            task = bar.add_task("sampling", total=len(ids))
+            for s in range(0, len(ids), sampling.batch_size):
+                idx, cid = index[s:s + sampling.batch_size], ids[s:s + sampling.batch_size]
+                images = sample_images(runner, den, idx, cid, sampling, conditioning)
+                bar.advance(task, len(idx))
+                yield idx, cid, images
+    finally:
+        runner.release()
 
 
 class SamplingModule(pl.LightningModule):
@@ -252,6 +260,7 @@ class SamplingModule(pl.LightningModule):
         self.conditioning = Conditioning.of(denoiser, sampling)
         self.conditioning.check_balanced(sampling.num_samples)
         self.out_dir = Path(out_dir)
+        self._runner: ModelRunner | None = None  # built on the first batch, once the Trainer has placed the model
 
     def cond_ids(self) -> Tensor:
         """Condition id of every sample, ``(num_samples,)``."""
@@ -264,8 +273,15 @@ class SamplingModule(pl.LightningModule):
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
         index, cond_id = batch
-        images = sample_images(self.model, self.denoiser, index, cond_id, self.sampling, self.conditioning)
+        if self._runner is None:
+            self._runner = ModelRunner.for_sampler(self.model, self.sampling.sampler)
+        images = sample_images(self._runner, self.denoiser, index, cond_id, self.sampling, self.conditioning)
         return {"index": index, "cond_id": cond_id, "images": images}
+
+    def on_predict_end(self) -> None:
+        if self._runner is not None:
+            self._runner.release()
+            self._runner = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ the quadratic schedule of the Q-Diffusion / TFMQ-DM CIFAR-10 protocol; the updat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Mapping
 
 import numpy as np
@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from gaq.errors import check
-from gaq.models.denoiser import concat_cond, predict_noise
+from gaq.eval.runner import PRECISIONS, ModelRunner, Precision
+from gaq.models.denoiser import concat_cond
 
 Spacing = Literal["uniform", "quadratic", "linspace", "trailing"]
 
@@ -24,7 +25,7 @@ StepHook = Callable[[int, Tensor, Tensor, Mapping[str, Tensor]], None]
 
 @dataclass
 class SamplerConfig:
-    """How to sample: DDIM steps, eta, timestep spacing and guidance.
+    """How to sample: DDIM steps, eta, timestep spacing and guidance, and how fast to run the model.
 
     Attributes:
         steps: number of DDIM steps.
@@ -35,6 +36,16 @@ class SamplerConfig:
             ``linspace`` (rounded linspace over [0, T-1]), ``trailing`` (diffusers' trailing).
         guidance_scale: classifier-free guidance scale; 1 means no guidance (one model call a step).
         clip_sample: clip the predicted x0 to [-1, 1].
+        precision: the model call's arithmetic: ``fp32`` (as is, the default), ``tf32`` (CUDA matmuls
+            and convolutions in TF32) or ``bf16`` (autocast); the DDIM update stays float64 either way.
+        channels_last: run the model in channels-last memory format (its 4-D weights are converted in
+            place while sampling, and made contiguous again after).
+        cuda_graph: capture one model call per batch shape as a CUDA graph and replay it every step (CUDA only).
+        compile: wrap the model call in ``torch.compile``.
+        See :mod:`gaq.eval.runner` for what each speed option does; all off, the model is called plainly.
+        ``cuda_graph`` and ``compile`` pay off with a runner kept across batches (``gaq evaluate`` and
+        :func:`gaq.eval.evaluate.generate` keep one per job); :func:`ddim_sample` given a plain module
+        builds them for that call alone.
     """
 
     steps: int = 50
@@ -42,6 +53,18 @@ class SamplerConfig:
     spacing: Spacing = "uniform"
     guidance_scale: float = 1.0
     clip_sample: bool = True
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    cuda_graph: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        check(self.precision in PRECISIONS,
+              f"sampler.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def eager(self) -> "SamplerConfig":
+        """The same sampler with every speed option off (fp32, eager, default memory format)."""
+        return replace(self, precision="fp32", channels_last=False, cuda_graph=False, compile=False)
 
 
 def sampling_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing) -> Tensor:
@@ -69,7 +92,7 @@ def _guided_input(x: Tensor, cond: Mapping[str, Tensor], null_cond: Mapping[str,
 
 @torch.no_grad()
 def ddim_sample(
-    model: nn.Module,
+    model: nn.Module | ModelRunner,
     alphas_cumprod: Tensor,
     noise: Tensor,
     cfg: SamplerConfig,
@@ -81,43 +104,54 @@ def ddim_sample(
     """Run DDIM from ``noise`` (x_T) and return x_0.
 
     Args:
-        model: the noise predictor.
+        model: the noise predictor, or a :class:`~gaq.eval.runner.ModelRunner` of it (reused across
+            calls, so CUDA graphs and compiled code are built once); a plain module is run with
+            ``cfg``'s speed options through a runner made for this call.
         alphas_cumprod: the training schedule's cumulative alphas, shape ``(T,)``.
         noise: starting noise, shape ``(B, C, H, W)``; its device and dtype are used throughout.
-        cfg: steps, eta, spacing, guidance.
+        cfg: steps, eta, spacing, guidance (a given runner's speed options win over ``cfg``'s).
         cond / null_cond: condition dictionaries (``null_cond`` is the unconditional one, needed when
             ``cfg.guidance_scale != 1``); the guided model input is ``cat([cond, null])``.
         generator: CPU generator for the eta noise, so results do not depend on the device.
         on_step: hook called before every model call with the model's exact input.
+
+    With ``eta == 0`` and no ``on_step`` the loop never waits for the device: timesteps and schedule
+    indices are host integers, and the update runs on the device in float64.
     """
     cond = dict(cond or {})
     guided = cfg.guidance_scale != 1.0
     check(not guided or null_cond is not None, "guidance_scale != 1 needs an unconditional (null) condition")
+    runner = model if isinstance(model, ModelRunner) else ModelRunner.for_sampler(model, cfg)
+    runner.begin()
     device = noise.device
     acp = alphas_cumprod.to(device=device, dtype=torch.float64)
     timesteps = sampling_timesteps(len(acp), cfg.steps, cfg.spacing)
     x = noise
-    for i, t in enumerate(timesteps.tolist()):
-        t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-        x_in, c_in = _guided_input(x, cond, null_cond, guided)
-        t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.long)
-        if on_step is not None:
-            on_step(i, t_in, x_in, c_in)
-        eps = predict_noise(model, x_in, t_in, c_in)
-        if guided:
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
-        a_t = acp[t]
-        a_prev = acp[t_prev] if t_prev >= 0 else torch.ones((), dtype=acp.dtype, device=device)
-        x64, eps64 = x.double(), eps.double()
-        x0 = (x64 - (1 - a_t).sqrt() * eps64) / a_t.sqrt()
-        if cfg.clip_sample:
-            x0 = x0.clamp(-1, 1)
-            eps64 = (x64 - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = cfg.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x_next = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps64
-        if cfg.eta > 0:
-            z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
-            x_next = x_next + sigma * z.double()
-        x = x_next.to(noise.dtype)
+    try:
+        for i, t in enumerate(timesteps.tolist()):
+            t_prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
+            x_in, c_in = _guided_input(x, cond, null_cond, guided)
+            t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.long)
+            if on_step is not None:
+                on_step(i, t_in, x_in, c_in)
+            eps = runner(x_in, t_in, c_in)
+            if guided:
+                eps_c, eps_u = eps.chunk(2)
+                eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
+            a_t = acp[t]
+            a_prev = acp[t_prev] if t_prev >= 0 else torch.ones((), dtype=acp.dtype, device=device)
+            x64, eps64 = x.double(), eps.double()
+            x0 = (x64 - (1 - a_t).sqrt() * eps64) / a_t.sqrt()
+            if cfg.clip_sample:
+                x0 = x0.clamp(-1, 1)
+                eps64 = (x64 - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            sigma = cfg.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+            x_next = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps64
+            if cfg.eta > 0:
+                z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+                x_next = x_next + sigma * z.double()
+            x = x_next.to(noise.dtype)
+    finally:
+        if runner is not model:
+            runner.release()
     return x

@@ -54,7 +54,7 @@ def timestep_error(fp_model: nn.Module, q_model: nn.Module, den: Denoiser, sampl
         fp_model: the FP noise predictor (drives the trajectories).
         q_model: the quantized model, on the same device.
         den: schedule, sample shape and conditioning metadata.
-        sampler: DDIM settings (the evaluation's).
+        sampler: DDIM settings (the evaluation's; its speed options are ignored).
         conditioning: how trajectory ``i`` is conditioned (round-robin condition ids).
         cfg: trajectories and batch size.
         seed: noise seed (trajectory ``i`` starts from the same noise as evaluation sample ``i``).
@@ -66,6 +66,7 @@ def timestep_error(fp_model: nn.Module, q_model: nn.Module, den: Denoiser, sampl
     from gaq.eval.evaluate import module_device, sample_noise
 
     check(cfg.num_samples >= 1 and cfg.batch_size >= 1, "timestep_error.num_samples and batch_size must be >= 1")
+    sampler = sampler.eager()  # the error of the models, not of the runtime: both run plainly in fp32
     device = module_device(fp_model)
     dtype = next(iter(fp_model.parameters())).dtype
     timesteps = sampling_timesteps(len(den.alphas_cumprod), sampler.steps, sampler.spacing)
