@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -94,8 +95,13 @@ def main() -> None:
     ap.add_argument("--paper_iters", type=int, default=20000)
     ap.add_argument("--paper_meta_iters", type=int, default=1500)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cuda_graph", default="auto", choices=["auto", "on"], help="of the graph variant")
+    ap.add_argument("--devices", type=int, default=1, help="GPUs per run (DDP when > 1; the global batch stays 32)")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # set in the ranks Lightning's DDP launcher starts
+    device = torch.device(args.device, rank) if args.device == "cuda" else torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(0)
     model = UNet2DModel(**CIFAR_UNET).eval()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -118,16 +124,18 @@ def main() -> None:
             dm = CalibrationDataModule("cifar-arch", ccfg, SplitConfig()).attach(denoiser=den, calib_set=calib)
             dm.setup("fit")
             run_dir = Path(f"/tmp/gaq_speed_{key}")
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if rank == 0:
+                shutil.rmtree(run_dir, ignore_errors=True)
             graph = variant == "graph"
             k = (args.iters_per_step if method == "uniform" else 10) if graph else 1
             recon = ReconConfig(iters=args.iters, batch_size=32, ckpt_every=0, cache_batch=256, iters_per_step=k,
-                                cuda_graph=graph)
+                                cuda_graph=args.cuda_graph if graph else "off")
             hooks = (GACHooks(GACConfig(meta_iters=args.meta_iters), dm, run_dir, DiagnosticsConfig(enabled=False))
                      if method == "gac" else None)
 
             def make_trainer(unit_dir, name, _timer=timer):
-                return pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,
+                return pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=args.devices,
+                                  strategy="ddp" if args.devices > 1 else "auto", max_epochs=1,
                                   logger=False, enable_progress_bar=False, enable_model_summary=False,
                                   use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
                                   enable_checkpointing=False, callbacks=[_timer])
@@ -163,7 +171,9 @@ def main() -> None:
             codes[key] = load_file(str(run_dir / "quantized" / "quantized.safetensors"))
             print(key, json.dumps({k: v for k, v in results["runs"][key].items() if k != "units"}), flush=True)
             results["agreement"] = _agreement(codes, results["runs"])
-            _write(results, Path(args.out), args)  # after every run, so a cut-off bench keeps what finished
+            results["devices"] = args.devices
+            if rank == 0:
+                _write(results, Path(args.out), args)  # after every run, so a cut-off bench keeps what finished
 
 
 def _agreement(codes: dict, runs: dict) -> dict:

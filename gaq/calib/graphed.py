@@ -59,8 +59,9 @@ class GraphedIteration:
         self.graph = self._capture(device)
 
     def _body(self) -> None:
-        i = self.it.clamp(max=self._betas.numel() - 1)
-        beta, on = self._betas[i], self._reg_on[i]
+        # index_select, not ``table[i]``: indexing with a 0-dim tensor reads its value on the host
+        i = self.it.clamp(max=self._betas.numel() - 1).reshape(1)
+        beta, on = self._betas.index_select(0, i).squeeze(0), self._reg_on.index_select(0, i).squeeze(0)
         rec, reg = self._loss_terms(self.index, beta, on)
         loss = rec + self.reg_weight * on * reg
         torch.autograd.backward(loss, inputs=self.params)
@@ -126,6 +127,9 @@ class GraphedMetaStep:
 
     def __init__(self, hypergradient: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]], index: Tensor,
                  device: torch.device):
+        # the graph reads every tensor the function closes over (e.g. the validation indices) at
+        # the addresses they had during capture: hold the function, and so keep them alive
+        self._hypergradient = hypergradient
         self.index = index.to(device).clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -143,4 +147,4 @@ class GraphedMetaStep:
         return self.grad_s, self.parts
 
     def release(self) -> None:
-        self.graph = None
+        self.graph = self._hypergradient = None

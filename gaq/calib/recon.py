@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -43,8 +43,10 @@ class ReconConfig:
             (at the end of the Lightning step that reaches a multiple; 0: none).
         iters_per_step: iterations (or meta steps) per Lightning step: Lightning's per-step work
             (hooks, progress bar, checkpoint test) is paid once per this many iterations.
-        cuda_graph: on a CUDA device with the cache on it, capture one iteration's forward and
-            backward as a CUDA graph and replay it (:mod:`gaq.calib.graphed`); else eager.
+        cuda_graph: ``auto``: on a CUDA device with the cache on it, capture one iteration's forward
+            and backward (and one GAC meta step's hypergradient) as CUDA graphs and replay them
+            (:mod:`gaq.calib.graphed`), falling back to eager where a capture fails; ``on``: the
+            same, but a failed capture is an error; ``off``: always eager.
         seed: data-order seed.
         cache_batch: batch size used to capture unit inputs and targets.
         cache_placement: ``auto`` (device if it fits in half of the free memory), ``device`` or ``host``.
@@ -61,7 +63,7 @@ class ReconConfig:
     warmup: float = 0.2
     ckpt_every: int = 1000
     iters_per_step: int = 10
-    cuda_graph: bool = True
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     cache_batch: int = 256
     cache_placement: Placement = "auto"
@@ -75,6 +77,8 @@ class ReconConfig:
         check(self.lr > 0, f"recon.lr must be > 0, got {self.lr}")
         check(self.iters_per_step >= 1, f"recon.iters_per_step must be >= 1, got {self.iters_per_step}")
         check(self.ckpt_every >= 0, f"recon.ckpt_every must be >= 0, got {self.ckpt_every}")
+        check(self.cuda_graph in ("auto", "on", "off"),
+              f"recon.cuda_graph must be 'auto', 'on' or 'off', got {self.cuda_graph!r}")
 
 
 def beta_at(it: int, cfg: ReconConfig) -> float | None:
@@ -163,13 +167,24 @@ class MetaPhase:
 WeightFn = Callable[[Tensor], Tensor]
 
 
-def _capture_or_false(unit_name: str, what: str, capture: Callable[[], Any]) -> Any:
-    """``capture()``, or False (run eagerly) when this unit's code cannot be captured as a CUDA graph."""
+_CAPTURE_FAILED: list[str] = []  # a failed capture can leave the allocator's graph pools unusable
+
+
+def _capture_or_false(unit_name: str, what: str, strict: bool, capture: Callable[[], Any]) -> Any:
+    """``capture()``, or False (run eagerly) when this unit's code cannot be captured as a CUDA graph
+    (``strict``: raise instead). After one failure every later unit of the process runs eagerly too.
+    """
+    if _CAPTURE_FAILED:
+        return False
     try:
         return capture()
     except RuntimeError as err:  # e.g. an operation that synchronises with the host inside the unit
-        log.warning("unit %s: the %s could not be captured as a CUDA graph (%s); running it eagerly",
-                    unit_name, what, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        if strict:
+            raise
+        _CAPTURE_FAILED.append(unit_name)
+        first = err.__context__ or err  # the error inside the capture, not the one that ended it
+        log.warning("unit %s: the %s could not be captured as a CUDA graph (%s: %s); this and every later unit "
+                    "runs eagerly", unit_name, what, type(first).__name__, str(first).splitlines()[0] if str(first) else "")
         return False
 
 
@@ -338,20 +353,22 @@ class UnitReconstruction(pl.LightningModule):
         """The CUDA graph of one iteration (captured on first use), or None where the eager path runs."""
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        if not self.recon.cuda_graph:
+        if self.recon.cuda_graph == "off":
             return None
         if self._graph is None:
             from gaq.calib.graphed import GraphedIteration, graph_unavailable_reason
             reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
             if reason is not None:
+                check(self.recon.cuda_graph != "on", f"recon.cuda_graph is 'on' but {reason}; set it to 'auto' or 'off'")
                 log.info("unit %s runs eagerly: %s", self.unit_name, reason)
                 self._graph = False
                 return None
             betas = [beta_at(i, self.recon) for i in range(self.recon.iters)]
-            self._graph = _capture_or_false(self.unit_name, "iteration", lambda: GraphedIteration(
-                self.loss_terms, self.recon.reg_weight, self._rounding,
-                torch.tensor([b if b is not None else self.recon.beta_start for b in betas]),
-                torch.tensor([float(b is not None) for b in betas]), batch, self.device))
+            self._graph = _capture_or_false(
+                self.unit_name, "iteration", self.recon.cuda_graph == "on", lambda: GraphedIteration(
+                    self.loss_terms, self.recon.reg_weight, self._rounding,
+                    torch.tensor([b if b is not None else self.recon.beta_start for b in betas]),
+                    torch.tensor([float(b is not None) for b in betas]), batch, self.device))
             if self._graph:
                 self._first_bad = self._graph.first_bad
         return self._graph or None
@@ -395,7 +412,7 @@ class UnitReconstruction(pl.LightningModule):
 
     def _meta_graph(self, index: Tensor):
         """The CUDA graph of one meta step's hypergradient (captured on first use), or None (eager)."""
-        if not self.recon.cuda_graph:
+        if self.recon.cuda_graph == "off":
             return None
         if self._meta_graph_state is None:
             from functools import partial
@@ -404,6 +421,7 @@ class UnitReconstruction(pl.LightningModule):
             from gaq.calib.graphed import GraphedMetaStep, graph_unavailable_reason
             reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
             if reason is not None:
+                check(self.recon.cuda_graph != "on", f"recon.cuda_graph is 'on' but {reason}; set it to 'auto' or 'off'")
                 log.info("unit %s: meta steps run eagerly: %s", self.unit_name, reason)
                 self._meta_graph_state = False
                 return None
@@ -411,8 +429,8 @@ class UnitReconstruction(pl.LightningModule):
             hyper = partial(meta_hypergradient_parts, self.meta.weights, unit=self.unit, theta=self._rounding,
                             per_sample_loss=self._meta_loss, val_batches=val, cfg=self.meta.cfg)
             self._meta_graph_state = _capture_or_false(
-                self.unit_name, "meta step", lambda: GraphedMetaStep(lambda idx: hyper(idx, train_batch=idx), index,
-                                                                     self.device))
+                self.unit_name, "meta step", self.recon.cuda_graph == "on",
+                lambda: GraphedMetaStep(lambda idx: hyper(idx, train_batch=idx), index, self.device))
         return self._meta_graph_state or None
 
     def _meta_loss(self, fmodel: Callable[..., Any], index: Tensor) -> Tensor:
