@@ -208,3 +208,32 @@ def test_the_unit_stays_in_eval_mode_during_fit(setup, tmp_path):
     finally:
         UnitReconstruction.training_step = original
     assert seen and not any(seen)
+
+
+def test_learned_activation_steps_lower_each_units_error_and_resume(setup, tmp_path):
+    """Q-Diffusion's activation phase: with act_learn_step the step sizes are tuned per unit after
+    the weights, on the block-output loss; the phase is checkpointed per unit like the weights.
+    At 4-bit activations their error dominates, so tuning the steps must show."""
+    den, calib = setup
+    quant = QuantConfig(w_bits=8, a_bits=4, act_learn_step=True)
+    summary = run_calibration(_job(den, calib, tmp_path, iters=8, quant=quant, act_iters=30, act_lr=1e-3))
+    acts = summary["activation_step_units"]
+    assert len(acts) >= 5 and all(a["resumed_from"] == "scratch" for a in acts)
+    assert sum(a["error_after"] < a["error_before"] for a in acts) >= 0.8 * len(acts), acts
+    assert sum(a["error_after"] for a in acts) < sum(a["error_before"] for a in acts)
+    assert len(list((tmp_path / "act" / "units").glob("*.safetensors"))) == len(acts)
+    q = load_quantized(tmp_path / "quantized", den.model)
+    x, t = calib.x[:4], calib.t[:4]
+    cond = {k: v[:4] for k, v in calib.cond.items()}
+    before = predict_noise(q, x, t, cond)
+    # a rerun loads both phases from their unit checkpoints and saves the same model
+    again = run_calibration(_job(den, calib, tmp_path, iters=8, quant=quant, act_iters=30, act_lr=1e-3))
+    assert {a["resumed_from"] for a in again["activation_step_units"]} == {"unit-checkpoint"}
+    q2 = load_quantized(tmp_path / "quantized", den.model)
+    assert torch.equal(before, predict_noise(q2, x, t, cond))
+
+
+def test_no_activation_phase_without_learnable_steps(setup, tmp_path):
+    den, calib = setup
+    summary = run_calibration(_job(den, calib, tmp_path, iters=4, act_iters=30))
+    assert summary["activation_step_units"] == [] and not (tmp_path / "act").exists()

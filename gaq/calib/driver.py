@@ -20,14 +20,15 @@ from torch import Tensor, nn
 from gaq.calib.cache import build_unit_cache
 from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, save_unit_state,
                                    unit_file)
-from gaq.calib.recon import ReconConfig, UnitReconstruction, per_sample_error
+from gaq.calib.recon import ReconConfig, UnitReconstruction, act_phase_config, per_sample_error
 from gaq.calib.units import Unit, find_units, fp_counterpart
 from gaq.data.datamodule import to_device
 from gaq.models.denoiser import index_cond, predict_noise
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
-from gaq.quant import (calibrate_activations, quantize, rounding_parameters, save_quantized, set_adaround_soft,
-                       set_quant_state, set_step_index, stored_weight_bytes)
+from gaq.quant import (act_step_parameters, calibrate_activations, quantize, rounding_parameters, save_quantized,
+                       set_adaround_soft, set_quant_state, set_step_index, stored_weight_bytes)
+from gaq.quant.quantizer import ActQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,17 @@ def run_calibration(job: CalibrationJob) -> dict:
             reports.append(report)
             log.info("unit %d/%d %s done in %.1f s", k + 1, len(units), unit.name, report.seconds)
     set_quant_state(qmodel, weight=True, act=False)
-    act_seconds = 0.0
+    act_seconds, act_reports = 0.0, []
     if job.quant.a_bits < 32:
         t0 = time.time()
         set_quant_state(qmodel, weight=True, act=True)
         calibrate_activations(qmodel, (to_device(b, device) for b in calibration_batches(calib, job.recon.cache_batch)))
         act_seconds = time.time() - t0
+        act_cfg = act_phase_config(job.recon)
+        if job.method != "rtn" and act_cfg.iters > 0 and act_step_parameters(qmodel):
+            for k, unit in enumerate(units):
+                if act_step_parameters(unit.module):
+                    act_reports.append(_learn_act_steps(job, act_cfg, k, unit, qmodel, fp_model, calib, set_step))
     set_quant_state(qmodel, weight=True, act=job.quant.a_bits < 32)
 
     summary = {
@@ -168,6 +174,7 @@ def run_calibration(job: CalibrationJob) -> dict:
         "preset": job.quant.preset, "w_bits": job.quant.w_bits, "a_bits": job.quant.a_bits,
         "method": job.method, "units": [asdict(r) for r in reports], "num_units": len(units),
         "calibration_seconds": time.time() - t_start, "activation_calibration_seconds": act_seconds,
+        "activation_step_units": [asdict(r) for r in act_reports],
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "device": device_name(device), "world_size": _world_size(), "git_commit": git_commit(),
         "calibration_set": {"tuples": len(calib), "train": int(len(dm.train_indices)), "val": int(len(dm.val_indices))},
@@ -214,21 +221,69 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
         set_step=set_step)
     if hooks is not None:
         hooks.prepare_unit(module, k, unit, cache)
-    unit_dir = Path(job.run_dir) / "lightning" / f"{k:03d}"
-    last = unit_dir / "last.ckpt"
-    if last.exists():
-        report.resumed_from = "lightning-checkpoint"
-    trainer = job.make_trainer(unit_dir, unit.name)
-    t0 = time.time()
-    trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
-    report.fit_seconds = time.time() - t0
-    module.to(device)  # Lightning's teardown moves the module (and so the unit inside qmodel) to the CPU
+    _fit(job, module, Path(job.run_dir) / "lightning" / f"{k:03d}", unit.name, report)
     _set_soft(unit, False)
     report.error_after = unit_error(unit, cache, val_index, set_step, job.recon.cache_batch)
     if hooks is not None:
         report.extra.update(hooks.finish_unit(module, k, unit, cache))
     for p in rounding:
         p.requires_grad_(False)
+
+
+def _fit(job: CalibrationJob, module: UnitReconstruction, unit_dir: Path, name: str, report: UnitReport) -> None:
+    """One unit's ``Trainer.fit``, resumed from ``unit_dir/last.ckpt`` when it exists."""
+    last = unit_dir / "last.ckpt"
+    if last.exists():
+        report.resumed_from = "lightning-checkpoint"
+    trainer = job.make_trainer(unit_dir, name)
+    t0 = time.time()
+    trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    report.fit_seconds = time.time() - t0
+    module.to(job.device)  # Lightning's teardown moves the module (and so the unit inside qmodel) to the CPU
+
+
+def _learnable_act_quantizers(unit: Unit) -> list[tuple[str, nn.Module]]:
+    """``(name, quantizer)`` of the activation quantizers in ``unit`` whose step sizes are learned."""
+    return [(n, m) for n, m in unit.module.named_modules() if isinstance(m, ActQuantizer) and m.learn_step]
+
+
+def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, qmodel: nn.Module,
+                     fp_model: nn.Module, calib, set_step) -> UnitReport:
+    """Q-Diffusion's activation phase for one unit: tune its learnable activation step sizes on the
+    block-output loss, with weights (hard rounding) and activations quantized and the inputs taken
+    from the model quantized so far. Checkpointed under ``<run>/act/`` like the weight phase."""
+    report = UnitReport(k, unit.name, unit.kind, len(unit.layers))
+    t0 = time.time()
+    quantizers = _learnable_act_quantizers(unit)
+    path = unit_file(Path(job.run_dir) / "act", k, unit.name)
+    if path.exists():
+        load_unit_state(path, quantizers)
+        report.resumed_from = "unit-checkpoint"
+    else:
+        dm, device = job.datamodule, job.device
+        t1 = time.time()
+        cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
+                                 calibration_batches(calib, cfg.cache_batch), device, cfg.cache_placement)
+        report.cache_seconds = time.time() - t1
+        steps = act_step_parameters(unit.module)
+        qmodel.requires_grad_(False)
+        for p in steps:
+            p.requires_grad_(True)
+        val_index = torch.as_tensor(dm.val_indices)
+        report.error_before = unit_error(unit, cache, val_index, set_step, cfg.cache_batch)
+        module = UnitReconstruction(cfg).bind(
+            unit.name, unit.module, unit, steps, lambda beta: torch.zeros((), device=device), cache,
+            torch.as_tensor(dm.train_indices), set_step=set_step)
+        _fit(job, module, Path(job.run_dir) / "lightning" / f"act-{k:03d}", unit.name, report)
+        report.error_after = unit_error(unit, cache, val_index, set_step, cfg.cache_batch)
+        for p in steps:
+            p.requires_grad_(False)
+        if _global_rank() == 0:
+            save_unit_state(path, quantizers)
+    _barrier()
+    report.seconds = time.time() - t0
+    log.info("unit %d %s: activation step sizes learned in %.1f s", k, unit.name, report.seconds)
+    return report
 
 
 def _set_soft(unit: Unit, soft: bool) -> None:

@@ -13,7 +13,7 @@ single-process gradient of the same global batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
@@ -52,6 +52,12 @@ class ReconConfig:
         cache_placement: ``auto`` (device if it fits in half of the free memory), ``device`` or ``host``.
         time_unit: reconstruct the time-embedding path jointly (TFMQ-DM); else layer by layer.
         log_every: log losses every this many iterations.
+        act_iters: iterations per unit of the activation step-size phase, which runs where the
+            preset learns activation step sizes (``act_learn_step``, Q-Diffusion): after every unit's
+            weights are reconstructed and the activation ranges calibrated, each unit's step sizes are
+            tuned on the same block-output loss with weights and activations quantized. None: a
+            quarter of ``iters`` (Q-Diffusion's 5,000 against 20,000) *(ours)*; 0: no such phase.
+        act_lr: Adam learning rate on the activation step sizes (BRECQ's 4e-5 for LSQ step sizes).
     """
 
     iters: int = 20000
@@ -69,6 +75,8 @@ class ReconConfig:
     cache_placement: Placement = "auto"
     time_unit: bool = True
     log_every: int = 50
+    act_iters: int | None = None
+    act_lr: float = 4e-5
 
     def __post_init__(self):
         check(self.iters >= 0, f"recon.iters must be >= 0, got {self.iters}")
@@ -77,8 +85,16 @@ class ReconConfig:
         check(self.lr > 0, f"recon.lr must be > 0, got {self.lr}")
         check(self.iters_per_step >= 1, f"recon.iters_per_step must be >= 1, got {self.iters_per_step}")
         check(self.ckpt_every >= 0, f"recon.ckpt_every must be >= 0, got {self.ckpt_every}")
+        check(self.act_iters is None or self.act_iters >= 0, f"recon.act_iters must be >= 0, got {self.act_iters}")
+        check(self.act_lr > 0, f"recon.act_lr must be > 0, got {self.act_lr}")
         check(self.cuda_graph in ("auto", "on", "off"),
               f"recon.cuda_graph must be 'auto', 'on' or 'off', got {self.cuda_graph!r}")
+
+
+def act_phase_config(cfg: ReconConfig) -> ReconConfig:
+    """The settings of the activation step-size phase: ``act_iters`` iterations at ``act_lr``."""
+    iters = cfg.iters // 4 if cfg.act_iters is None else cfg.act_iters
+    return replace(cfg, iters=iters, lr=cfg.act_lr)
 
 
 def beta_at(it: int, cfg: ReconConfig) -> float | None:

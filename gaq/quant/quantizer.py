@@ -225,6 +225,8 @@ class ActQuantizer(nn.Module):
             raise GaqError(f"activation quantizer {self.name or '<unnamed>'} is not calibrated: "
                            "run gaq.quant.calibrate_activations before enabling activation quantization")
         scale, zp = self._grid(x)
+        if self.learn_step:  # a learned step must stay a valid step
+            scale = scale.clamp_min(MIN_SCALE)
         scale, zp = scale.to(x.dtype), zp.to(x.dtype)
         q = torch.clamp(round_ste(x / scale) + zp, self.qmin, self.qmax)
         return (q - zp) * scale
