@@ -23,7 +23,7 @@ and step, and Lightning keeps counting optimizer steps.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -72,19 +72,11 @@ class GraphedIteration:
         self.first_bad.copy_(torch.where(bad, self.it, self.first_bad))
 
     def _capture(self, device: torch.device) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_ITERS):   # gradients only: no optimizer step, so no state changes
-                for p in self.params:
-                    p.grad = None
-                self._body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        for p in self.params:  # the captured backward allocates the gradients from the graph's pool
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body()
+        def drop_grads() -> None:  # the captured backward then allocates the gradients from the graph's pool
+            for p in self.params:
+                p.grad = None
+
+        graph, _ = capture_graph(self._body, device, before_each=drop_grads)  # warm-up: gradients only
         self.first_bad.fill_(-1)
         return graph
 
@@ -99,6 +91,25 @@ class GraphedIteration:
         for p in self.params:
             p.grad = None
         self.graph = None
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device,
+                  before_each: Callable[[], None] = lambda: None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture ``fn()`` as a CUDA graph after :data:`WARMUP_ITERS` eager runs on a side stream (which
+    let cuDNN and cuBLAS choose and allocate); returns the graph and the outputs of the captured call
+    (overwritten by every replay). ``before_each`` runs before each warm-up run and before capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_ITERS):
+            before_each()
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    before_each()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def graph_unavailable_reason(device: torch.device, cache_device: torch.device, precision: str) -> str | None:
@@ -131,15 +142,8 @@ class GraphedMetaStep:
         # the addresses they had during capture: hold the function, and so keep them alive
         self._hypergradient = hypergradient
         self.index = index.to(device).clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # the hypergradient changes no state: warming up is free
-            for _ in range(WARMUP_ITERS):
-                hypergradient(self.index)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.grad_s, self.parts = hypergradient(self.index)
+        # the hypergradient changes no state, so the warm-up runs are free
+        self.graph, (self.grad_s, self.parts) = capture_graph(lambda: hypergradient(self.index), device)
 
     def run(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self.index.copy_(index, non_blocking=True)
