@@ -173,3 +173,40 @@ def test_bad_model_combinations(class_den):
                        null_label=None, fingerprint="x")
     with pytest.raises(GaqError, match="null class"):
         generate_calibration_set(no_null, small_cfg(), progress=False)
+
+
+@pytest.mark.parametrize("offset, alpha_to_one", [(0, True), (1, False)])
+def test_ddim_matches_diffusers_ddim_scheduler(offset, alpha_to_one):
+    """gaq's DDIM loop equals diffusers' DDIMScheduler, including CompVis' LDM conventions
+    (timesteps shifted by one, the last step going to alphas_cumprod[0] instead of 1)."""
+    from diffusers import DDIMScheduler
+
+    model = make_tiny_unet().eval()
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
+                          beta_end=0.0195, clip_sample=False, set_alpha_to_one=alpha_to_one, steps_offset=offset,
+                          timestep_spacing="leading")
+    sched.set_timesteps(10)
+    noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2, 3])
+    cfg = SamplerConfig(steps=10, spacing="uniform", clip_sample=False, steps_offset=offset,
+                        set_alpha_to_one=alpha_to_one)
+    assert cfg.timesteps(1000).tolist() == sched.timesteps.tolist()
+    ours = ddim_sample(model, sched.alphas_cumprod, noise, cfg, cond={"class_labels": labels})
+    x = noise
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = model(x, t.expand(3), class_labels=labels).sample
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def test_steps_offset_past_the_schedule_is_refused():
+    with pytest.raises(GaqError, match="steps_offset"):
+        SamplerConfig(steps=10, spacing="linspace", steps_offset=1).timesteps(1000)
+
+
+def test_calibration_timesteps_follow_the_offset(class_den):
+    cs = generate_calibration_set(class_den, small_cfg(spacing="uniform", steps_offset=1, set_alpha_to_one=False),
+                                  progress=False)
+    assert cs.timesteps.tolist() == [901, 601, 301, 1]  # kept steps 0, 3, 6, 9 of 1, 101, ..., 901 descending
+    assert set(cs.t.tolist()) == {901, 601, 301, 1}

@@ -37,7 +37,7 @@ from torch import Tensor
 import gaq
 from gaq.atomic import atomic_write
 from gaq.errors import GaqError, check
-from gaq.eval.sampling import SamplerConfig, Spacing, ddim_sample, sampling_timesteps
+from gaq.eval.sampling import SamplerConfig, Spacing, ddim_sample
 from gaq.models.loading import Denoiser
 
 CondPairing = Literal["cond_uncond", "cond_only"]
@@ -59,6 +59,8 @@ class CalibSetConfig:
         spacing: timestep spacing, as in :class:`gaq.eval.sampling.SamplerConfig`.
         clip_sample: clip the predicted x0 to [-1, 1] while sampling (the original DDIM / Q-Diffusion
             CIFAR-10 code does not clip; match what your evaluation sampler does).
+        steps_offset / set_alpha_to_one: as in :class:`gaq.eval.sampling.SamplerConfig` (CompVis'
+            LDM sampler: 1 / False).
         interval: keep sampling steps ``0, interval, 2*interval, ...`` (``range(0, steps, interval)``).
         samples_per_step: trajectories sampled; each kept step holds this many tuples per CFG half.
         guidance_scale: classifier-free guidance scale; 1 = no guidance (one model call per step).
@@ -75,6 +77,8 @@ class CalibSetConfig:
     eta: float = 0.0
     spacing: Spacing = "quadratic"
     clip_sample: bool = True
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
     interval: int = 5
     samples_per_step: int = 256
     guidance_scale: float = 1.0
@@ -119,7 +123,8 @@ class CalibSetConfig:
 
     def sampler_config(self) -> SamplerConfig:
         return SamplerConfig(steps=self.steps, eta=self.eta, spacing=self.spacing,
-                             guidance_scale=self.guidance_scale, clip_sample=self.clip_sample)
+                             guidance_scale=self.guidance_scale, clip_sample=self.clip_sample,
+                             steps_offset=self.steps_offset, set_alpha_to_one=self.set_alpha_to_one)
 
 
 @dataclass
@@ -357,7 +362,7 @@ def generate_calibration_set(den: Denoiser, cfg: CalibSetConfig, device: torch.d
     store_dtype = _DTYPES[cfg.dtype]
     n, S = cfg.samples_per_step, cfg.num_kept_steps
     kept = cfg.kept_steps
-    timesteps_all = sampling_timesteps(len(den.alphas_cumprod), cfg.steps, cfg.spacing)
+    timesteps_all = cfg.sampler_config().timesteps(len(den.alphas_cumprod))
     halves = 2 if (cfg.guided and cfg.cond_pairing == "cond_uncond") else 1
 
     gen = torch.Generator().manual_seed(cfg.seed)

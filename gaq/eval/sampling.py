@@ -36,6 +36,10 @@ class SamplerConfig:
             ``linspace`` (rounded linspace over [0, T-1]), ``trailing`` (diffusers' trailing).
         guidance_scale: classifier-free guidance scale; 1 means no guidance (one model call a step).
         clip_sample: clip the predicted x0 to [-1, 1].
+        steps_offset: added to every timestep of the spacing (diffusers' ``steps_offset``; CompVis'
+            LDM DDIM sampler: 1, i.e. 1, 6, ..., 996 at 200 steps).
+        set_alpha_to_one: the last step goes to ``alpha = 1`` (the original DDIM code, Q-Diffusion);
+            False: to ``alphas_cumprod[0]`` (CompVis' LDM sampler; diffusers' ``set_alpha_to_one``).
         precision: the model call's arithmetic: ``fp32`` (as is, the default), ``tf32`` (CUDA matmuls
             and convolutions in TF32) or ``bf16`` (autocast); the DDIM update stays float64 either way.
         channels_last: run the model in channels-last memory format (its 4-D weights are converted in
@@ -53,6 +57,8 @@ class SamplerConfig:
     spacing: Spacing = "uniform"
     guidance_scale: float = 1.0
     clip_sample: bool = True
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
     precision: Precision = "fp32"
     channels_last: bool = False
     cuda_graph: bool = False
@@ -62,14 +68,19 @@ class SamplerConfig:
         check(self.precision in PRECISIONS,
               f"sampler.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
+    def timesteps(self, num_train_timesteps: int) -> Tensor:
+        """The descending timesteps this sampler calls the model at (spacing plus ``steps_offset``)."""
+        return sampling_timesteps(num_train_timesteps, self.steps, self.spacing, self.steps_offset)
+
     def eager(self) -> "SamplerConfig":
         """The same sampler with every speed option off (fp32, eager, default memory format)."""
         return replace(self, precision="fp32", channels_last=False, cuda_graph=False, compile=False)
 
 
-def sampling_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing) -> Tensor:
-    """The descending timestep sequence of a DDIM run (long tensor of length ``steps``)."""
+def sampling_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing, offset: int = 0) -> Tensor:
+    """The descending timestep sequence of a DDIM run (long tensor of length ``steps``), each shifted by ``offset``."""
     check(1 <= steps <= num_train_timesteps, f"sampler steps must be in [1, {num_train_timesteps}], got {steps}")
+    check(offset >= 0, f"sampler steps_offset must be >= 0, got {offset}")
     T = num_train_timesteps
     if spacing == "uniform":
         seq = np.arange(0, T, T // steps)[:steps]
@@ -81,6 +92,9 @@ def sampling_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing) -
         seq = np.round(np.arange(T, 0, -T / steps)).astype(np.int64)[::-1] - 1
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}")
+    seq = seq + offset
+    check(int(seq.max()) < T, f"sampler steps_offset {offset} puts timestep {int(seq.max())} past the schedule's "
+          f"{T} steps: lower steps_offset")
     return torch.from_numpy(np.ascontiguousarray(seq[::-1])).long()
 
 
@@ -125,7 +139,8 @@ def ddim_sample(
     runner.begin()
     device = noise.device
     acp = alphas_cumprod.to(device=device, dtype=torch.float64)
-    timesteps = sampling_timesteps(len(acp), cfg.steps, cfg.spacing)
+    timesteps = cfg.timesteps(len(acp))
+    a_end = torch.ones((), dtype=acp.dtype, device=device) if cfg.set_alpha_to_one else acp[0]
     x = noise
     try:
         for i, t in enumerate(timesteps.tolist()):
@@ -139,7 +154,7 @@ def ddim_sample(
                 eps_c, eps_u = eps.chunk(2)
                 eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
             a_t = acp[t]
-            a_prev = acp[t_prev] if t_prev >= 0 else torch.ones((), dtype=acp.dtype, device=device)
+            a_prev = acp[t_prev] if t_prev >= 0 else a_end
             x64, eps64 = x.double(), eps.double()
             x0 = (x64 - (1 - a_t).sqrt() * eps64) / a_t.sqrt()
             if cfg.clip_sample:

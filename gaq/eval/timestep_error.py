@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gaq.errors import check
-from gaq.eval.sampling import SamplerConfig, ddim_sample, sampling_timesteps
+from gaq.eval.sampling import SamplerConfig, ddim_sample
 from gaq.models.denoiser import predict_noise
 from gaq.models.loading import Denoiser
 
@@ -69,7 +69,7 @@ def timestep_error(fp_model: nn.Module, q_model: nn.Module, den: Denoiser, sampl
     sampler = sampler.eager()  # the error of the models, not of the runtime: both run plainly in fp32
     device = module_device(fp_model)
     dtype = next(iter(fp_model.parameters())).dtype
-    timesteps = sampling_timesteps(len(den.alphas_cumprod), sampler.steps, sampler.spacing)
+    timesteps = sampler.timesteps(len(den.alphas_cumprod))
     n_steps = len(timesteps)
     sq_err = torch.zeros(n_steps, dtype=torch.float64)
     fp_power = torch.zeros(n_steps, dtype=torch.float64)
