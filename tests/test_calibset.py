@@ -210,3 +210,11 @@ def test_calibration_timesteps_follow_the_offset(class_den):
                                   progress=False)
     assert cs.timesteps.tolist() == [901, 601, 301, 1]  # kept steps 0, 3, 6, 9 of 1, 101, ..., 901 descending
     assert set(cs.t.tolist()) == {901, 601, 301, 1}
+
+
+def test_fixed_classes_are_cycled_over_the_trajectories(class_den):
+    cs = generate_calibration_set(class_den, small_cfg(classes=[3, 7], guidance_scale=1.0), progress=False)
+    labels = cs.cond["class_labels"].reshape(len(cs.kept_steps), -1)
+    assert labels[0].tolist() == [3, 7, 3, 7, 3, 7] and (labels == labels[0]).all()
+    with pytest.raises(GaqError, match="calib.classes holds class 99"):
+        generate_calibration_set(class_den, small_cfg(classes=[99]), progress=False)

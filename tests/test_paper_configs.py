@@ -200,7 +200,8 @@ def test_imagenet_ldm4_config_runs_end_to_end_with_class_embeddings(tmp_path):
     table = torch.randn(11, 16)  # the ClassEmbedder's table: 10 classes + the null class
     save_file({"cond": table[:10, None].contiguous(), "uncond": table[10:]}, str(tmp_path / "classes.safetensors"))
     summary = _calibrate("configs/paper/imagenet_ldm4_w4a8.yaml", tmp_path / "cin", tmp_path, "--data.calib.steps", "2",
-                         "--data.calib.cond_embeddings", str(tmp_path / "classes.safetensors"))
+                         "--data.calib.cond_embeddings", str(tmp_path / "classes.safetensors"),
+                         "--data.calib.classes", "[0, 3, 9]")  # the config's 32 classes need 1,000 rows
     assert dict(Counter(u["kind"] for u in summary["units"])) == {"time": 1, "resnet": 22, "attention": 16, "sampler": 3}
 
 

@@ -69,6 +69,9 @@ class CalibSetConfig:
         seed: seeds the starting noise, the class labels / prompt choice and the eta noise.
         batch_size: trajectories sampled at once (the model sees twice this under guidance).
         dtype: storage dtype of ``x_t`` and of float conditions (sampling runs in the model's dtype).
+        classes: the class ids (class models) or prompt rows (text models) of the trajectories,
+            cycled: trajectory ``i`` gets ``classes[i % len(classes)]``; None draws them uniformly
+            from the seed. TFMQ-DM's ImageNet protocol: the 32 classes 0, 32, ..., 992.
         cond_embeddings: safetensors file of prompt embeddings for ``text`` models (``cond``:
             ``(P, L, D)``, optional ``uncond``: ``(L, D)`` or ``(1, L, D)``); required for them.
     """
@@ -86,6 +89,7 @@ class CalibSetConfig:
     seed: int = 0
     batch_size: int = 256
     dtype: StorageDtype = "float32"
+    classes: list[int] | None = None
     cond_embeddings: str | None = None
 
     def __post_init__(self):
@@ -106,6 +110,8 @@ class CalibSetConfig:
         check(self.cond_pairing in ("cond_uncond", "cond_only"),
               f"calib.cond_pairing must be cond_uncond or cond_only, got {self.cond_pairing!r}")
         check(self.dtype in _DTYPES, f"calib.dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        check(self.classes is None or (len(self.classes) > 0 and min(self.classes) >= 0),
+              f"calib.classes must be a non-empty list of class ids >= 0 (or null), got {self.classes}")
 
     @property
     def kept_steps(self) -> Tensor:
@@ -319,7 +325,7 @@ def _conditions(den: Denoiser, cfg: CalibSetConfig, n: int, gen: torch.Generator
         check(den.num_classes is not None and den.num_classes >= 1,
               "the class-conditional model has no num_classes; set it on the Denoiser")
         check(cfg.cond_embeddings is None, "calib.cond_embeddings is for text models; remove it for a class model")
-        labels = torch.randint(den.num_classes, (n,), generator=gen)
+        labels = _pick(cfg, den.num_classes, n, gen, "class")
         null = None
         if den.null_label is not None:
             null = {"class_labels": torch.tensor([den.null_label], dtype=torch.long)}
@@ -330,9 +336,18 @@ def _conditions(den: Denoiser, cfg: CalibSetConfig, n: int, gen: torch.Generator
         emb, uncond = _load_embeddings(cfg, den)
         check(not cfg.guided or uncond is not None,
               f"calib.guidance_scale != 1 needs an 'uncond' tensor in {cfg.cond_embeddings}: add it or set guidance_scale: 1")
-        pick = torch.randint(emb.shape[0], (n,), generator=gen)
+        pick = _pick(cfg, emb.shape[0], n, gen, "prompt")
         return {"encoder_hidden_states": emb[pick]}, (None if uncond is None else {"encoder_hidden_states": uncond})
     raise GaqError(f"unknown cond_kind {den.cond_kind!r} on the Denoiser; use none, class or text")
+
+
+def _pick(cfg: CalibSetConfig, count: int, n: int, gen: torch.Generator, what: str) -> Tensor:
+    """Class ids / prompt rows of ``n`` trajectories: ``cfg.classes`` cycled, or uniform draws from ``gen``."""
+    if cfg.classes is None:
+        return torch.randint(count, (n,), generator=gen)
+    check(max(cfg.classes) < count, f"calib.classes holds {what} {max(cfg.classes)} but the model has {count}: "
+          f"use ids below {count}")
+    return torch.tensor(cfg.classes, dtype=torch.long).repeat(-(-n // len(cfg.classes)))[:n]
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
