@@ -152,6 +152,21 @@ def test_gac_learns_weights_and_writes_diagnostics(setup, tmp_path):
     assert len(list((tmp_path / "gac").glob("*-s.safetensors"))) == len(stats)
 
 
+def test_gac_with_a_validation_subsample_per_step_is_deterministic(setup, tmp_path):
+    """gac.val_per_group draws a few validation tuples per group and step, the same on every run;
+    the weights move differently from the full-validation run but stay finite and positive."""
+    den, calib = setup
+    ratios = []
+    for run, per_group in (("a", 2), ("b", 2), ("full", None)):
+        dm = _dm(den, calib)
+        hooks = GACHooks(GACConfig(meta_iters=4, meta_batch=8, meta_lr=0.5, val_per_group=per_group), dm,
+                         tmp_path / run, DiagnosticsConfig(enabled=False))
+        summary = run_calibration(_job(den, calib, tmp_path / run, method="gac", iters=2, hooks=hooks))
+        ratios.append([u["max_min_ratio"] for u in summary["gac"]["units"].values()])
+    assert ratios[0] == ratios[1] and ratios[0] != ratios[2]
+    assert all(math.isfinite(r) and r > 1.0 for r in ratios[0])
+
+
 def test_nan_loss_names_unit_and_iteration_and_keeps_finished_units(setup, tmp_path):
     den, calib = setup
     bad = calib.subset(torch.arange(len(calib)))

@@ -88,6 +88,9 @@ class GACConfig:
             the number of groups G (paper: 5) is the DataModule's ``split.num_groups``, and ``L_GM2``
             needs G >= 2 unless ``gm_coef`` is 0.
         adaptive_contiguous: adaptive groups are contiguous runs of kept steps *(ours)*.
+        val_per_group: validation tuples per timestep group in each meta step, drawn afresh every step
+            (a stochastic estimate of the group losses, cheaper by about the same factor); None: all
+            of the group's validation tuples, as the paper *(ours)*.
         interleave_every: 0 runs all meta steps before the unit's reconstruction (paper); k > 0 runs
             one meta step every k reconstruction iterations, at most ``meta_iters`` in all *(ours)*.
         backend: ``auto``, ``higher`` or ``functional`` (see the module docstring).
@@ -108,6 +111,7 @@ class GACConfig:
     grouping: Literal["contiguous", "adaptive"] = "contiguous"
     adaptive_contiguous: bool = True
     interleave_every: int = 0
+    val_per_group: int | None = None
     backend: Backend = "auto"
 
     def __post_init__(self) -> None:
@@ -123,6 +127,8 @@ class GACConfig:
         check(self.grouping in ("contiguous", "adaptive"),
               f"gac.grouping must be 'contiguous' or 'adaptive', got {self.grouping!r}")
         check(self.interleave_every >= 0, f"gac.interleave_every must be >= 0, got {self.interleave_every}")
+        check(self.val_per_group is None or self.val_per_group >= 1,
+              f"gac.val_per_group must be >= 1 or null (all), got {self.val_per_group}")
         check(self.backend in ("auto", "higher", "functional"),
               f"gac.backend must be 'auto', 'higher' or 'functional', got {self.backend!r}")
 

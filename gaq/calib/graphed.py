@@ -127,26 +127,30 @@ class GraphedMetaStep:
     """One GAC meta step's hypergradient (three levels of autograd) captured as a CUDA graph.
 
     Args:
-        hypergradient: ``index -> (grad_s, parts)``, :func:`gaq.calib.gac.meta_hypergradient_parts`
-            bound to the unit, its validation batches (on the device) and the settings.
-        index: the first meta batch's global sample indices (the shape every replay has).
+        hypergradient: ``(train_index, val_indices) -> (grad_s, parts)``:
+            :func:`gaq.calib.gac.meta_hypergradient_parts` bound to the unit and the settings, taking
+            the meta batch and one index tensor per validation group (all on the device).
+        index / val: the first meta step's indices (the shapes every replay has).
         device: the CUDA device.
 
-    ``run(index)`` returns the same output tensors every time (overwritten by each replay): the
-    hypergradient ``grad_s`` and the outer loss's detached pieces.
+    ``run(index, val)`` copies the step's indices in and returns the same output tensors every time
+    (overwritten by each replay): the hypergradient ``grad_s`` and the outer loss's detached pieces.
     """
 
-    def __init__(self, hypergradient: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]], index: Tensor,
-                 device: torch.device):
-        # the graph reads every tensor the function closes over (e.g. the validation indices) at
-        # the addresses they had during capture: hold the function, and so keep them alive
+    def __init__(self, hypergradient: Callable[[Tensor, list[Tensor]], tuple[Tensor, dict[str, Tensor]]],
+                 index: Tensor, val: list[Tensor], device: torch.device):
+        # the graph reads every tensor the function closes over at the addresses they had during
+        # capture: hold the function, and so keep them alive
         self._hypergradient = hypergradient
         self.index = index.to(device).clone()
+        self.val = [v.to(device).clone() for v in val]
         # the hypergradient changes no state, so the warm-up runs are free
-        self.graph, (self.grad_s, self.parts) = capture_graph(lambda: hypergradient(self.index), device)
+        self.graph, (self.grad_s, self.parts) = capture_graph(lambda: hypergradient(self.index, self.val), device)
 
-    def run(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def run(self, index: Tensor, val: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.index.copy_(index, non_blocking=True)
+        for static, v in zip(self.val, val):
+            static.copy_(v, non_blocking=True)
         self.graph.replay()
         return self.grad_s, self.parts
 

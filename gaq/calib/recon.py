@@ -407,14 +407,15 @@ class UnitReconstruction(pl.LightningModule):
     def _meta_step(self, opt, m: int, rank: int, world: int) -> None:
         from gaq.calib.gac import check_meta_parts, meta_stats, meta_step
         index = self._meta_stream.rank_batch(m, rank, world)
-        graph = self._meta_graph(index)
+        val = self._val_batches(m)
+        graph = self._meta_graph(index, val)
         if graph is not None:
-            grad_s, parts = graph.run(index)
+            grad_s, parts = graph.run(index, val)
             check_meta_parts(grad_s, parts, self.unit_name, m)
             stats = meta_stats(parts)
         else:
             grad_s, stats = meta_step(
-                self.meta.weights, index, self.unit, self._rounding, self._meta_loss, index, self.meta.val_groups,
+                self.meta.weights, index, self.unit, self._rounding, self._meta_loss, index, val,
                 self.meta.cfg, unit_name=self.unit_name, step=m)
         if world > 1:  # autograd.grad bypasses DDP's hooks: average the hypergradient explicitly
             grad_s = self.trainer.strategy.reduce(grad_s.clone(), reduce_op="mean")
@@ -426,7 +427,16 @@ class UnitReconstruction(pl.LightningModule):
             self.log_dict({f"meta/{k}": v.clone() for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1},
                           on_step=True, batch_size=index.shape[0])
 
-    def _meta_graph(self, index: Tensor):
+    def _val_batches(self, m: int) -> list[Tensor]:
+        """Meta step ``m``'s validation tuples per group: all of them, or ``gac.val_per_group`` drawn
+        from each group as a pure function of (seed, m), identical on every DDP rank."""
+        k = self.meta.cfg.val_per_group
+        if k is None:
+            return self.meta.val_groups
+        g = torch.Generator().manual_seed(self.recon.seed * 1_000_003 + 7_919 * (m + 1))
+        return [v[torch.randperm(len(v), generator=g)[:k]] for v in self.meta.val_groups]
+
+    def _meta_graph(self, index: Tensor, val: list[Tensor]):
         """The CUDA graph of one meta step's hypergradient (captured on first use), or None (eager)."""
         if self.recon.cuda_graph == "off":
             return None
@@ -441,12 +451,12 @@ class UnitReconstruction(pl.LightningModule):
                 log.info("unit %s: meta steps run eagerly: %s", self.unit_name, reason)
                 self._meta_graph_state = False
                 return None
-            val = [v.to(self.device) for v in self.meta.val_groups]
             hyper = partial(meta_hypergradient_parts, self.meta.weights, unit=self.unit, theta=self._rounding,
-                            per_sample_loss=self._meta_loss, val_batches=val, cfg=self.meta.cfg)
+                            per_sample_loss=self._meta_loss, cfg=self.meta.cfg)
             self._meta_graph_state = _capture_or_false(
                 self.unit_name, "meta step", self.recon.cuda_graph == "on",
-                lambda: GraphedMetaStep(lambda idx: hyper(idx, train_batch=idx), index, self.device))
+                lambda: GraphedMetaStep(lambda idx, vb: hyper(idx, train_batch=idx, val_batches=vb), index, val,
+                                        self.device))
         return self._meta_graph_state or None
 
     def _meta_loss(self, fmodel: Callable[..., Any], index: Tensor) -> Tensor:
