@@ -369,25 +369,32 @@ class UnitReconstruction(pl.LightningModule):
         """The CUDA graph of one iteration (captured on first use), or None where the eager path runs."""
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        if self.recon.cuda_graph == "off":
-            return None
         if self._graph is None:
-            from gaq.calib.graphed import GraphedIteration, graph_unavailable_reason
-            reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
-            if reason is not None:
-                check(self.recon.cuda_graph != "on", f"recon.cuda_graph is 'on' but {reason}; set it to 'auto' or 'off'")
-                log.info("unit %s runs eagerly: %s", self.unit_name, reason)
-                self._graph = False
-                return None
-            betas = [beta_at(i, self.recon) for i in range(self.recon.iters)]
-            self._graph = _capture_or_false(
+            from gaq.calib.graphed import GraphedIteration
+            self._graph = self._may_capture("iteration") and _capture_or_false(
                 self.unit_name, "iteration", self.recon.cuda_graph == "on", lambda: GraphedIteration(
-                    self.loss_terms, self.recon.reg_weight, self._rounding,
-                    torch.tensor([b if b is not None else self.recon.beta_start for b in betas]),
-                    torch.tensor([float(b is not None) for b in betas]), batch, self.device))
+                    self.loss_terms, self.recon.reg_weight, self._rounding, *self._beta_tables(), batch, self.device))
             if self._graph:
                 self._first_bad = self._graph.first_bad
         return self._graph or None
+
+    def _beta_tables(self) -> tuple[Tensor, Tensor]:
+        """Per iteration: AdaRound's beta (``beta_start`` in the warm-up) and whether the regulariser is on."""
+        betas = [beta_at(i, self.recon) for i in range(self.recon.iters)]
+        return (torch.tensor([b if b is not None else self.recon.beta_start for b in betas]),
+                torch.tensor([float(b is not None) for b in betas]))
+
+    def _may_capture(self, what: str) -> bool:
+        """Whether ``what`` may run as a CUDA graph here (``recon.cuda_graph``, device, cache, precision)."""
+        if self.recon.cuda_graph == "off":
+            return False
+        from gaq.calib.graphed import graph_unavailable_reason
+        reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
+        if reason is None:
+            return True
+        check(self.recon.cuda_graph != "on", f"recon.cuda_graph is 'on' but {reason}; set it to 'auto' or 'off'")
+        log.info("unit %s: the %s runs eagerly: %s", self.unit_name, what, reason)
+        return False
 
     def _check_finite(self, first: int) -> None:
         """Raise if an iteration of this Lightning step had a non-finite loss (one host sync per step)."""
@@ -438,22 +445,14 @@ class UnitReconstruction(pl.LightningModule):
 
     def _meta_graph(self, index: Tensor, val: list[Tensor]):
         """The CUDA graph of one meta step's hypergradient (captured on first use), or None (eager)."""
-        if self.recon.cuda_graph == "off":
-            return None
         if self._meta_graph_state is None:
             from functools import partial
 
             from gaq.calib.gac import meta_hypergradient_parts
-            from gaq.calib.graphed import GraphedMetaStep, graph_unavailable_reason
-            reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
-            if reason is not None:
-                check(self.recon.cuda_graph != "on", f"recon.cuda_graph is 'on' but {reason}; set it to 'auto' or 'off'")
-                log.info("unit %s: meta steps run eagerly: %s", self.unit_name, reason)
-                self._meta_graph_state = False
-                return None
+            from gaq.calib.graphed import GraphedMetaStep
             hyper = partial(meta_hypergradient_parts, self.meta.weights, unit=self.unit, theta=self._rounding,
                             per_sample_loss=self._meta_loss, cfg=self.meta.cfg)
-            self._meta_graph_state = _capture_or_false(
+            self._meta_graph_state = self._may_capture("meta step") and _capture_or_false(
                 self.unit_name, "meta step", self.recon.cuda_graph == "on",
                 lambda: GraphedMetaStep(lambda idx, vb: hyper(idx, train_batch=idx, val_batches=vb), index, val,
                                         self.device))
