@@ -337,13 +337,13 @@ class UnitReconstruction(pl.LightningModule):
                         self._meta_step(opts[1], self.meta_done, rank, world)
                 self._recon_step(opts[0], it, self._recon_stream.rank_batch(it, rank, world), world)
                 self.iters_done = it + 1
-            self._check_finite(first)
+            self._check_finite()
         self.step_done += 1
         every = self.recon.ckpt_every
         self.checkpoint_due = every > 0 and (self.meta_done + self.iters_done) // every > work_before // every
 
     def _recon_step(self, opt, it: int, index: Tensor, world: int) -> None:
-        graph = self._iteration_graph(index.shape[0], world)
+        graph = self._iteration_graph(index.shape[0])
         if graph is not None:
             graph.run(index, it)
             if world > 1:  # the replayed backward bypasses DDP's hooks: average the gradients in place
@@ -365,7 +365,7 @@ class UnitReconstruction(pl.LightningModule):
             self.log_dict({"rec_loss": rec.detach().clone(), "round_reg": reg.detach().clone(), "beta": beta},
                           prog_bar=True, on_step=True, batch_size=index.shape[0])
 
-    def _iteration_graph(self, batch: int, world: int):
+    def _iteration_graph(self, batch: int):
         """The CUDA graph of one iteration (captured on first use), or None where the eager path runs."""
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -396,7 +396,7 @@ class UnitReconstruction(pl.LightningModule):
         log.info("unit %s: the %s runs eagerly: %s", self.unit_name, what, reason)
         return False
 
-    def _check_finite(self, first: int) -> None:
+    def _check_finite(self) -> None:
         """Raise if an iteration of this Lightning step had a non-finite loss (one host sync per step)."""
         if self._first_bad is None:
             return
