@@ -147,6 +147,9 @@ def test_gac_learns_weights_and_writes_diagnostics(setup, tmp_path):
     one = next(iter(stats.values()))
     assert one["max_min_ratio"] > 1.0 and 0.0 < one["normalized_entropy"] < 1.0
     assert math.isfinite(one["mean_conflict_before"]) and len(one["mean_weight_per_step"]) == 5
+    # the learned weights' own effect on the per-step gradients, at the same rounding as "after"
+    assert math.isfinite(one["mean_conflict_after_weighted"])
+    assert one["mean_conflict_after_weighted"] != one["mean_conflict_after"]
     pngs = list((tmp_path / "diagnostics").glob("*.png"))
     assert len(pngs) == 3 * len(stats)
     assert len(list((tmp_path / "gac").glob("*-s.safetensors"))) == len(stats)

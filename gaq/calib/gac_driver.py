@@ -75,9 +75,17 @@ class GACHooks:
         g = group_of_step[self._pos(val)]
         return [val[g == j] for j in range(int(group_of_step.max()) + 1)]
 
-    def _step_grads(self, module: UnitReconstruction) -> Tensor:
+    def _step_grads(self, module: UnitReconstruction, weighted: bool = False) -> Tensor:
+        """Per kept step, the gradient of the step's mean reconstruction error, or (``weighted``) of its
+        error weighted by the learned sample weights, as the reconstruction sees it."""
         batches = self._by_step(self.train_indices, self.diag.samples_per_step)
-        return per_step_gradients(module.unit, module._rounding, lambda f, b: module.unit_error(b, call=f), batches)
+        if weighted:
+            def loss(f, b):
+                return module.unit_error(b, call=f) * self.weights.weights(b).detach()
+        else:
+            def loss(f, b):
+                return module.unit_error(b, call=f)
+        return per_step_gradients(module.unit, module._rounding, loss, batches)
 
     # ---- driver hooks -------------------------------------------------------------------------
     def unit_loaded(self, k: int, unit: Unit) -> None:
@@ -127,6 +135,8 @@ class GACHooks:
             before = self._pending["conflict_before"]
             after = self._step_grads(module)
             cb, ca = gradient_conflict_matrix(before), gradient_conflict_matrix(after)
+            # the weights' own effect, at the same (reconstructed) rounding: "after" mixes it with the rounding's
+            cw = gradient_conflict_matrix(self._step_grads(module, weighted=True))
             g = torch.Generator().manual_seed(k)
             pick = self.train_indices[torch.randperm(len(self.train_indices), generator=g)[:self.diag.alignment_samples]]
             val = self._val_groups(torch.zeros(self.num_kept, dtype=torch.long))
@@ -138,7 +148,7 @@ class GACHooks:
             for _, layer in unit.layers:
                 set_adaround_soft(layer, False)
         out = {"mean_conflict_before": mean_conflict(cb), "mean_conflict_after": mean_conflict(ca),
-               "weight_vs_alignment": table}
+               "mean_conflict_after_weighted": mean_conflict(cw), "weight_vs_alignment": table}
         if is_zero:
             d = self.run_dir / "diagnostics"
             d.mkdir(parents=True, exist_ok=True)
