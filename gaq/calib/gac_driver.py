@@ -135,7 +135,9 @@ class GACHooks:
             before = self._pending["conflict_before"]
             after = self._step_grads(module)
             cb, ca = gradient_conflict_matrix(before), gradient_conflict_matrix(after)
-            # the weights' own effect, at the same (reconstructed) rounding: "after" mixes it with the rounding's
+            # the weights' own effect at the same (reconstructed) rounding ("after" mixes it with the rounding's).
+            # Cosines are blind to each step's overall scale, so this sees only reweighting *within* steps;
+            # the weights' shift between steps acts through the path the rounding takes, not here.
             cw = gradient_conflict_matrix(self._step_grads(module, weighted=True))
             g = torch.Generator().manual_seed(k)
             pick = self.train_indices[torch.randperm(len(self.train_indices), generator=g)[:self.diag.alignment_samples]]
