@@ -4,7 +4,8 @@ One ResBlock of the google/ddpm-cifar10-32 architecture (random weights, W4 AdaR
 random inputs and FP targets: times one reconstruction iteration (forward + backward at batch 32)
 and one meta step's hypergradient (:func:`gaq.calib.gac.meta_hypergradient_parts`: inner step,
 per-group validation losses, weight-gradients, final backward to ``s``) with the paper's validation
-split (5% of 5,120 tuples = 256, 5 groups) and with ``val_per_group`` subsamples. Eager, so on a GPU
+split (5% of 5,120 tuples = 256, 5 groups) and with ``val_per_group`` subsamples, for both forms of
+``gac.hypergradient`` (``nested`` autograd through the look-ahead, ``factored``). Eager, so on a GPU
 it measures launch-bound time; the ratio on a CPU follows the arithmetic.
 
     python bench/meta_cost.py --device cpu --out bench/results/meta_cost/cpu.json
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=5)
     ap.add_argument("--per_group", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hypergradient", nargs="+", default=["nested", "factored"], choices=["nested", "factored"])
     args = ap.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -88,13 +90,15 @@ def main() -> None:
         loss = per_sample_loss(block, batch).mean()
         torch.autograd.grad(loss, theta)
 
-    def meta(val_batches):
-        return lambda: meta_hypergradient_parts(weights, batch, block, theta, per_sample_loss, batch, val_batches, cfg)
+    def meta(val_batches, form):
+        c = replace(cfg, hypergradient=form)
+        return lambda: meta_hypergradient_parts(weights, batch, block, theta, per_sample_loss, batch, val_batches, c)
 
     rows = {"recon_iteration": _time(recon_iteration, args.repeats, sync)}
-    rows[f"meta_step_val_{args.val}"] = _time(meta(groups), args.repeats, sync)
-    for k in args.per_group:
-        rows[f"meta_step_val_per_group_{k}"] = _time(meta([g[:k] for g in groups]), args.repeats, sync)
+    for form in args.hypergradient:
+        rows[f"{form}_meta_step_val_{args.val}"] = _time(meta(groups, form), args.repeats, sync)
+        for k in args.per_group:
+            rows[f"{form}_meta_step_val_per_group_{k}"] = _time(meta([g[:k] for g in groups], form), args.repeats, sync)
     base = rows["recon_iteration"]
     result = {"device": device_name(device), "torch": torch.__version__, "git_commit": git_commit(),
               "command": "python bench/meta_cost.py " + " ".join(sys.argv[1:]), "block": args.block,

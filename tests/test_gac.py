@@ -307,3 +307,17 @@ def test_one_validation_group_needs_the_gradient_matching_term_off(resnet_proble
                             GACConfig(gm_coef=0.0, inner_lr=0.5))
     assert "alignment" not in stats and float(stats["outer"]) == float(stats["val_loss_group0"])
     assert float(grad.norm()) > 0
+
+
+@pytest.mark.parametrize("alignment, gm_coef", [("cosine", 1.0), ("dot", 1e4), ("cosine", 0.0)])
+def test_factored_hypergradient_equals_the_nested_one(resnet_problem, adaround_problem, alignment, gm_coef):
+    """gac.hypergradient: factored computes the nested autograd's gradient from J, u_g and H_g products."""
+    for p, inner_lr, extra in [(resnet_problem, 0.5, None), (adaround_problem, 50.0, adaround_problem["extra"])]:
+        kw = dict(inner_lr=inner_lr, alignment=alignment, gm_coef=gm_coef, backend="functional")
+        g_n, st_n = hypergrad(p, GACConfig(hypergradient="nested", **kw), extra)
+        g_f, st_f = hypergrad(p, GACConfig(hypergradient="factored", **kw), extra)
+        assert float(g_n.norm()) > 1e-8
+        torch.testing.assert_close(g_f, g_n, rtol=1e-9, atol=1e-13)
+        assert st_f.keys() == st_n.keys()
+        for k in st_n:
+            torch.testing.assert_close(st_f[k], st_n[k], rtol=1e-9, atol=1e-13, msg=k)

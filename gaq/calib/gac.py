@@ -94,6 +94,10 @@ class GACConfig:
         interleave_every: 0 runs all meta steps before the unit's reconstruction (paper); k > 0 runs
             one meta step every k reconstruction iterations, at most ``meta_iters`` in all *(ours)*.
         backend: ``auto``, ``higher`` or ``functional`` (see the module docstring).
+        hypergradient: ``nested`` differentiates through the look-ahead step (three levels of
+            autograd, with ``backend``; the paper's Algorithm 2 as written); ``factored`` computes the
+            same gradient from ``G_g = -(eta/B) J u_g`` and its derivative
+            ``(eta/B)^2 J H_g J^T`` (see :func:`_factored_grad_w`), without the third-order graph *(ours)*.
     """
 
     meta_iters: int = 1500
@@ -113,6 +117,7 @@ class GACConfig:
     interleave_every: int = 0
     val_per_group: int | None = None
     backend: Backend = "auto"
+    hypergradient: Literal["nested", "factored"] = "nested"
 
     def __post_init__(self) -> None:
         check(self.meta_iters >= 0, f"gac.meta_iters must be >= 0, got {self.meta_iters}")
@@ -129,6 +134,8 @@ class GACConfig:
         check(self.interleave_every >= 0, f"gac.interleave_every must be >= 0, got {self.interleave_every}")
         check(self.val_per_group is None or self.val_per_group >= 1,
               f"gac.val_per_group must be >= 1 or null (all), got {self.val_per_group}")
+        check(self.hypergradient in ("nested", "factored"),
+              f"gac.hypergradient must be 'nested' or 'factored', got {self.hypergradient!r}")
         check(self.backend in ("auto", "higher", "functional"),
               f"gac.backend must be 'auto', 'higher' or 'functional', got {self.backend!r}")
 
@@ -255,6 +262,82 @@ def _outer_parts(
     # 5. outer loss
     parts["outer"] = cfg.gm_coef * gm + cfg.val_coef * val.mean()
     return parts
+
+
+def _vjp_then_jvp(losses: Tensor, theta: Sequence[Tensor]) -> Callable[[Sequence[Tensor]], Tensor]:
+    """``z -> J z`` for the per-sample Jacobian ``J = d losses / d theta`` (``(B, P)``), by the double-VJP
+    trick: ``J^T v`` is linear in ``v``, so ``J z`` is the gradient of ``<J^T v, z>`` with respect to ``v``."""
+    v = torch.zeros_like(losses, requires_grad=True)
+    jt_v = torch.autograd.grad(losses, list(theta), grad_outputs=v, create_graph=True, allow_unused=True,
+                               materialize_grads=True)
+
+    def jvp(z: Sequence[Tensor]) -> Tensor:
+        dot = sum((a * b).sum() for a, b in zip(jt_v, z))
+        return torch.autograd.grad(dot, v, retain_graph=True)[0]
+
+    return jvp
+
+
+def _factored_grad_w(
+    unit: nn.Module,
+    theta: Sequence[Tensor],
+    per_sample_loss: PerSampleLoss,
+    train_batch: Any,
+    w: Tensor,
+    val_batches: Sequence[Any],
+    cfg: GACConfig,
+    extra_loss: ExtraLoss | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``d L_VAL / d w`` and the outer loss's pieces, without differentiating through the look-ahead step.
+
+    With ``theta* = theta - eta (sum_i w_i grad l_i(theta) / B + grad extra)``, ``J`` the per-sample
+    Jacobian of the training losses at ``theta``, ``u_g = grad L_g(theta*)`` and ``H_g`` its Hessian:
+
+    * ``G_g = dL_g/dw = -(eta/B) J u_g`` (exact: ``theta*`` is linear in ``w``);
+    * ``d/dw (c . G_g) = (eta/B)^2 J H_g J^T c`` for any ``c`` (``J`` does not depend on ``w``);
+
+    so ``dL_VAL/dw = gm_coef * sum_g (eta/B)^2 J H_g J^T c_g + val_coef * mean_g G_g`` with
+    ``c_g = d(-alignment)/dG_g``. Every product is one (double) backward pass: ``J z`` by
+    :func:`_vjp_then_jvp`, ``J^T c`` a VJP, ``H_g v`` a Hessian-vector product through group g's
+    validation losses. Equals the nested autograd of :func:`_outer_parts` (tested), at a fraction of
+    its cost: no third-order graph over the validation set.
+    """
+    w_ = w.detach()
+    k = cfg.inner_lr / w_.numel()
+    losses = per_sample_loss(unit, train_batch)
+    if losses.shape != w_.shape:
+        raise ValueError(f"per_sample_loss returned shape {tuple(losses.shape)} for weights of shape {tuple(w_.shape)}")
+    inner = (w_ * losses).sum() / w_.numel()
+    objective = inner if extra_loss is None else inner + extra_loss()
+    grads = torch.autograd.grad(objective, list(theta), retain_graph=True, allow_unused=True, materialize_grads=True)
+    theta_star = [(p.detach() - cfg.inner_lr * g).requires_grad_(True) for p, g in zip(theta, grads)]
+    fmodel = _functional_at(unit, theta, theta_star)
+    val, u = [], []
+    for vb in val_batches:  # u_g = grad L_g(theta*), kept differentiable for H_g v
+        L_g = per_sample_loss(fmodel, vb).mean()
+        u.append(torch.autograd.grad(L_g, theta_star, create_graph=True, allow_unused=True, materialize_grads=True))
+        val.append(L_g.detach())
+    val = torch.stack(val)
+    jvp = _vjp_then_jvp(losses, theta)
+    G = torch.stack([-k * jvp([x.detach() for x in u_g]) for u_g in u])  # (num_groups, B)
+    parts = {"inner": inner.detach(), "val": val}
+    grad_w = cfg.val_coef * G.mean(0)
+    if cfg.gm_coef > 0:
+        G_leaf = G.detach().requires_grad_(True)
+        alignment = _pairwise_alignment(G_leaf, cfg)
+        (c,) = torch.autograd.grad(-alignment, G_leaf)
+        for g, u_g in enumerate(u):
+            jt_c = torch.autograd.grad(losses, list(theta), grad_outputs=c[g], retain_graph=True, allow_unused=True,
+                                       materialize_grads=True)
+            h_v = torch.autograd.grad(u_g, theta_star, grad_outputs=jt_c, retain_graph=True, allow_unused=True,
+                                      materialize_grads=True)
+            grad_w = grad_w + cfg.gm_coef * k * k * jvp(h_v)
+        parts.update(alignment=alignment.detach(), weight_grad_norm=torch.linalg.vector_norm(G, dim=1).mean(),
+                     gm=-alignment.detach())
+    else:
+        parts["gm"] = val.new_zeros(())
+    parts["outer"] = cfg.gm_coef * parts["gm"] + cfg.val_coef * val.mean()
+    return grad_w, parts
 
 
 def _outer_parts_by_backend(
@@ -400,6 +483,16 @@ def meta_step(
     """
     s = weights.s.detach().clone().requires_grad_(True)
     w = weights.weights(index, s=s)
+    if cfg.hypergradient == "factored":
+        check(len(val_batches) >= 1, "GAC needs at least one validation batch per meta step; enlarge the validation split")
+        check(len(val_batches) >= 2 or cfg.gm_coef == 0,
+              "GAC's gradient-matching term needs validation batches of at least 2 timestep groups (or set gac.gm_coef: 0)")
+        with sdpa_kernel([SDPBackend.MATH]):
+            grad_w, parts = _factored_grad_w(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss)
+        _check_finite(parts, unit_name, step)
+        (grad_s,) = torch.autograd.grad(w, s, grad_outputs=grad_w)
+        check_hypergradient(grad_s, unit_name, step)
+        return grad_s, meta_stats(parts)
     outer, stats = meta_outer_loss(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg,
                                    extra_loss=extra_loss, unit_name=unit_name, step=step)
     (grad_s,) = torch.autograd.grad(outer, s)
@@ -430,8 +523,13 @@ def meta_hypergradient_parts(
     s = weights.s.detach().clone().requires_grad_(True)
     w = weights.weights(index, s=s, validate=False)
     with sdpa_kernel([SDPBackend.MATH]):
-        parts = _outer_parts(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, None, at=_functional_at)
-    (grad_s,) = torch.autograd.grad(parts["outer"], s)
+        if cfg.hypergradient == "factored":
+            grad_w, parts = _factored_grad_w(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, None)
+            (grad_s,) = torch.autograd.grad(w, s, grad_outputs=grad_w)
+        else:
+            parts = _outer_parts(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, None,
+                                 at=_functional_at)
+            (grad_s,) = torch.autograd.grad(parts["outer"], s)
     return grad_s, {k: v.detach() for k, v in parts.items()}
 
 
