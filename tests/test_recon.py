@@ -170,6 +170,20 @@ def test_gac_with_a_validation_subsample_per_step_is_deterministic(setup, tmp_pa
     assert all(math.isfinite(r) and r > 1.0 for r in ratios[0])
 
 
+def test_factored_hypergradient_runs_the_same_calibration(setup, tmp_path):
+    """gac.hypergradient: factored through the whole driver gives the nested run's weights (float32)."""
+    den, calib = setup
+    s = {}
+    for form in ("nested", "factored"):
+        dm = _dm(den, calib)
+        hooks = GACHooks(GACConfig(meta_iters=3, meta_batch=8, meta_lr=0.5, hypergradient=form), dm,
+                         tmp_path / form, DiagnosticsConfig(enabled=False))
+        run_calibration(_job(den, calib, tmp_path / form, method="gac", iters=2, hooks=hooks))
+        s[form] = hooks.weights.s.clone()
+    assert not torch.allclose(s["nested"], torch.full_like(s["nested"], 1 / 32))  # the weights moved
+    torch.testing.assert_close(s["factored"], s["nested"], rtol=1e-4, atol=1e-5)
+
+
 def test_nan_loss_names_unit_and_iteration_and_keeps_finished_units(setup, tmp_path):
     den, calib = setup
     bad = calib.subset(torch.arange(len(calib)))
