@@ -97,7 +97,8 @@ class GACConfig:
         hypergradient: ``nested`` differentiates through the look-ahead step (three levels of
             autograd, with ``backend``; the paper's Algorithm 2 as written); ``factored`` computes the
             same gradient from ``G_g = -(eta/B) J u_g`` and its derivative
-            ``(eta/B)^2 J H_g J^T`` (see :func:`_factored_grad_w`), without the third-order graph *(ours)*.
+            ``(eta/B)^2 J H_g J^T`` (see :func:`_factored_grad_w`), without the third-order graph, always
+            through ``torch.func.functional_call`` (``backend`` applies to ``nested``) *(ours)*.
     """
 
     meta_iters: int = 1500
