@@ -141,11 +141,16 @@ def test_bad_input_gets_one_clear_error_line(tmp_path, model_dir, override, mess
 
 
 def test_sample_grid_callback_runs_after_calibration(tmp_path, model_dir):
-    cfg = write_config(tmp_path, model_dir, method="rtn", **{"trainer.callbacks": [{
+    cfg = write_config(tmp_path, model_dir, method="uniform", iters=2, **{"trainer.callbacks": [{
         "class_path": "gaq.eval.callbacks.SampleGridCallback",
-        "init_args": {"per_class": 2, "sampling": {"batch_size": 20, "sampler": {"steps": 3}}}}]})
+        "init_args": {"per_class": 2, "every_n_units": 4, "sampling": {"batch_size": 20, "sampler": {"steps": 3}}}}]})
     gaq("calibrate", "--config", str(cfg), "--run_dir", str(tmp_path / "run"))
     grids = list((tmp_path / "run").rglob("samples_grid.png"))
     assert len(grids) == 1 and grids[0].stat().st_size > 0
+    # and one grid of the partly calibrated model every 4 units
+    import json
+    units = json.loads((tmp_path / "run" / "summary.json").read_text())["num_units"]
+    per_unit = sorted(p.name for p in (grids[0].parent / "units").glob("grid_unit_*.png"))
+    assert per_unit == [f"grid_unit_{k:03d}.png" for k in range(3, units, 4)] and per_unit
     import json
     assert "SampleGridCallback" in json.loads((tmp_path / "run" / "summary.json").read_text())["callbacks"]

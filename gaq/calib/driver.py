@@ -94,8 +94,8 @@ class CalibrationJob:
         device: where calibration runs.
         record: the run's configuration as plain data (written to ``run.json``, compared on resume).
         method_hooks: the GAC extension (``gaq.calib.gac_driver.GACHooks``) or None.
-        end_callbacks: ``trainer.callbacks`` with a ``calibration_end`` hook (sample grids, metrics),
-            run once on the finished quantized model.
+        end_callbacks: ``trainer.callbacks`` with an ``on_calibration_end`` hook (sample grids, metrics),
+            run once on the finished quantized model, and optionally ``on_unit_end`` (after each unit).
     """
 
     denoiser: Denoiser
@@ -151,6 +151,9 @@ def run_calibration(job: CalibrationJob) -> dict:
             for _, layer in unit.layers:
                 layer.set_quant_state(weight=True, act=False)
             _set_soft(unit, False)
+            if is_zero and job.end_callbacks:
+                from gaq.eval.callbacks import unit_end
+                unit_end(job.end_callbacks, qmodel, job.denoiser, run_dir, k)
             _barrier()
             report.seconds = time.time() - t0
             reports.append(report)

@@ -192,12 +192,17 @@ class SampleGridCallback(Callback):
         sampling: sampler and seed used by :meth:`on_calibration_end` (its ``num_samples`` is ignored:
             ``per_class`` times the rows are drawn).
         subdir: output subfolder of the run folder in :meth:`on_calibration_end`.
+        every_n_units: under ``gaq calibrate``, also a grid of the partly calibrated model (weights of
+            the finished units quantized, everything else FP) after every this many units, as
+            ``<subdir>/units/grid_unit_<k>.png``; 0: only at the end.
     """
 
     def __init__(self, per_class: int = 10, max_rows: int = 10, scale: int = 4, filename: str = "samples_grid.png",
-                 sampling: SamplingConfig = SamplingConfig(), subdir: str = CALIBRATION_EVAL_DIR):
+                 sampling: SamplingConfig = SamplingConfig(), subdir: str = CALIBRATION_EVAL_DIR, every_n_units: int = 0):
         check(per_class >= 1 and max_rows >= 1, "SampleGridCallback needs per_class >= 1 and max_rows >= 1")
+        check(every_n_units >= 0, f"SampleGridCallback.every_n_units must be >= 0, got {every_n_units}")
         self.per_class, self.max_rows, self.scale = per_class, max_rows, scale
+        self.every_n_units = every_n_units
         self.filename = filename
         self.sampling = copy.deepcopy(sampling)
         self.subdir = subdir
@@ -221,15 +226,16 @@ class SampleGridCallback(Callback):
             if row < rows and len(self._rows.setdefault(row, [])) < self.per_class:
                 self._rows[row].append(img)
 
-    def finish(self) -> Path | None:
-        """Write the grid (rows in class order, as wide as the longest row; shorter rows padded with white)."""
+    def finish(self, filename: str | None = None) -> Path | None:
+        """Write the grid (rows in class order, as wide as the longest row; shorter rows padded with white)
+        to ``filename`` (default :attr:`filename`) in the output folder."""
         if not self._rows or self._out is None:
             return None
         shape = next(iter(self._rows.values()))[0].shape
         blank = torch.full(shape, 1.0)
         width = max(len(row) for row in self._rows.values())
         cells = [img for r in sorted(self._rows) for img in (self._rows[r] + [blank] * (width - len(self._rows[r])))]
-        self.path = save_grid(torch.stack(cells), self._out / self.filename, nrow=width, scale=self.scale)
+        self.path = save_grid(torch.stack(cells), self._out / (filename or self.filename), nrow=width, scale=self.scale)
         return self.path
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -249,15 +255,33 @@ class SampleGridCallback(Callback):
 
     def on_calibration_end(self, qmodel: nn.Module, denoiser: Denoiser, run_dir: str | Path) -> dict[str, Any]:
         """Sample the grid from ``qmodel`` (where it is) and write ``<run_dir>/<subdir>/<filename>``."""
-        self.start(denoiser, Path(run_dir) / self.subdir)
+        path = self._sample_grid(qmodel, denoiser, Path(run_dir) / self.subdir, self.filename)
+        return {"grid": None if path is None else str(path)}
+
+    def on_unit_end(self, qmodel: nn.Module, denoiser: Denoiser, run_dir: str | Path, k: int) -> None:
+        """After unit ``k`` of a calibration: every ``every_n_units`` units, the grid of the model so far."""
+        if self.every_n_units and (k + 1) % self.every_n_units == 0:
+            self._sample_grid(qmodel, denoiser, Path(run_dir) / self.subdir / "units", f"grid_unit_{k:03d}.png")
+
+    def _sample_grid(self, qmodel: nn.Module, denoiser: Denoiser, out_dir: Path, filename: str) -> Path | None:
+        self.start(denoiser, out_dir)
         rows = self._num_rows(denoiser)
         cond_ids = torch.arange(rows).repeat_interleave(self.per_class) if denoiser.cond_kind == "class" else None
         sampling = SamplingConfig(rows * self.per_class, self.sampling.batch_size, self.sampling.seed,
                                   self.sampling.sampler, self.sampling.cond_embeddings)
         for index, cond_id, images in generate(qmodel.eval(), denoiser, sampling, cond_ids):
             self.add(images, cond_id, index)
-        path = self.finish()
-        return {"grid": None if path is None else str(path)}
+        return self.finish(filename)
+
+
+def unit_end(callbacks: Iterable[Any], qmodel: nn.Module, denoiser: Denoiser, run_dir: str | Path, k: int) -> None:
+    """Call ``on_unit_end(qmodel, denoiser, run_dir, k)`` on every callback that defines it: for the
+    calibration driver, after unit ``k`` is final, on rank 0 only."""
+    for cb in callbacks or []:
+        hook = getattr(cb, "on_unit_end", None)
+        if callable(hook):
+            with torch.no_grad():
+                hook(qmodel, denoiser, run_dir, k)
 
 
 def calibration_end(callbacks: Iterable[Any], qmodel: nn.Module, denoiser: Denoiser, run_dir: str | Path) -> dict[str, Any]:
