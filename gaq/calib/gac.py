@@ -223,6 +223,21 @@ def _pairwise_alignment(G: Tensor, cfg: GACConfig) -> Tensor:
     return gram[i, j].mean()
 
 
+def _train_losses(unit: nn.Module, per_sample_loss: PerSampleLoss, train_batch: Any, w: Tensor) -> Tensor:
+    """The per-sample losses of the meta batch at ``theta``, one per weight."""
+    losses = per_sample_loss(unit, train_batch)
+    if losses.shape != w.shape:
+        raise ValueError(f"per_sample_loss returned shape {tuple(losses.shape)} for weights of shape {tuple(w.shape)}")
+    return losses
+
+
+def _check_val_batches(val_batches: Sequence[Any], cfg: GACConfig) -> None:
+    """One validation batch per group, and at least two groups when the gradient-matching term is on."""
+    check(len(val_batches) >= 1, "GAC needs at least one validation batch per meta step; enlarge the validation split")
+    check(len(val_batches) >= 2 or cfg.gm_coef == 0,
+          "GAC's gradient-matching term needs validation batches of at least 2 timestep groups (or set gac.gm_coef: 0)")
+
+
 def _outer_parts(
     unit: nn.Module,
     theta: Sequence[Tensor],
@@ -236,9 +251,7 @@ def _outer_parts(
 ) -> dict[str, Tensor]:
     """Every differentiable piece of the outer loss, evaluated with the look-ahead builder ``at``."""
     # 1. inner step: theta* = theta - eta * grad_theta (sum_i w_i l_i / B + extra)
-    losses = per_sample_loss(unit, train_batch)
-    if losses.shape != w.shape:
-        raise ValueError(f"per_sample_loss returned shape {tuple(losses.shape)} for weights of shape {tuple(w.shape)}")
+    losses = _train_losses(unit, per_sample_loss, train_batch, w)
     inner = (w * losses).sum() / w.numel()
     objective = inner if extra_loss is None else inner + extra_loss()
     grads = torch.autograd.grad(objective, list(theta), create_graph=True, allow_unused=True, materialize_grads=True)
@@ -305,9 +318,7 @@ def _factored_grad_w(
     """
     w_ = w.detach()
     k = cfg.inner_lr / w_.numel()
-    losses = per_sample_loss(unit, train_batch)
-    if losses.shape != w_.shape:
-        raise ValueError(f"per_sample_loss returned shape {tuple(losses.shape)} for weights of shape {tuple(w_.shape)}")
+    losses = _train_losses(unit, per_sample_loss, train_batch, w_)
     inner = (w_ * losses).sum() / w_.numel()
     objective = inner if extra_loss is None else inner + extra_loss()
     grads = torch.autograd.grad(objective, list(theta), retain_graph=True, allow_unused=True, materialize_grads=True)
@@ -428,9 +439,7 @@ def meta_outer_loss(
         GaqError: a loss or the alignment is NaN or infinite (names ``unit_name`` and ``step``),
             or ``backend='higher'`` on a unit higher cannot patch.
     """
-    check(len(val_batches) >= 1, "GAC needs at least one validation batch per meta step; enlarge the validation split")
-    check(len(val_batches) >= 2 or cfg.gm_coef == 0,
-          "GAC's gradient-matching term needs validation batches of at least 2 timestep groups (or set gac.gm_coef: 0)")
+    _check_val_batches(val_batches, cfg)
     if not w.requires_grad:
         raise ValueError("w must be attached to the graph of the logits s (use LearnedSampleWeights.weights(index, s=s_leaf))")
     # The fused attention kernels (flash, memory-efficient, CPU flash) have no double backward; the
@@ -485,9 +494,7 @@ def meta_step(
     s = weights.s.detach().clone().requires_grad_(True)
     w = weights.weights(index, s=s)
     if cfg.hypergradient == "factored":
-        check(len(val_batches) >= 1, "GAC needs at least one validation batch per meta step; enlarge the validation split")
-        check(len(val_batches) >= 2 or cfg.gm_coef == 0,
-              "GAC's gradient-matching term needs validation batches of at least 2 timestep groups (or set gac.gm_coef: 0)")
+        _check_val_batches(val_batches, cfg)
         with sdpa_kernel([SDPBackend.MATH]):
             grad_w, parts = _factored_grad_w(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss)
         _check_finite(parts, unit_name, step)
