@@ -491,16 +491,15 @@ def meta_step(
     Raises:
         GaqError: non-finite losses or hypergradient (names ``unit_name`` and ``step``).
     """
-    s = weights.s.detach().clone().requires_grad_(True)
-    w = weights.weights(index, s=s)
     if cfg.hypergradient == "factored":
         _check_val_batches(val_batches, cfg)
-        with sdpa_kernel([SDPBackend.MATH]):
-            grad_w, parts = _factored_grad_w(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss)
-        _check_finite(parts, unit_name, step)
-        (grad_s,) = torch.autograd.grad(w, s, grad_outputs=grad_w)
-        check_hypergradient(grad_s, unit_name, step)
+        weights.slots(index)  # every index must be a training tuple (the check weights(index) makes below)
+        grad_s, parts = meta_hypergradient_parts(weights, index, unit, theta, per_sample_loss, train_batch,
+                                                 val_batches, cfg, extra_loss)
+        check_meta_parts(grad_s, parts, unit_name, step)
         return grad_s, meta_stats(parts)
+    s = weights.s.detach().clone().requires_grad_(True)
+    w = weights.weights(index, s=s)
     outer, stats = meta_outer_loss(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg,
                                    extra_loss=extra_loss, unit_name=unit_name, step=step)
     (grad_s,) = torch.autograd.grad(outer, s)
@@ -523,6 +522,7 @@ def meta_hypergradient_parts(
     train_batch: Any,
     val_batches: Sequence[Any],
     cfg: GACConfig,
+    extra_loss: ExtraLoss | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`meta_step`'s arithmetic with no host synchronisation, for capture in a CUDA graph:
     ``index`` and the batches must already be on the device; the functional backend runs (higher's
@@ -532,10 +532,11 @@ def meta_hypergradient_parts(
     w = weights.weights(index, s=s, validate=False)
     with sdpa_kernel([SDPBackend.MATH]):
         if cfg.hypergradient == "factored":
-            grad_w, parts = _factored_grad_w(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, None)
+            grad_w, parts = _factored_grad_w(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg,
+                                             extra_loss)
             (grad_s,) = torch.autograd.grad(w, s, grad_outputs=grad_w)
         else:
-            parts = _outer_parts(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, None,
+            parts = _outer_parts(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss,
                                  at=_functional_at)
             (grad_s,) = torch.autograd.grad(parts["outer"], s)
     return grad_s, {k: v.detach() for k, v in parts.items()}
