@@ -55,12 +55,16 @@ CONFIGS: dict[str, dict] = {
     "bf16+cl+graph": {"precision": "bf16", "channels_last": True, "cuda_graph": True},
     "bf16+cl+compile": {"precision": "bf16", "channels_last": True, "compile": True},
     "bf16+cl+compile+graph": {"precision": "bf16", "channels_last": True, "compile": True, "cuda_graph": True},
+    "bf16+compile+graph": {"precision": "bf16", "compile": True, "cuda_graph": True},
+    "bf16+cl+compile(max-autotune)+graph": {"precision": "bf16", "channels_last": True, "compile": True,
+                                            "compile_mode": "max-autotune-no-cudagraphs", "cuda_graph": True},
 }
 BASELINE = "fp32"
 # at the first batch size, in this order (the baseline first: every other row is compared with it)
 FIRST_TIERS = [["fp32"], ["bf16+cl+graph"], ["fp32+graph"], ["bf16", "bf16+cl", "tf32", "fp32+cl", "tf32+cl+graph"]]
 LARGE_CONFIGS = ["bf16+cl+graph", "bf16+cl"]
-COMPILE_CONFIGS = ["bf16+cl+compile+graph", "bf16+cl+compile"]  # the second reuses the first's compiled code
+# the second reuses the first's compiled code; max-autotune (minutes of autotuning) only when named in --configs
+COMPILE_CONFIGS = ["bf16+cl+compile+graph", "bf16+cl+compile", "bf16+compile+graph"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--large_configs", nargs="+", default=LARGE_CONFIGS, choices=list(CONFIGS),
                     help="option sets at the larger batch sizes")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="compile rows: auto = FP model on CUDA only; on = also W4A8 and on the CPU")
+                    help="compile rows: auto = every model, on CUDA only; on = also on the CPU")
     ap.add_argument("--max_runs", type=int, default=2, help="timed runs per configuration")
     ap.add_argument("--long_run_s", type=float, default=3.0, help="stop after one timed run longer than this")
     ap.add_argument("--warmup_steps", type=int, default=2)
@@ -150,7 +154,7 @@ def main() -> None:
     if BASELINE in first_configs:  # the baseline runs first
         first_configs = [BASELINE] + [c for c in first_configs if c != BASELINE]
     compile_models = [] if args.compile == "off" else (
-        args.models if args.compile == "on" else (["fp"] if device.type == "cuda" and "fp" in args.models else []))
+        args.models if args.compile == "on" else (args.models if device.type == "cuda" else []))
 
     t_start = time.perf_counter()
     out_path = Path(args.out)

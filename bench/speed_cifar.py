@@ -63,6 +63,7 @@ class StepTimer(pl.Callback):
 
     def __init__(self):
         self.steps: dict[str, list[tuple[float, int, int]]] = {}  # unit -> [(seconds, meta steps, iterations)]
+        self.meta_graphed: dict[str, bool] = {}  # unit -> its GAC meta steps replayed a CUDA graph
 
     def on_train_batch_start(self, trainer, module, *args):
         _sync()
@@ -72,6 +73,8 @@ class StepTimer(pl.Callback):
         _sync()
         self.steps.setdefault(module.unit_name, []).append(
             (time.perf_counter() - self._t0, module.meta_done - self._work[0], module.iters_done - self._work[1]))
+        if module.meta_done > self._work[0]:
+            self.meta_graphed[module.unit_name] = bool(getattr(module, "_meta_graph_state", None))
 
 
 def steady_rates(steps: list[tuple[float, int, int]]) -> tuple[float, float]:
@@ -97,6 +100,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cuda_graph", default="auto", choices=["auto", "on"], help="of the graph variant")
     ap.add_argument("--devices", type=int, default=1, help="GPUs per run (DDP when > 1; the global batch stays 32)")
+    ap.add_argument("--gac_forms", nargs="+", default=["nested"],
+                    help="GAC runs: gac.hypergradient, optionally ':N' for gac.val_per_group N (e.g. factored:8)")
     args = ap.parse_args()
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set in the ranks Lightning's DDP launcher starts
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device(args.device)
@@ -117,63 +122,71 @@ def main() -> None:
                "params": sum(p.numel() for p in model.parameters()), "calibration_set": len(calib),
                "calibration_set_seconds": gen_s, "runs": {}}
     codes: dict[str, dict[str, torch.Tensor]] = {}
-    for method in args.methods:
-        for variant in args.variants:
-            key = f"{method}-{variant}"
-            timer = StepTimer()
-            dm = CalibrationDataModule("cifar-arch", ccfg, SplitConfig()).attach(denoiser=den, calib_set=calib)
-            dm.setup("fit")
-            run_dir = Path(f"/tmp/gaq_speed_{key}")
-            if rank == 0:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            graph = variant == "graph"
-            k = (args.iters_per_step if method == "uniform" else 10) if graph else 1
-            recon = ReconConfig(iters=args.iters, batch_size=32, ckpt_every=0, cache_batch=256, iters_per_step=k,
-                                cuda_graph=args.cuda_graph if graph else "off")
-            hooks = (GACHooks(GACConfig(meta_iters=args.meta_iters), dm, run_dir, DiagnosticsConfig(enabled=False))
-                     if method == "gac" else None)
+    runs = [(m, v, f) for m in args.methods for v in args.variants
+            for f in (args.gac_forms if m == "gac" else [None])]
+    for method, variant, form in runs:
+        key = f"{method}-{variant}" + (f"-{form.replace(':', '-vpg')}" if form and form != "nested" else "")
+        timer = StepTimer()
+        dm = CalibrationDataModule("cifar-arch", ccfg, SplitConfig()).attach(denoiser=den, calib_set=calib)
+        dm.setup("fit")
+        run_dir = Path(f"/tmp/gaq_speed_{key}")
+        if rank == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        graph = variant == "graph"
+        k = (args.iters_per_step if method == "uniform" else 10) if graph else 1
+        recon = ReconConfig(iters=args.iters, batch_size=32, ckpt_every=0, cache_batch=256, iters_per_step=k,
+                            cuda_graph=args.cuda_graph if graph else "off")
+        hooks = (GACHooks(gac_config(args.meta_iters, form), dm, run_dir, DiagnosticsConfig(enabled=False))
+                 if method == "gac" else None)
 
-            def make_trainer(unit_dir, name, _timer=timer):
-                return pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=args.devices,
-                                  strategy="ddp" if args.devices > 1 else "auto", max_epochs=1,
-                                  logger=False, enable_progress_bar=False, enable_model_summary=False,
-                                  use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
-                                  enable_checkpointing=False, callbacks=[_timer])
+        def make_trainer(unit_dir, name, _timer=timer):
+            return pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=args.devices,
+                              strategy="ddp" if args.devices > 1 else "auto", max_epochs=1,
+                              logger=False, enable_progress_bar=False, enable_model_summary=False,
+                              use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+                              enable_checkpointing=False, callbacks=[_timer])
 
-            job = CalibrationJob(den, dm, QuantConfig(w_bits=4, a_bits=8), method, recon, run_dir, make_trainer, device,
-                                 {"bench": key, "t": time.time()}, hooks)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.time()
-            summary = run_calibration(job)
-            wall = time.time() - t0
-            per_unit = []
-            for u in summary["units"]:
-                steps = timer.steps.get(u["name"], [])
-                per_meta, per_iter = steady_rates(steps)
-                metas, iters = sum(s[1] for s in steps), sum(s[2] for s in steps)
-                fixed = u["seconds"] - per_iter * iters - per_meta * metas
-                per_unit.append({
-                    "name": u["name"], "kind": u["kind"], "sec_per_iter": per_iter, "sec_per_meta_step": per_meta,
-                    "fixed_seconds": fixed, "cache_seconds": u["cache_seconds"], "error_after": u["error_after"],
-                    "projected_seconds": fixed + per_iter * args.paper_iters
-                    + per_meta * (args.paper_meta_iters if metas else 0)})
-            setup_s = summary["calibration_seconds"] - sum(u["seconds"] for u in summary["units"]) \
-                - summary["activation_calibration_seconds"]
-            results["runs"][key] = {
-                "method": method, "variant": variant, "iters_per_step": k, "wall_seconds_measured_run": wall,
-                "units": per_unit, "num_units": len(per_unit), "setup_seconds": setup_s,
-                "activation_calibration_seconds": summary["activation_calibration_seconds"],
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
-                "projected_total_minutes": (sum(p["projected_seconds"] for p in per_unit) + setup_s
-                                            + summary["activation_calibration_seconds"] + gen_s) / 60,
-            }
-            codes[key] = load_file(str(run_dir / "quantized" / "quantized.safetensors"))
-            print(key, json.dumps({k: v for k, v in results["runs"][key].items() if k != "units"}), flush=True)
-            results["agreement"] = _agreement(codes, results["runs"])
-            results["devices"] = args.devices
-            if rank == 0:
-                _write(results, Path(args.out), args)  # after every run, so a cut-off bench keeps what finished
+        job = CalibrationJob(den, dm, QuantConfig(w_bits=4, a_bits=8), method, recon, run_dir, make_trainer, device,
+                             {"bench": key, "t": time.time()}, hooks)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        summary = run_calibration(job)
+        wall = time.time() - t0
+        per_unit = []
+        for u in summary["units"]:
+            steps = timer.steps.get(u["name"], [])
+            per_meta, per_iter = steady_rates(steps)
+            metas, iters = sum(s[1] for s in steps), sum(s[2] for s in steps)
+            fixed = u["seconds"] - per_iter * iters - per_meta * metas
+            per_unit.append({
+                "name": u["name"], "kind": u["kind"], "sec_per_iter": per_iter, "sec_per_meta_step": per_meta,
+                "fixed_seconds": fixed, "meta_graphed": timer.meta_graphed.get(u["name"]), "cache_seconds": u["cache_seconds"], "error_after": u["error_after"],
+                "projected_seconds": fixed + per_iter * args.paper_iters
+                + per_meta * (args.paper_meta_iters if metas else 0)})
+        setup_s = summary["calibration_seconds"] - sum(u["seconds"] for u in summary["units"]) \
+            - summary["activation_calibration_seconds"]
+        results["runs"][key] = {
+            "method": method, "variant": variant, "gac_form": form, "iters_per_step": k, "wall_seconds_measured_run": wall,
+            "units": per_unit, "num_units": len(per_unit), "setup_seconds": setup_s,
+            "activation_calibration_seconds": summary["activation_calibration_seconds"],
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+            "projected_total_minutes": (sum(p["projected_seconds"] for p in per_unit) + setup_s
+                                        + summary["activation_calibration_seconds"] + gen_s) / 60,
+        }
+        codes[key] = load_file(str(run_dir / "quantized" / "quantized.safetensors"))
+        print(key, json.dumps({k: v for k, v in results["runs"][key].items() if k != "units"}), flush=True)
+        results["agreement"] = _agreement(codes, results["runs"])
+        results["devices"] = args.devices
+        if rank == 0:
+            _write(results, Path(args.out), args)  # after every run, so a cut-off bench keeps what finished
+
+
+def gac_config(meta_iters: int, form: str) -> GACConfig:
+    """The GAC settings of a ``--gac_forms`` entry: ``hypergradient[:val_per_group]``."""
+    hypergradient, _, per_group = form.partition(":")
+    return GACConfig(meta_iters=meta_iters, hypergradient=hypergradient,
+                     val_per_group=int(per_group) if per_group else None)
 
 
 def _agreement(codes: dict, runs: dict) -> dict:
@@ -212,8 +225,12 @@ def _write(results: dict, out: Path, args) -> None:
         per_kind = ", ".join(f"{k} {1e3 * _median(v):.2f}" for k, v in kinds.items())
         metas = [p["sec_per_meta_step"] for p in r["units"] if p["sec_per_meta_step"]]
         meta = f"{1e3 * _median(metas):.1f}" if metas else "-"
+        graphed = [p["meta_graphed"] for p in r["units"] if p.get("meta_graphed") is not None]
+        if graphed:
+            meta += f" ({sum(graphed)}/{len(graphed)} units graphed)"
         fixed = _median([p["fixed_seconds"] for p in r["units"]])
-        lines.append(f"| {r['method']} | {r['variant']} (K={r['iters_per_step']}) | {r['num_units']} | {per_kind} | "
+        form = f", {r['gac_form']}" if r.get("gac_form") else ""
+        lines.append(f"| {r['method']}{form} | {r['variant']} (K={r['iters_per_step']}) | {r['num_units']} | {per_kind} | "
                      f"{meta} | {fixed:.1f} | {r['projected_total_minutes']:.1f} min | {r['peak_memory_gib']:.1f} |")
     if results.get("agreement"):
         lines += ["", "Graph vs eager (same seed and data): "

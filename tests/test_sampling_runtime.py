@@ -5,7 +5,8 @@ channels-last on the FP model < 1e-4 (float reassociation only); bf16 autocast <
 has 8 significant bits; about 1e-2 per model call here). On a W4A8 model an activation that sits on
 a rounding boundary can flip one quantization step under a different kernel, so there the options
 must move the samples less than a quarter of what quantization itself moves them. CUDA graphs and
-torch.compile need the GPU: bench/sampling_throughput.py runs and checks them.
+torch.compile's generated kernels need the GPU: bench/sampling_throughput.py runs and checks them;
+here a test checks that Dynamo captures a quantized model whole.
 """
 from __future__ import annotations
 
@@ -146,6 +147,32 @@ def test_quantized_model_with_speed_options(ddpm_scheduler):
     for options in ({"channels_last": True}, {"precision": "bf16"}, {"precision": "bf16", "channels_last": True}):
         out = ddim_sample(copy.deepcopy(q), acp, noise, replace(cfg, **options), cond)
         assert _rel(out, ref) < 0.25 * quant_error, options
+
+
+def test_quantized_model_traces_as_one_graph_for_torch_compile(ddpm_scheduler):
+    """AdaRound's weight cache (keyed by data pointers) is bypassed under torch.compile, so Dynamo
+    captures the whole W4A8 model call without a graph break, and the compiled call (autograd
+    tracing, no code generation) gives what the eager one gives."""
+    fp = make_tiny_unet()
+    noise, cond, _ = _class_inputs()
+    batches = []
+    ddim_sample(fp, ddpm_scheduler.alphas_cumprod, noise, SamplerConfig(steps=3), cond,
+                on_step=lambda i, t, x, c: batches.append({"x": x.clone(), "t": t.clone(),
+                                                           "step": torch.full_like(t, i), "cond": dict(c)}))
+    q = quantize_rtn(fp, QuantConfig(w_bits=4, a_bits=8, preset="tfmq_compat"), batches).eval()
+    x, t = batches[1]["x"], batches[1]["t"]
+
+    def call(x, t):
+        return predict_noise(q, x, t, cond)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(call)(x, t)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        eager = call(x, t)
+        compiled = torch.compile(call, backend="aot_eager", fullgraph=True)(x, t)
+    torch._dynamo.reset()
+    assert _rel(compiled, eager) < 1e-5
 
 
 def test_cuda_graph_on_cpu_is_a_clear_error(ddpm_scheduler):

@@ -278,16 +278,21 @@ def _outer_parts(
     return parts
 
 
-def _vjp_then_jvp(losses: Tensor, theta: Sequence[Tensor]) -> Callable[[Sequence[Tensor]], Tensor]:
-    """``z -> J z`` for the per-sample Jacobian ``J = d losses / d theta`` (``(B, P)``), by the double-VJP
-    trick: ``J^T v`` is linear in ``v``, so ``J z`` is the gradient of ``<J^T v, z>`` with respect to ``v``."""
+def _vjp_then_jvp(losses: Tensor, theta: Sequence[Tensor]) -> Callable[[Sequence[Sequence[Tensor]]], Tensor]:
+    """``[z_1, ..., z_n] -> [J z_1, ..., J z_n]`` (``(n, B)``) for the per-sample Jacobian
+    ``J = d losses / d theta`` (``(B, P)``), by the double-VJP trick: ``J^T v`` is linear in ``v``, so
+    ``J z`` is the gradient of ``<J^T v, z>`` with respect to ``v``. Several directions share one
+    vmapped backward (``is_grads_batched``) instead of one backward each."""
     v = torch.zeros_like(losses, requires_grad=True)
     jt_v = torch.autograd.grad(losses, list(theta), grad_outputs=v, create_graph=True, allow_unused=True,
                                materialize_grads=True)
 
-    def jvp(z: Sequence[Tensor]) -> Tensor:
-        dot = sum((a * b).sum() for a, b in zip(jt_v, z))
-        return torch.autograd.grad(dot, v, retain_graph=True)[0]
+    def jvp(zs: Sequence[Sequence[Tensor]]) -> Tensor:
+        dots = torch.stack([sum((a * b).sum() for a, b in zip(jt_v, z)) for z in zs])
+        if len(zs) == 1:
+            return torch.autograd.grad(dots[0], v, retain_graph=True)[0].unsqueeze(0)
+        eye = torch.eye(len(zs), dtype=dots.dtype, device=dots.device)
+        return torch.autograd.grad(dots, v, grad_outputs=eye, is_grads_batched=True, retain_graph=True)[0]
 
     return jvp
 
@@ -310,7 +315,7 @@ def _factored_grad_w(
     * ``G_g = dL_g/dw = -(eta/B) J u_g`` (exact: ``theta*`` is linear in ``w``);
     * ``d/dw (c . G_g) = (eta/B)^2 J H_g J^T c`` for any ``c`` (``J`` does not depend on ``w``);
 
-    so ``dL_VAL/dw = gm_coef * sum_g (eta/B)^2 J H_g J^T c_g + val_coef * mean_g G_g`` with
+    so ``dL_VAL/dw = gm_coef * (eta/B)^2 J (sum_g H_g J^T c_g) + val_coef * mean_g G_g`` with
     ``c_g = d(-alignment)/dG_g``. Every product is one (double) backward pass: ``J z`` by
     :func:`_vjp_then_jvp`, ``J^T c`` a VJP, ``H_g v`` a Hessian-vector product through group g's
     validation losses. Equals the nested autograd of :func:`_outer_parts` (tested), at a fraction of
@@ -331,19 +336,21 @@ def _factored_grad_w(
         val.append(L_g.detach())
     val = torch.stack(val)
     jvp = _vjp_then_jvp(losses, theta)
-    G = torch.stack([-k * jvp([x.detach() for x in u_g]) for u_g in u])  # (num_groups, B)
+    G = -k * jvp([[x.detach() for x in u_g] for u_g in u])  # (num_groups, B)
     parts = {"inner": inner.detach(), "val": val}
     grad_w = cfg.val_coef * G.mean(0)
     if cfg.gm_coef > 0:
         G_leaf = G.detach().requires_grad_(True)
         alignment = _pairwise_alignment(G_leaf, cfg)
         (c,) = torch.autograd.grad(-alignment, G_leaf)
+        h_sum = None  # sum_g H_g J^T c_g: J is linear, so one J product serves every group
         for g, u_g in enumerate(u):
             jt_c = torch.autograd.grad(losses, list(theta), grad_outputs=c[g], retain_graph=True, allow_unused=True,
                                        materialize_grads=True)
             h_v = torch.autograd.grad(u_g, theta_star, grad_outputs=jt_c, retain_graph=True, allow_unused=True,
                                       materialize_grads=True)
-            grad_w = grad_w + cfg.gm_coef * k * k * jvp(h_v)
+            h_sum = list(h_v) if h_sum is None else [a + b for a, b in zip(h_sum, h_v)]
+        grad_w = grad_w + cfg.gm_coef * k * k * jvp([h_sum])[0]
         parts.update(alignment=alignment.detach(), weight_grad_norm=torch.linalg.vector_norm(G, dim=1).mean(),
                      gm=-alignment.detach())
     else:

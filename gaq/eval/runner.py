@@ -18,7 +18,9 @@ the speed options of :class:`~gaq.eval.sampling.SamplerConfig`:
   weights, computed in the warm-up before capture, are read from fixed addresses. Graphs are dropped
   and recaptured when a parameter or buffer of the model is replaced or changed in place; change
   Python-level switches (quantizers on/off, rounding mode) only before building a runner.
-- ``compile``: the call is wrapped in ``torch.compile`` (one compilation per input shape).
+- ``compile``: the call is wrapped in ``torch.compile`` (one compilation per input shape), with
+  ``compile_mode`` as its ``mode``. A fake-quantized model is captured whole: AdaRound's weight cache
+  is bypassed under compilation, so the compiled code recomputes (and fuses) the quantized weights.
 
 Every option off, the call is ``predict_noise(model, x, t, cond)`` and nothing else.
 """
@@ -35,6 +37,8 @@ from gaq.models.denoiser import predict_noise
 
 Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs")
 
 # fn(x, t, cond) -> eps: what a CUDA graph captures
 ModelCall = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
@@ -69,16 +73,16 @@ def _model_call(model: nn.Module, x: Tensor, t: Tensor, cond: Mapping[str, Tenso
     return eps
 
 
-_compiled_model_call: Callable | None = None
+_compiled_model_calls: dict[str, Callable] = {}
 
 
-def compiled_model_call() -> Callable:
-    """``torch.compile`` of :func:`_model_call`, made once per process, so that a runner built after
-    another one for the same model can reuse its compiled code instead of starting a new cache."""
-    global _compiled_model_call
-    if _compiled_model_call is None:
-        _compiled_model_call = torch.compile(_model_call, dynamic=False)
-    return _compiled_model_call
+def compiled_model_call(mode: str = "default") -> Callable:
+    """``torch.compile`` of :func:`_model_call` with ``mode``, made once per process and mode, so that a
+    runner built after another one for the same model can reuse its compiled code instead of starting
+    a new cache."""
+    if mode not in _compiled_model_calls:
+        _compiled_model_calls[mode] = torch.compile(_model_call, dynamic=False, mode=mode)
+    return _compiled_model_calls[mode]
 
 
 def _state_key(model: nn.Module) -> tuple:
@@ -145,11 +149,14 @@ class ModelRunner:
             until :meth:`release`).
         cuda_graph: capture and replay CUDA graphs (CUDA models only).
         compile: wrap the call in ``torch.compile``.
+        compile_mode: its ``mode`` (see :data:`COMPILE_MODES`).
     """
 
     def __init__(self, model: nn.Module, *, precision: Precision = "fp32", channels_last: bool = False,
-                 cuda_graph: bool = False, compile: bool = False):
+                 cuda_graph: bool = False, compile: bool = False, compile_mode: CompileMode = "default"):
         check(precision in PRECISIONS, f"sampler.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check(compile_mode in COMPILE_MODES,
+              f"sampler.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         first = next(iter(model.parameters()), None)
         first = first if first is not None else next(iter(model.buffers()), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -158,10 +165,10 @@ class ModelRunner:
               "set sampler.cuda_graph: false")
         self.model, self.device = model, device
         self.precision, self.channels_last = precision, channels_last
-        self.cuda_graph, self.compile = cuda_graph, compile
+        self.cuda_graph, self.compile, self.compile_mode = cuda_graph, compile, compile_mode
         if channels_last:
             _set_memory_format(model, torch.channels_last)  # a no-op for tensors already channels-last
-        self._model_call = compiled_model_call() if compile else _model_call
+        self._model_call = compiled_model_call(compile_mode) if compile else _model_call
         self._graphs: dict[tuple, CudaGraphCall] = {}
         self._graph_state: tuple | None = None
 
@@ -169,11 +176,11 @@ class ModelRunner:
     def for_sampler(cls, model: nn.Module, cfg) -> "ModelRunner":
         """The runner of ``model`` under a :class:`~gaq.eval.sampling.SamplerConfig`'s speed options."""
         return cls(model, precision=cfg.precision, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
-                   compile=cfg.compile)
+                   compile=cfg.compile, compile_mode=cfg.compile_mode)
 
     def options(self) -> dict:
         return {"precision": self.precision, "channels_last": self.channels_last, "cuda_graph": self.cuda_graph,
-                "compile": self.compile}
+                "compile": self.compile, "compile_mode": self.compile_mode}
 
     def _precision_context(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gaq.errors import check
-from gaq.eval.runner import PRECISIONS, ModelRunner, Precision
+from gaq.eval.runner import COMPILE_MODES, PRECISIONS, CompileMode, ModelRunner, Precision
 from gaq.models.denoiser import concat_cond
 
 Spacing = Literal["uniform", "quadratic", "linspace", "trailing"]
@@ -46,6 +46,9 @@ class SamplerConfig:
             place while sampling, and made contiguous again after).
         cuda_graph: capture one model call per batch shape as a CUDA graph and replay it every step (CUDA only).
         compile: wrap the model call in ``torch.compile``.
+        compile_mode: ``torch.compile``'s ``mode`` with ``compile`` (``default``,
+            ``max-autotune-no-cudagraphs``: also benchmarks Triton templates for the convolutions and
+            matmuls, minutes of compilation; CUDA graphs come from ``cuda_graph``, not from the mode).
         See :mod:`gaq.eval.runner` for what each speed option does; all off, the model is called plainly.
         ``cuda_graph`` and ``compile`` pay off with a runner kept across batches (``gaq evaluate`` and
         :func:`gaq.eval.evaluate.generate` keep one per job); :func:`ddim_sample` given a plain module
@@ -63,10 +66,13 @@ class SamplerConfig:
     channels_last: bool = False
     cuda_graph: bool = False
     compile: bool = False
+    compile_mode: CompileMode = "default"
 
     def __post_init__(self):
         check(self.precision in PRECISIONS,
               f"sampler.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check(self.compile_mode in COMPILE_MODES,
+              f"sampler.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
 
     def timesteps(self, num_train_timesteps: int) -> Tensor:
         """The descending timesteps this sampler calls the model at (spacing plus ``steps_offset``)."""

@@ -130,6 +130,8 @@ class AdaRoundQuantizer(nn.Module):
         is cached until ``weight``, ``alpha``, ``scale``, ``zero_point`` or the mode change, so
         sampling does not recompute every weight at every step.
         """
+        if torch.compiler.is_compiling():  # compiled code recomputes (and fuses) it: no cache lookups to trace
+            return self._fake_quant(weight)
         needs_graph = self.soft and self.mode == "learned" and torch.is_grad_enabled()
         cacheable = not needs_graph and not torch.is_inference_mode_enabled()
         key = None
@@ -138,13 +140,16 @@ class AdaRoundQuantizer(nn.Module):
                 (t.data_ptr(), t._version, t.device) for t in (weight, self.alpha, self.scale, self.zero_point))
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        s, z = self.expanded(weight.ndim)
-        q = torch.clamp(self.rounding(weight / s) + z, 0, self.qmax)
-        out = (q - z) * s
+        out = self._fake_quant(weight)
         if cacheable:  # no gradient reaches alpha here, so nothing is lost by detaching
             out = out.detach()
             self._cache = (key, out)
         return out
+
+    def _fake_quant(self, weight: Tensor) -> Tensor:
+        s, z = self.expanded(weight.ndim)
+        q = torch.clamp(self.rounding(weight / s) + z, 0, self.qmax)
+        return (q - z) * s
 
     @torch.no_grad()
     def integer_codes(self, weight: Tensor) -> Tensor:
