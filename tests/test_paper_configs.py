@@ -7,6 +7,7 @@ and the configs run end to end on the same architectures at scaled-down widths a
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -27,14 +28,12 @@ from gaq.quant.config import resolve_config
 from gaq.quant.export import load_quantized
 from gaq.quant.wrap import build_quantized, plan_quantization
 
-# google/ddpm-cifar10-32's unet/config.json (architecture keys)
-CIFAR10_DDPM = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    act_fn="silu", attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-    mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional", dropout=0.1,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from paper_archs import (CIFAR10_DDPM, CIN256_UNET, DIT_SCHEDULE, DIT_XL2, KL_F8, LDM4_UNET,  # noqa: E402
+                         LDM_SCHEDULE, VQ_F4)
+
+# The architectures (CIFAR10_DDPM, LDM4_UNET, VQ_F4, LDM_SCHEDULE, CIN256_UNET, DIT_XL2, KL_F8, DIT_SCHEDULE) live in
+# bench/paper_archs.py, shared with bench/speed_paper.py.
 
 
 def test_cifar10_paper_config_runs_end_to_end_on_the_exact_architecture(tmp_path):
@@ -63,51 +62,6 @@ def test_cifar10_paper_config_runs_end_to_end_on_the_exact_architecture(tmp_path
 # and reconstruction units; the end-to-end runs use the same block types, depth, patching and
 # conditioning at scaled-down widths and resolutions, with a tiny autoencoder of the same kind.
 # --------------------------------------------------------------------------------------------
-
-# CompVis' LDM-4 UNet of lsun_bedrooms-ldm-vq-4.yaml (= celebahq-ldm-vq-4.yaml: model_channels 224, channel_mult
-# 1,2,3,4, attention at downsampling factors 2,4,8, num_head_channels 32, 3x64x64 latents) in diffusers' UNet2DModel
-# terms, as CompVis/ldm-celebahq-256's unet/ holds it (diffusers' UNet2DModel defaults are this model's):
-# cos-first timestep embedding, stride-2 padding-1 downsampling, GroupNorm eps 1e-5.
-LDM4_UNET = dict(
-    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(224, 448, 672, 896),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=32, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_num_groups=32,
-    norm_eps=1e-5, act_fn="silu",
-)
-# The VQ-f4 first stage (embed_dim 3, n_embed 8192, ch 128, ch_mult 1,2,4): CompVis/ldm-celebahq-256's vqvae/config.json
-VQ_F4 = dict(
-    in_channels=3, out_channels=3, latent_channels=3, num_vq_embeddings=8192, block_out_channels=(128, 256, 512),
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2,
-    norm_num_groups=32, sample_size=256,
-)
-# LDM's "linear" betas (linear_start 0.0015, linear_end 0.0195) are diffusers' scaled_linear
-LDM_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
-                    clip_sample=False)
-# CompVis' cin256-v2.yaml (model_channels 192, channel_mult 1,2,3,5, num_heads 1, attention at factors 2,4,8,
-# SpatialTransformer depth 1 with context_dim 512, 3x64x64 latents) in diffusers' UNet2DConditionModel terms
-# (attention_head_dim is the head count there: one head per block).
-CIN256_UNET = dict(
-    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(192, 384, 576, 960),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=1, cross_attention_dim=512, transformer_layers_per_block=1, use_linear_projection=False,
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-)
-# facebook/DiT-XL-2-256 transformer/config.json (its defaults in diffusers' DiTTransformer2DModel are DiT-XL/2's;
-# 8 output channels: learned sigma)
-DIT_XL2 = dict(
-    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
-    patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_eps=1e-5, norm_elementwise_affine=False,
-    activation_fn="gelu-approximate", attention_bias=True,
-)
-# its vae/ (stabilityai/sd-vae-ft-ema, the KL-f8 autoencoder, scaling_factor 0.18215)
-KL_F8 = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-    norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
-)
-DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
 
 # The tiny runs: few samples, two kept steps, two reconstruction iterations per unit.
 TINY_RUN = ("--data.calib.samples_per_step", "4", "--data.calib.batch_size", "4", "--data.split.num_groups", "2",
