@@ -813,6 +813,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device, named with its index (set_device needs one)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     import diffusers
 
