@@ -281,18 +281,15 @@ def _outer_parts(
 def _vjp_then_jvp(losses: Tensor, theta: Sequence[Tensor]) -> Callable[[Sequence[Sequence[Tensor]]], Tensor]:
     """``[z_1, ..., z_n] -> [J z_1, ..., J z_n]`` (``(n, B)``) for the per-sample Jacobian
     ``J = d losses / d theta`` (``(B, P)``), by the double-VJP trick: ``J^T v`` is linear in ``v``, so
-    ``J z`` is the gradient of ``<J^T v, z>`` with respect to ``v``. Several directions share one
-    vmapped backward (``is_grads_batched``) instead of one backward each."""
+    ``J z`` is the gradient of ``<J^T v, z>`` with respect to ``v``. (One backward per direction: a
+    vmapped backward, ``is_grads_batched``, has no batching rule for some ops of real units.)"""
     v = torch.zeros_like(losses, requires_grad=True)
     jt_v = torch.autograd.grad(losses, list(theta), grad_outputs=v, create_graph=True, allow_unused=True,
                                materialize_grads=True)
 
     def jvp(zs: Sequence[Sequence[Tensor]]) -> Tensor:
-        dots = torch.stack([sum((a * b).sum() for a, b in zip(jt_v, z)) for z in zs])
-        if len(zs) == 1:
-            return torch.autograd.grad(dots[0], v, retain_graph=True)[0].unsqueeze(0)
-        eye = torch.eye(len(zs), dtype=dots.dtype, device=dots.device)
-        return torch.autograd.grad(dots, v, grad_outputs=eye, is_grads_batched=True, retain_graph=True)[0]
+        return torch.stack([torch.autograd.grad(sum((a * b).sum() for a, b in zip(jt_v, z)), v, retain_graph=True)[0]
+                            for z in zs])
 
     return jvp
 
@@ -343,13 +340,13 @@ def _factored_grad_w(
         G_leaf = G.detach().requires_grad_(True)
         alignment = _pairwise_alignment(G_leaf, cfg)
         (c,) = torch.autograd.grad(-alignment, G_leaf)
-        h_sum = None  # sum_g H_g J^T c_g: J is linear, so one J product serves every group
-        for g, u_g in enumerate(u):
-            jt_c = torch.autograd.grad(losses, list(theta), grad_outputs=c[g], retain_graph=True, allow_unused=True,
-                                       materialize_grads=True)
-            h_v = torch.autograd.grad(u_g, theta_star, grad_outputs=jt_c, retain_graph=True, allow_unused=True,
-                                      materialize_grads=True)
-            h_sum = list(h_v) if h_sum is None else [a + b for a, b in zip(h_sum, h_v)]
+        # J^T c_g per group, then sum_g H_g J^T c_g in one backward through every u_g; J is linear, so one
+        # J product serves every group
+        jt_c = [torch.autograd.grad(losses, list(theta), grad_outputs=c[g], retain_graph=True, allow_unused=True,
+                                    materialize_grads=True) for g in range(len(u))]
+        h_sum = torch.autograd.grad([x for u_g in u for x in u_g], theta_star,
+                                    grad_outputs=[x for jt_c_g in jt_c for x in jt_c_g], retain_graph=True,
+                                    allow_unused=True, materialize_grads=True)
         grad_w = grad_w + cfg.gm_coef * k * k * jvp([h_sum])[0]
         parts.update(alignment=alignment.detach(), weight_grad_norm=torch.linalg.vector_norm(G, dim=1).mean(),
                      gm=-alignment.detach())
