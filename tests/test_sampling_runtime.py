@@ -182,10 +182,13 @@ def test_cuda_graph_on_cpu_is_a_clear_error(ddpm_scheduler):
                     cond)
 
 
-def test_unknown_precision_is_rejected():
+def test_unknown_precision_or_compile_mode_is_rejected():
     with pytest.raises(GaqError, match="sampler.precision must be one of fp32, tf32, bf16"):
         SamplerConfig(precision="fp16")
-    cfg = SamplerConfig(steps=7, precision="bf16", channels_last=True, cuda_graph=True, compile=True)
+    with pytest.raises(GaqError, match="sampler.compile_mode must be one of default, max-autotune-no-cudagraphs"):
+        SamplerConfig(compile=True, compile_mode="max-autotune")
+    cfg = SamplerConfig(steps=7, precision="bf16", channels_last=True, cuda_graph=True, compile=True,
+                        compile_mode="max-autotune-no-cudagraphs")
     assert cfg.eager() == SamplerConfig(steps=7)
 
 

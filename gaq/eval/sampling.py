@@ -80,7 +80,8 @@ class SamplerConfig:
 
     def eager(self) -> "SamplerConfig":
         """The same sampler with every speed option off (fp32, eager, default memory format)."""
-        return replace(self, precision="fp32", channels_last=False, cuda_graph=False, compile=False)
+        return replace(self, precision="fp32", channels_last=False, cuda_graph=False, compile=False,
+                       compile_mode="default")
 
 
 def sampling_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing, offset: int = 0) -> Tensor:
