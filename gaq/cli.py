@@ -7,6 +7,7 @@ line, ``gaq: error: ...``, with exit status 2.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import sys
@@ -37,6 +38,23 @@ example (the shipped default model, CPU, no downloads):
 """
 
 
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy this process's torch.distributed group (if any) when the interpreter exits.
+
+    Lightning does that for NCCL groups only; a gloo group (DDP on CPU) left to interpreter shutdown
+    can abort the process ("terminate called without an active exception", SIGABRT) after all the
+    work is done, which fails the run's exit status. Registering twice is harmless.
+    """
+    atexit.unregister(_destroy_process_group)
+    atexit.register(_destroy_process_group)
+
+
 def _usage() -> str:
     rows = "\n".join(f"  {name:<14} {text}" for name, (_, text) in SUBCOMMANDS.items())
     return USAGE.format(rows=rows)
@@ -54,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     module_name, function = SUBCOMMANDS[name][0].split(":")
     entry = getattr(importlib.import_module(module_name), function)
+    destroy_process_group_at_exit()  # every DDP rank runs this command line
     try:
         entry(rest)
     except GaqError as err:

@@ -10,6 +10,7 @@ from conftest import NUM_CLASSES, make_tiny_unet
 from gaq.data.calibset import CalibrationSet, CalibSetConfig, generate_calibration_set
 from gaq.data.datamodule import (GROUPINGS, CalibrationDataModule, SeededBatchSampler, SplitConfig,
                                  contiguous_groups, register_grouping)
+from gaq.cli import destroy_process_group_at_exit
 from gaq.errors import GaqError
 from gaq.models.loading import Denoiser
 
@@ -174,6 +175,9 @@ class IndexRecorder(L.LightningModule):
     def training_step(self, batch, batch_idx):
         self.seen.setdefault(self.current_epoch, []).extend(batch["index"].tolist())
         return (self.w - batch["x"].mean()) ** 2
+
+    def setup(self, stage):
+        destroy_process_group_at_exit()  # in each ddp_spawn worker: a gloo group left to shutdown may abort it
 
     def on_train_end(self):
         self.seen["sampler"] = type(self.trainer.train_dataloader.sampler).__name__  # not replaced by Lightning
