@@ -18,6 +18,8 @@ from gaq.errors import GaqError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-default": ("gaq.models.train_default:main",
                       "train the shipped default model (digits DDPM + classifier) into checkpoints/"),
+    "train-testbed": ("gaq.models.train_testbed:main",
+                      "train the CIFAR-shaped testbed (DDPM on photo crops + classifier) into checkpoints/testbed"),
     "calib-data": ("gaq.calib.cli:main_calib_data",
                    "generate (or reuse) the calibration set of a calibrate config, and nothing else"),
     "calibrate": ("gaq.calib.cli:main", "quantize a diffusion model: RTN, uniform block reconstruction or GAC"),

@@ -1,11 +1,13 @@
-"""The shipped default model: a small class-conditional DDPM of the 16x16 digits.
+"""DDPM training of the shipped models: the digits default and the CIFAR-shaped testbed.
 
-A diffusers ``UNet2DModel`` (about 1.2M parameters with the defaults: three resolutions 16/8/4,
-attention at 8x8 and 4x4 and in the middle block, so attention quantization is exercised), with
-``num_class_embeds = num_classes + 1``: the last label is the null class of classifier-free
-guidance. :class:`DigitsDDPM` trains it as a DDPM (epsilon prediction on a ``DDPMScheduler``
-schedule) with label dropout; :class:`EMAWeights` keeps an exponential moving average of the weights,
-which replaces the raw weights when training ends.
+The digits default is a small class-conditional diffusers ``UNet2DModel`` (about 1.2M parameters with
+the defaults: three resolutions 16/8/4, attention at 8x8 and 4x4 and in the middle block, so attention
+quantization is exercised), with ``num_class_embeds = num_classes + 1``: the last label is the null
+class of classifier-free guidance. The testbed (``configs/testbed/train.yaml``) is an unconditional
+``UNet2DModel`` with google/ddpm-cifar10-32's architecture (``num_classes: null``). :class:`DigitsDDPM`
+trains either as a DDPM (epsilon prediction on a ``DDPMScheduler`` schedule), with label dropout when
+class-conditional; :class:`EMAWeights` keeps an exponential moving average of the weights, which
+replaces the raw weights when training ends.
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ class DigitsUNetConfig:
         norm_num_groups: GroupNorm groups (must divide every entry of ``block_out_channels``).
         dropout: ResNet-block dropout.
         num_classes: real classes; the model gets ``num_classes + 1`` class embeddings (last = null).
+            None: an unconditional model (no class embedding; batches' labels are ignored).
+        attention_head_dim: channels per attention head; None: one head over all channels
+            (google/ddpm-cifar10-32).
+        flip_sin_to_cos / freq_shift: the sinusoidal timestep embedding (diffusers' defaults: True / 0;
+            google/ddpm-cifar10-32: False / 1).
+        downsample_padding: padding of the stride-2 downsampling convs (diffusers' default 1; DDPM's 0).
+        norm_eps: GroupNorm epsilon (diffusers' default 1e-5; DDPM's 1e-6).
     """
 
     sample_size: int = 16
@@ -50,14 +59,19 @@ class DigitsUNetConfig:
     layers_per_block: int = 1
     down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
-    attention_head_dim: int = 8
+    attention_head_dim: int | None = 8
     norm_num_groups: int = 8
     dropout: float = 0.0
-    num_classes: int = NUM_DIGIT_CLASSES
+    num_classes: int | None = NUM_DIGIT_CLASSES
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    norm_eps: float = 1e-5
 
 
 def build_digits_unet(cfg: DigitsUNetConfig) -> UNet2DModel:
-    """A freshly initialised class-conditional ``UNet2DModel`` (``num_class_embeds = num_classes + 1``)."""
+    """A freshly initialised ``UNet2DModel``: class-conditional with ``num_class_embeds = num_classes + 1``,
+    or unconditional when ``num_classes`` is None."""
     check(
         len(cfg.block_out_channels) == len(cfg.down_block_types) == len(cfg.up_block_types),
         "model.unet: block_out_channels, down_block_types and up_block_types must have the same length",
@@ -77,7 +91,11 @@ def build_digits_unet(cfg: DigitsUNetConfig) -> UNet2DModel:
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
         dropout=cfg.dropout,
-        num_class_embeds=cfg.num_classes + 1,
+        num_class_embeds=None if cfg.num_classes is None else cfg.num_classes + 1,
+        flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=cfg.freq_shift,
+        downsample_padding=cfg.downsample_padding,
+        norm_eps=cfg.norm_eps,
     )
 
 
@@ -138,11 +156,12 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class DigitsDDPM(pl.LightningModule):
-    """DDPM training of the default class-conditional UNet (epsilon prediction, label dropout).
+    """DDPM training of a shipped UNet (epsilon prediction; label dropout for class models).
 
     Batches are ``(x0 (B, C, S, S) in [-1, 1], labels (B,))``. Each step draws ``t ~ U{0..T-1}`` and
     ``eps ~ N(0, I)``, forms ``x_t = sqrt(acp_t) x0 + sqrt(1 - acp_t) eps``, replaces each label by the
     null label with probability ``label_dropout`` and minimises ``||eps_theta(x_t, t, y) - eps||^2``.
+    An unconditional model (``unet.num_classes: null``) ignores the labels.
 
     Args:
         unet: architecture.
@@ -171,8 +190,8 @@ class DigitsDDPM(pl.LightningModule):
         self.epoch_losses: list[float] = []  # mean training loss of every finished epoch
 
     @property
-    def null_label(self) -> int:
-        """The class id that means "no class" (classifier-free guidance)."""
+    def null_label(self) -> int | None:
+        """The class id that means "no class" (classifier-free guidance); None for an unconditional model."""
         return self.unet_config.num_classes
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -182,9 +201,11 @@ class DigitsDDPM(pl.LightningModule):
         eps = torch.randn_like(x0)
         acp = self.alphas_cumprod[t].view(b, 1, 1, 1)
         x_t = acp.sqrt() * x0 + (1 - acp).sqrt() * eps
-        drop = torch.rand(b, device=x0.device) < self.label_dropout
-        labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
-        loss = F.mse_loss(predict_noise(self.unet, x_t, t, {"class_labels": labels}).float(), eps)
+        cond = {}
+        if self.null_label is not None:
+            drop = torch.rand(b, device=x0.device) < self.label_dropout
+            cond = {"class_labels": torch.where(drop, torch.full_like(labels, self.null_label), labels)}
+        loss = F.mse_loss(predict_noise(self.unet, x_t, t, cond).float(), eps)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
@@ -210,7 +231,7 @@ class DigitsDDPM(pl.LightningModule):
             model=self.unet.eval(),
             alphas_cumprod=self.alphas_cumprod.detach().cpu().clone(),
             sample_shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
-            cond_kind="class",
+            cond_kind="none" if cfg.num_classes is None else "class",
             num_classes=cfg.num_classes,
             null_label=self.null_label,
             source="gaq train-default",

@@ -115,16 +115,15 @@ def sample_classes(
 
 
 def fit_classifier(
-    cfg: ClassifierTraining, data: DigitsDataModule, like: pl.Trainer, seed: int
+    cfg: ClassifierTraining, clf_data: pl.LightningDataModule, like: pl.Trainer, seed: int
 ) -> tuple[DigitClassifier, int, float]:
-    """Train the digit classifier on ``data``'s training split, on the accelerator and device of ``like``.
+    """Train the feature classifier on ``clf_data`` (the DDPM's training images and labels at the
+    classifier's batch size), on the accelerator and device of ``like``.
 
     Returns:
         ``(classifier in eval mode on the CPU, optimizer steps, training seconds)``.
     """
     pl.seed_everything(seed, verbose=False)
-    d = data.data
-    clf_data = DigitsDataModule(d.image_size, d.upsample, d.val_fraction, d.split_seed, batch_size=cfg.batch_size)
     module = ClassifierModule(cfg)
     root = like.strategy.root_device
     trainer = pl.Trainer(
@@ -229,7 +228,9 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     trainer.fit(cli.model, datamodule=cli.datamodule)
     ddpm_seconds = time.perf_counter() - start
-    classifier, classifier_steps, classifier_seconds = fit_classifier(init.classifier, cli.datamodule, trainer, seed)
+    d = cli.datamodule.data
+    clf_data = DigitsDataModule(d.image_size, d.upsample, d.val_fraction, d.split_seed, batch_size=init.classifier.batch_size)
+    classifier, classifier_steps, classifier_seconds = fit_classifier(init.classifier, clf_data, trainer, seed)
 
     den = cli.model.denoiser()
     save_denoiser(den, out_dir, cli.model.schedule.scheduler())
