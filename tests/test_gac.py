@@ -321,3 +321,33 @@ def test_factored_hypergradient_equals_the_nested_one(resnet_problem, adaround_p
         assert st_f.keys() == st_n.keys()
         for k in st_n:
             torch.testing.assert_close(st_f[k], st_n[k], rtol=1e-9, atol=1e-13, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- tied weights
+
+def test_tied_logits_share_weights_and_pool_their_gradients():
+    """gac.weight_per step/group: one logit per tie class; tuples of a class weigh the same, uniform logits
+    are exactly 1, and the gradient of a tied logit is the sum of its tuples' untied gradients."""
+    tie = torch.tensor([0, 0, 1, 2, 2, 2])
+    tied, free = LearnedSampleWeights(torch.arange(6), tie=tie), LearnedSampleWeights(torch.arange(6))
+    assert (tied.num_logits, tied.num_samples) == (3, 6)
+    assert bool((tied.all_weights() == 1.0).all())
+    with torch.no_grad():
+        tied.s.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    w = tied.all_weights()
+    assert torch.allclose(w[:2], w[0].expand(2)) and torch.allclose(w[3:], w[3].expand(3))
+    assert abs(float(w.mean()) - 1.0) < 1e-6
+    # the same weights as untied logits set to each tuple's shared value
+    with torch.no_grad():
+        free.s.copy_(tied.s[tie])
+    assert torch.allclose(free.all_weights(), w)
+    losses = torch.rand(6, dtype=torch.float64)
+    s_tied = tied.s.detach().double().requires_grad_(True)
+    s_free = tied.s.detach().double()[tie].requires_grad_(True)
+    (g_tied,) = torch.autograd.grad((tied.all_weights(s_tied) * losses).sum(), s_tied)
+    (g_free,) = torch.autograd.grad((free.all_weights(s_free) * losses).sum(), s_free)
+    assert torch.allclose(g_tied, torch.zeros(3, dtype=torch.float64).index_add_(0, tie, g_free))
+    with pytest.raises(GaqError, match="tie map"):
+        LearnedSampleWeights(torch.arange(3), tie=torch.tensor([0, 2, 2]))  # logit 1 unused
+    with pytest.raises(GaqError, match="weight_per"):
+        GACConfig(weight_per="pixel")

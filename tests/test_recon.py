@@ -269,3 +269,23 @@ def test_no_activation_phase_without_learnable_steps(setup, tmp_path):
     den, calib = setup
     summary = run_calibration(_job(den, calib, tmp_path, iters=4, act_iters=30))
     assert summary["activation_step_units"] == [] and not (tmp_path / "act").exists()
+
+
+def test_gac_with_one_weight_per_timestep_group(setup, tmp_path):
+    """gac.weight_per group: the run learns one logit per timestep group, and every tuple of a group
+    has the same weight; the kept steps' mean weights then agree within each group."""
+    den, calib = setup
+    dm = _dm(den, calib)
+    hooks = GACHooks(GACConfig(meta_iters=4, meta_batch=8, meta_lr=0.5, weight_per="group"), dm, tmp_path,
+                     DiagnosticsConfig(enabled=False))
+    summary = run_calibration(_job(den, calib, tmp_path, method="gac", iters=2, hooks=hooks))
+    assert hooks.weights.num_logits == dm.num_groups
+    from safetensors.torch import load_file
+    files = sorted((tmp_path / "gac").glob("*-s.safetensors"))
+    assert files and all(load_file(str(f))["s"].shape == (dm.num_groups,) for f in files)
+    groups = torch.as_tensor(dm.step_groups)
+    for stats in summary["gac"]["units"].values():
+        per_step = torch.tensor(stats["mean_weight_per_step"], dtype=torch.float64)
+        assert stats["max_min_ratio"] > 1.0  # the group weights moved
+        for g in range(dm.num_groups):
+            assert torch.allclose(per_step[groups == g], per_step[groups == g][0].expand(int((groups == g).sum())))

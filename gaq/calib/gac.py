@@ -83,6 +83,11 @@ class GACConfig:
         gm_coef: coefficient of ``L_GM2`` in the outer loss (paper: 1).
         val_coef: coefficient of ``mean_g L_g`` in the outer loss (paper: 1).
         carry_over: keep ``s`` from one unit to the next instead of resetting it *(ours)*.
+        weight_per: what one learned logit weighs: ``sample`` (the paper: one per training tuple),
+            ``step`` (one per kept timestep, shared by its tuples) or ``group`` (one per contiguous
+            timestep group, ``data.split.num_groups``) *(ours)*. Adam moves each logit by at most
+            about ``meta_lr`` per step whatever it weighs, so tying does not let the weights move
+            further; it pools the hypergradient of many tuples into fewer, less noisy directions.
         weight_time_unit: learn weights for the time-embedding unit too (default: uniform) *(ours)*.
         grouping: ``contiguous`` timestep groups (paper) or ``adaptive`` (by gradient similarity) *(ours)*;
             the number of groups G (paper: 5) is the DataModule's ``split.num_groups``, and ``L_GM2``
@@ -112,6 +117,7 @@ class GACConfig:
     gm_coef: float = 1.0
     val_coef: float = 1.0
     carry_over: bool = False
+    weight_per: Literal["sample", "step", "group"] = "sample"
     weight_time_unit: bool = False
     grouping: Literal["contiguous", "adaptive"] = "contiguous"
     adaptive_contiguous: bool = True
@@ -130,6 +136,8 @@ class GACConfig:
         check(self.align_eps > 0, f"gac.align_eps must be > 0, got {self.align_eps}")
         check(self.gm_coef >= 0 and self.val_coef >= 0, "gac.gm_coef and gac.val_coef must be >= 0")
         check(self.gm_coef > 0 or self.val_coef > 0, "gac.gm_coef and gac.val_coef cannot both be 0 (nothing to learn)")
+        check(self.weight_per in ("sample", "step", "group"),
+              f"gac.weight_per must be 'sample', 'step' or 'group', got {self.weight_per!r}")
         check(self.grouping in ("contiguous", "adaptive"),
               f"gac.grouping must be 'contiguous' or 'adaptive', got {self.grouping!r}")
         check(self.interleave_every >= 0, f"gac.interleave_every must be >= 0, got {self.interleave_every}")

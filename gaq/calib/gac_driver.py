@@ -50,10 +50,12 @@ class GACHooks:
         self.cfg, self.dm, self.run_dir = cfg, datamodule, Path(run_dir)
         self.diag = diagnostics or DiagnosticsConfig()
         self.train_indices = torch.as_tensor(datamodule.train_indices).long()
-        self.weights = LearnedSampleWeights(self.train_indices, s_init=cfg.s_init, tau=cfg.tau)
         calib = datamodule.calib_set
         self.pos_of = calib.kept_pos.long()                   # kept-step position of each tuple
         self.num_kept = len(calib.timesteps)
+        pos = self.pos_of[self.train_indices]
+        tie = {"sample": None, "step": pos, "group": torch.as_tensor(datamodule.step_groups).long()[pos]}[cfg.weight_per]
+        self.weights = LearnedSampleWeights(self.train_indices, s_init=cfg.s_init, tau=cfg.tau, tie=tie)
         self.unit_stats: dict[str, Any] = {}
 
     # ---- helpers ------------------------------------------------------------------------------

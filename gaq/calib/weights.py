@@ -67,19 +67,27 @@ class LearnedSampleWeights(nn.Module):
             training split of the calibration set; validation tuples have no weight).
         s_init: initial (uniform) value of every logit ``s_i`` (paper: 1/32).
         tau: softmax temperature (paper: 1).
+        tie: optional ``(N,)`` long map from each training tuple (in the order of ``indices``) to one
+            of K shared logits ``0..K-1`` *(ours)*: tuples that share a logit share a weight (e.g. the
+            kept step or the timestep group of each tuple: one weight per step or per group). None:
+            one logit per tuple (the paper). The weights stay ``N * softmax`` over the N tuples of the
+            tied logits, so their mean over the tuples is one.
 
     Buffers (all in the state dict except the derived ``slot_of``):
-        s: logits, ``(N,)`` float32, one per training tuple in the order of ``indices``.
+        s: logits, ``(K,)`` float32: one per training tuple in the order of ``indices`` (K = N), or one
+            per tie class.
         indices: the global index of each slot, ``(N,)`` long.
+        tie: the logit of each slot, ``(N,)`` long (``arange(N)`` without tying).
         slot_of: slot of each global index (``-1`` where the index is not a training tuple),
             ``(max(indices) + 1,)`` long.
     """
 
     s: Tensor
     indices: Tensor
+    tie: Tensor
     slot_of: Tensor
 
-    def __init__(self, indices: Tensor, s_init: float = 1.0 / 32, tau: float = 1.0):
+    def __init__(self, indices: Tensor, s_init: float = 1.0 / 32, tau: float = 1.0, tie: Tensor | None = None):
         super().__init__()
         indices = torch.as_tensor(indices).flatten().long()
         check(indices.numel() > 0, "the GAC sample weights need at least one training tuple; enlarge the calibration set")
@@ -88,15 +96,26 @@ class LearnedSampleWeights(nn.Module):
         check(tau > 0, f"gac.tau must be > 0, got {tau}")
         self.s_init = float(s_init)
         self.tau = float(tau)
+        self.tied = tie is not None
+        tie = torch.arange(indices.numel()) if tie is None else torch.as_tensor(tie).flatten().long()
+        check(tie.numel() == indices.numel(), f"the weight tie map has {tie.numel()} entries for {indices.numel()} training tuples")
+        check(bool((tie >= 0).all()) and tie.unique().numel() == int(tie.max()) + 1,
+              "the weight tie map must use every shared logit 0..K-1 at least once")
         slot_of = torch.full((int(indices.max()) + 1,), -1, dtype=torch.long)
         slot_of[indices] = torch.arange(indices.numel())
-        self.register_buffer("s", torch.full((indices.numel(),), self.s_init, dtype=torch.float32))
+        self.register_buffer("s", torch.full((int(tie.max()) + 1,), self.s_init, dtype=torch.float32))
         self.register_buffer("indices", indices.clone())
+        self.register_buffer("tie", tie.clone())
         self.register_buffer("slot_of", slot_of, persistent=False)
 
     @property
     def num_samples(self) -> int:
         """N, the number of training tuples."""
+        return self.indices.numel()
+
+    @property
+    def num_logits(self) -> int:
+        """K, the number of learned logits (N without tying)."""
         return self.s.numel()
 
     def slots(self, index: Tensor, validate: bool = True) -> Tensor:
@@ -113,10 +132,14 @@ class LearnedSampleWeights(nn.Module):
                       "build LearnedSampleWeights from the DataModule's training indices")
         return self.slot_of[index]
 
-    def omega(self, s: Tensor | None = None) -> Tensor:
-        """``softmax(s / tau)``, shape ``(N,)``; ``s`` defaults to the stored logits."""
+    def _per_slot(self, s: Tensor | None) -> Tensor:
+        """The logit of every slot, ``(N,)``: ``s`` (default the stored logits) through the tie map."""
         s = self.s if s is None else s
-        return torch.softmax(s / self.tau, dim=0)
+        return s[self.tie] if self.tied else s
+
+    def omega(self, s: Tensor | None = None) -> Tensor:
+        """``softmax`` over the N tuples of their logits ``/ tau``, shape ``(N,)``; ``s`` defaults to the stored logits."""
+        return torch.softmax(self._per_slot(s) / self.tau, dim=0)
 
     def all_weights(self, s: Tensor | None = None) -> Tensor:
         """Mean-one weights ``N * omega`` of all N training tuples, ``(N,)``, in slot order.
@@ -124,8 +147,7 @@ class LearnedSampleWeights(nn.Module):
         Computed as ``e / mean(e)`` with ``e = exp(s / tau - max)``, which equals ``N * omega``
         and is exactly 1.0 everywhere when ``s`` is uniform (``N * (1 / N)`` need not be).
         """
-        s = self.s if s is None else s
-        z = s / self.tau
+        z = self._per_slot(s) / self.tau
         e = torch.exp(z - z.max().detach())
         return e / e.mean()
 
