@@ -10,9 +10,17 @@ with the method, bits, preset and seed set; seeds go to ``seed_everything``, the
 its split and the reconstruction), then ``gaq evaluate --run <run>`` (``--evaluate_config``; the
 same evaluation seed for every run, so the rows are compared on the same starting noise), plus one
 evaluation of the FP model. It writes ``<out_dir>/<name>.md`` (mean ± sample std over seeds of FID,
-sFID, precision, recall, class accuracy, the mean per-step noise-prediction MSE against the FP model,
-calibration seconds and peak memory) and ``<name>.json``
-(every run's numbers, the settings, device and git commit).
+sFID, precision, recall, class accuracy, the fidelity to the FP model's samples from the same noise
+(PSNR, SSIM, per-sample MSE, FID to FP), the mean per-step noise-prediction MSE against the FP model,
+calibration seconds and peak memory) and ``<name>.json`` (every run's numbers, the settings, device
+and git commit).
+
+Paired section: runs of two methods with the same seed share the calibration set, its split and the
+reconstruction's data order (the seed goes to ``data.calib.seed``, ``data.split.seed`` and
+``model.recon.seed``; the calibration set is cached by its config and the FP model, not the method),
+so for every pair ``(A, B)`` of ``--pairs`` (default gac vs uniform), bit setting and preset the
+table reports the per-seed difference ``A - B`` of each metric and the fraction of B's gap to the FP
+model that A closes, per seed, each as mean ± 95% t-interval over the seeds (:func:`paired`).
 
 Runs live in ``<runs_root>/<preset>-<method>-<bits>-s<seed>-<digest>``, where the digest covers
 every calibrate argument: rerunning the command reuses finished runs (``summary.json``) and
@@ -42,19 +50,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gaq.errors import GaqError, check  # noqa: E402
+from gaq.eval.intervals import finite_values, mean_ci  # noqa: E402
 
-METRICS = ("fid", "sfid", "precision", "recall", "accuracy")  # from metrics.json["metrics"]
+# from metrics.json["metrics"]: against real data, then fidelity to the FP model's samples
+METRICS = ("fid", "sfid", "precision", "recall", "accuracy",
+           "psnr", "psnr_capped", "ssim", "sample_mse", "fid_to_fp", "sfid_to_fp")
 # column header, how to read it from one run, number format
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("FID ↓", "fid", "{:.4g}"), ("sFID ↓", "sfid", "{:.4g}"), ("precision ↑", "precision", "{:.3f}"),
-    ("recall ↑", "recall", "{:.3f}"), ("class acc. ↑", "accuracy", "{:.3f}"), ("step MSE ↓", "timestep_mse", "{:.3g}"),
+    ("recall ↑", "recall", "{:.3f}"), ("class acc. ↑", "accuracy", "{:.3f}"),
+    ("PSNR dB ↑", "psnr", "{:.2f}"), ("SSIM ↑", "ssim", "{:.4f}"), ("sample MSE ↓", "sample_mse", "{:.3g}"),
+    ("FID to FP ↓", "fid_to_fp", "{:.4g}"), ("step MSE ↓", "timestep_mse", "{:.3g}"),
     ("calib. s", "calibration_seconds", "{:.1f}"), ("peak GPU MiB", "peak_gpu_mib", "{:.0f}"),
     ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
 )
+RESOURCE_KEYS = ("calibration_seconds", "peak_gpu_mib", "peak_rss_mib")
+PAIRED_KEYS = tuple(key for _, key, _ in COLUMNS if key not in RESOURCE_KEYS)  # metrics of the paired differences
+# fraction of B's gap to the FP model that A closes, per fidelity metric: "zero" (FP ideal 0), "one" (FP ideal 1),
+# or another metric's name (PSNR has no finite ideal: it takes the sample MSE's fraction); see gap_closed
+GAP_KINDS = {"sample_mse": "zero", "fid_to_fp": "zero", "timestep_mse": "zero", "ssim": "one", "psnr": "sample_mse"}
 
 
 def _default_extra_presets() -> dict[str, list[str]]:
     return {"qdiff_compat": ["uniform", "gac"]}
+
+
+def _default_pairs() -> list[list[str]]:
+    return [["gac", "uniform"]]
 
 
 @dataclass
@@ -62,12 +84,14 @@ class TableConfig:
     """The method table's settings.
 
     Attributes:
-        source: the FP model (the shipped default).
+        source: the FP model (folder or hub id; default the shipped digits model).
         methods: calibration methods (``rtn``, ``uniform``, ``gac``).
         bits: bit settings ``W<w>A<a>`` (A32: weights only).
         seeds: calibration seeds; mean and spread are over these.
         presets: protocol presets every method runs under.
         extra_presets: more presets for some methods only (``{preset: [methods]}``).
+        pairs: ``[A, B]`` method pairs of the paired section (A - B per seed, and the fraction of
+            B's gap to FP that A closes); a pair whose methods are not both in a row is skipped.
         calibrate_config: the base ``gaq calibrate`` YAML.
         evaluate_config: the base ``gaq evaluate`` YAML.
         iters: reconstruction iterations per unit (``model.recon.iters``); None: the YAML's.
@@ -94,6 +118,7 @@ class TableConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     presets: list[str] = field(default_factory=lambda: ["tfmq_compat"])
     extra_presets: dict[str, list[str]] = field(default_factory=_default_extra_presets)
+    pairs: list[list[str]] = field(default_factory=_default_pairs)
     calibrate_config: str = "configs/default/calibrate.yaml"
     evaluate_config: str = "configs/default/evaluate.yaml"
     iters: int | None = None
@@ -142,6 +167,9 @@ def run_specs(cfg: TableConfig) -> list[RunSpec]:
         parse_bits(b)
     for m in [*cfg.methods, *(m for ms in cfg.extra_presets.values() for m in ms)]:
         check(m in ("rtn", "uniform", "gac"), f"unknown method {m!r}; use rtn, uniform or gac")
+    for pair in cfg.pairs:
+        check(len(pair) == 2 and pair[0] != pair[1] and set(pair) <= {"rtn", "uniform", "gac"},
+              f"--pairs entry {pair!r} must be two different methods of rtn, uniform, gac, e.g. [[gac, uniform]]")
     rows = [(p, m) for p in cfg.presets for m in cfg.methods]
     rows += [(p, m) for p, ms in cfg.extra_presets.items() for m in ms if (p, m) not in rows]
     return [RunSpec(p, m, b, s) for p, m in rows for b in cfg.bits for s in cfg.seeds]
@@ -266,16 +294,13 @@ def run_one(cfg: TableConfig, spec: RunSpec, console) -> dict:
     record.update({k: metrics["metrics"].get(k) for k in METRICS})
     record["eval_device"] = metrics.get("device")
     record["timestep_mse"] = (metrics.get("timestep_error") or {}).get("mean_mse")
+    record["timestep_group_mse"] = (metrics.get("timestep_error") or {}).get("group_mse")
     return record
-
-
-def _finite(values: list) -> list[float]:
-    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
 
 
 def mean_std(values: list) -> tuple[float | None, float | None, int]:
     """Mean and sample standard deviation (0 for one value) of the finite values, and their count."""
-    xs = _finite(values)
+    xs = finite_values(values)
     if not xs:
         return None, None, 0
     mean = sum(xs) / len(xs)
@@ -284,7 +309,8 @@ def mean_std(values: list) -> tuple[float | None, float | None, int]:
 
 
 def aggregate(records: list[dict], cfg: TableConfig) -> list[dict]:
-    """One row per (preset, method, bits): per column the mean, std and values over the seeds that worked."""
+    """One row per (preset, method, bits): per column the mean, std, 95% half-width and values over the
+    seeds that worked."""
     rows = []
     keys = list(dict.fromkeys((r["preset"], r["method"], r["bits"]) for r in records))
     for preset, method, bits in keys:
@@ -294,19 +320,109 @@ def aggregate(records: list[dict], cfg: TableConfig) -> list[dict]:
                "failed_seeds": [r["seed"] for r in group if r["status"] != "ok"], "columns": {}}
         for _, key, _ in COLUMNS:
             mean, std, n = mean_std([r.get(key) for r in ok])
-            row["columns"][key] = {"mean": mean, "std": std, "n": n, "values": [r.get(key) for r in ok]}
+            row["columns"][key] = {"mean": mean, "std": std, "ci95": mean_ci([r.get(key) for r in ok])[1], "n": n,
+                                   "values": [r.get(key) for r in ok]}
         rows.append(row)
     return rows
 
 
-def _cell(col: dict, fmt: str) -> str:
+def _summary(values: list) -> dict:
+    """Mean ± 95% t-interval of the finite values (``ci95`` None for one), their count and the values."""
+    mean, half = mean_ci(values)
+    return {"mean": mean, "ci95": half, "n": len(finite_values(values)), "values": values}
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    """``a - b``, or None unless both are finite numbers."""
+    return a - b if len(finite_values([a, b])) == 2 else None
+
+
+def gap_closed(kind: str, a: float | None, b: float | None) -> float | None:
+    """The fraction of method B's gap to the FP model that method A closes, for one seed.
+
+    ``kind`` ``zero`` (lower is better, FP ideal 0: sample MSE, FID to FP, step MSE): ``(b - a) / b``;
+    ``one`` (SSIM, FP ideal 1): ``(a - b) / (1 - b)``. 1 means A reaches the FP model, 0 no better
+    than B, below 0 worse. None where a value is missing or B has no gap.
+    """
+    if not finite_values([a]) or not finite_values([b]):
+        return None
+    if kind == "zero":
+        return (b - a) / b if b > 0 else None
+    check(kind == "one", f"unknown gap kind {kind!r}")
+    return (a - b) / (1.0 - b) if b < 1 else None
+
+
+def paired(records: list[dict], pairs: list[list[str]]) -> list[dict]:
+    """Paired comparisons of two methods over the seeds both ran (same seed: same calibration set and split).
+
+    Args:
+        records: one dict per run with ``preset``, ``method``, ``bits``, ``seed``, ``status`` and the
+            metric values (as :func:`run_one` returns).
+        pairs: ``[A, B]`` method pairs.
+
+    Returns:
+        One entry per pair, preset and bit setting where both methods have a successful run of a
+        common seed: ``a``, ``b``, ``preset``, ``bits``, ``seeds``; ``diff[key]`` the per-seed
+        ``A - B`` of every metric of :data:`PAIRED_KEYS`, ``gap_closed[key]`` the per-seed fraction of
+        B's gap to FP that A closes (:func:`gap_closed`; PSNR has no finite ideal, its entry is the
+        sample MSE's), each :func:`_summary` (mean, 95% half-width ``ci95``, ``n``, per-seed ``values``).
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+    out = []
+    for a, b in pairs:
+        cells = list(dict.fromkeys((r["preset"], r["bits"]) for r in ok if r["method"] in (a, b)))
+        for preset, bits in cells:
+            runs = {m: {r["seed"]: r for r in ok if (r["method"], r["preset"], r["bits"]) == (m, preset, bits)}
+                    for m in (a, b)}
+            seeds = sorted(set(runs[a]) & set(runs[b]))
+            if not seeds:
+                continue
+            ra, rb = [runs[a][s] for s in seeds], [runs[b][s] for s in seeds]
+            diff = {key: _summary([_difference(x.get(key), y.get(key)) for x, y in zip(ra, rb)]) for key in PAIRED_KEYS}
+            gap = {key: _summary([gap_closed(kind, x.get(key), y.get(key)) for x, y in zip(ra, rb)])
+                   for key, kind in GAP_KINDS.items() if key != "psnr"}
+            gap["psnr"] = {**gap[GAP_KINDS["psnr"]], "same_as": GAP_KINDS["psnr"]}
+            out.append({"a": a, "b": b, "preset": preset, "bits": bits, "seeds": seeds, "diff": diff, "gap_closed": gap})
+    return out
+
+
+def _cell(col: dict, fmt: str, spread: str = "std") -> str:
     if col["mean"] is None:
         return "–"
     text = fmt.format(col["mean"])
-    return text + (f" ± {fmt.format(col['std'])}" if col["n"] > 1 else "")
+    return text + (f" ± {fmt.format(col[spread])}" if col["n"] > 1 and col.get(spread) is not None else "")
 
 
-def markdown(rows: list[dict], fp: dict | None, meta: dict) -> str:
+def paired_markdown(pairs: list[dict]) -> list[str]:
+    """The paired section's two tables (differences, gap closed) as markdown lines."""
+    if not pairs:
+        return []
+    formats = {key: fmt for _, key, fmt in COLUMNS}
+    heads = {key: head.split(" ↑")[0].split(" ↓")[0] for head, key, _ in COLUMNS}
+    lines = ["", "## Paired differences", "",
+             "Same seed = same calibration set, split and reconstruction data order; per seed A − B, then mean ± 95% "
+             "t-interval over the seeds.", ""]
+    header = ["preset", "bits", "A − B", "seeds", *[f"Δ {heads[k]}" for k in PAIRED_KEYS]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in pairs:
+        cells = [_cell(p["diff"][k], formats[k], "ci95") for k in PAIRED_KEYS]
+        lines.append(f"| {p['preset']} | {p['bits']} | {p['a']} − {p['b']} | {','.join(map(str, p['seeds']))} | "
+                     + " | ".join(cells) + " |")
+    gaps = [k for k in GAP_KINDS if k != "psnr"]
+    lines += ["", "Fraction of B's gap to the FP model that A closes, per seed, then mean ± 95% t-interval: "
+                  "(b − a) / b for sample MSE, FID to FP and step MSE (ideal 0), (a − b) / (1 − b) for SSIM (ideal 1); "
+                  "1 = A matches the FP model, 0 = no better than B. PSNR has no finite ideal: its fraction is the "
+                  "sample MSE's.", ""]
+    header = ["preset", "bits", "A vs B", "seeds", *[heads[k] + (" (= PSNR)" if k == "sample_mse" else "") for k in gaps]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in pairs:
+        cells = [_cell(p["gap_closed"][k], "{:.3f}", "ci95") for k in gaps]
+        lines.append(f"| {p['preset']} | {p['bits']} | {p['a']} vs {p['b']} | {','.join(map(str, p['seeds']))} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(rows: list[dict], fp: dict | None, meta: dict, pairs: list[dict] | None = None) -> str:
     """The table as markdown, with its provenance."""
     lines = [f"# Method table: {meta['source']}", "",
              f"- created {meta['created']}, git commit `{meta['git_commit']}`",
@@ -315,8 +431,11 @@ def markdown(rows: list[dict], fp: dict | None, meta: dict) -> str:
              f"- seeds {meta['seeds']}: mean ± sample std over seeds; evaluation: {meta['eval_summary']}",
              f"- runs at a time: {meta.get('jobs', 1)}" + (" (calibration seconds include their contention)"
                                                            if meta.get("jobs", 1) > 1 else ""),
-             "- FID / sFID / precision / recall / class accuracy on the digit classifier's features (see metrics.json "
-             "of each run for the notes); peak RSS only when each command runs in its own process", ""]
+             f"- FID / sFID / precision / recall / class accuracy against the real images on {meta.get('features', '–')} "
+             "(see metrics.json of each run for the notes); PSNR / SSIM / sample MSE (per sample, mean over samples) and "
+             "FID to FP against the FP model's samples from the same noise, conditions and sampler; step MSE: the "
+             "per-step noise-prediction MSE against FP on FP trajectories; peak RSS only when each command runs in "
+             "its own process", ""]
     header = ["preset", "method", "bits", "seeds", *[c[0] for c in COLUMNS]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if fp is not None:
@@ -328,6 +447,7 @@ def markdown(rows: list[dict], fp: dict | None, meta: dict) -> str:
                                                         if r["failed_seeds"] else "")
         cells = [_cell(r["columns"][key], fmt) for _, key, fmt in COLUMNS]
         lines.append(f"| {r['preset']} | {r['method']} | {r['bits']} | {seeds} | " + " | ".join(cells) + " |")
+    lines += paired_markdown(pairs or [])
     return "\n".join(lines) + "\n"
 
 
@@ -373,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
     if fp is None:
         console.print(f"  [red]evaluate failed[/red]: {fp_run.error if fp_run else ''}")
     rows = aggregate(records, cfg)
+    pairs = paired(records, cfg.pairs)
     ok = [r for r in records if r["status"] == "ok"]
     eval_meta = fp or (_read_json(Path(ok[0]["run_dir"]) / "eval" / "metrics.json") if ok else None) or {}
     sampling = eval_meta.get("sampling", {})
@@ -380,15 +501,16 @@ def main(argv: list[str] | None = None) -> dict:
         "command": shlex.join(["python", "bench/method_table.py", *argv]), "source": cfg.source,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commit": git_commit(),
         "calibration_device": ", ".join(sorted({str(r.get("calibration_device")) for r in ok})) or "–",
-        "eval_device": eval_meta.get("device", "–"), "seeds": cfg.seeds, "jobs": cfg.jobs, "seconds": time.perf_counter() - t0,
+        "eval_device": eval_meta.get("device", "–"),
+        "features": "; ".join((eval_meta.get("features") or {}).values()) or "–", "seeds": cfg.seeds, "jobs": cfg.jobs, "seconds": time.perf_counter() - t0,
         "eval_summary": (f"{sampling.get('num_samples')} samples, sampler {sampling.get('sampler')}, seed {sampling.get('seed')}"
                          if sampling else "–"),
     }
-    result = {"meta": meta, "settings": asdict(cfg), "fp": fp, "rows": rows, "runs": records}
+    result = {"meta": meta, "settings": asdict(cfg), "fp": fp, "rows": rows, "paired": pairs, "runs": records}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{cfg.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / f"{cfg.name}.md").write_text(markdown(rows, fp, meta))
+    (out / f"{cfg.name}.md").write_text(markdown(rows, fp, meta, pairs))
     failed = [r for r in records if r["status"] != "ok"]
     console.print(f"wrote {out / (cfg.name + '.md')} ({len(records) - len(failed)} runs ok, {len(failed)} failed)")
     print(out / f"{cfg.name}.md")

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from gaq.errors import check
 from gaq.eval.evaluate import (Conditioning, ReferenceConfig, SamplingConfig, SamplingModule, generate, module_device,
                                reference_stats)
+from gaq.eval.fidelity import FidelityMeter, distances_to_fp
 from gaq.eval.grid import save_grid
-from gaq.eval.metrics import FeatureStats, MetricsConfig, build_extractors, compute_metrics
+from gaq.eval.metrics import FeatureStats, MetricsConfig, build_extractors, compute_metrics, extract_all
 from gaq.models.loading import Denoiser
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ def _sampling_module(pl_module: pl.LightningModule, name: str) -> SamplingModule
 
 class MetricsCallback(Callback):
     """FID, sFID, improved precision / recall and class accuracy (and FID-Inception / IS where
-    Inception is available) of generated samples against cached reference statistics.
+    Inception is available) of generated samples against cached reference statistics; with a
+    :attr:`fidelity` meter (set by ``gaq evaluate`` for a quantized run), also the fidelity of the
+    samples to the FP model's samples of the same indices (:mod:`gaq.eval.fidelity`).
 
     Writes ``<filename>.json`` (metrics, notes, reference and sampling details, plus the ``meta``
     dict given by the caller) and ``<filename>.csv`` (``metric,value`` rows, per-class accuracies as
@@ -76,12 +79,15 @@ class MetricsCallback(Callback):
         self.extractors, self.notes = build_extractors(features, self.metrics)
         self.meta: dict[str, Any] = {}          # extra entries for the JSON file (set by the caller)
         self.notes_extra: list[str] = []        # extra one-line notes (set by the caller)
+        self.fidelity: FidelityMeter | None = None  # the FP samples to compare with (set by the caller)
         self.written: dict[str, Any] = {}       # the content of the last JSON written
         self._reset()
 
     def _reset(self) -> None:
         self._parts: dict[str, list[FeatureStats]] = {e.name: [] for e in self.extractors}
         self._labels: list[Tensor] = []
+        self._index: list[Tensor] = []
+        self._fp: dict[str, FeatureStats] = {}   # the extractors' outputs on the fidelity meter's FP samples
         self._den: Denoiser | None = None
         self._out: Path | None = None
         self._real: dict[str, FeatureStats] = {}
@@ -98,13 +104,19 @@ class MetricsCallback(Callback):
             ex.to(device)
             self._real[ex.name], self._ref_info[ex.name] = reference_stats(self.reference, ex, tuple(den.image_shape),
                                                                            self.metrics.batch_size)
+            if self.fidelity is not None:
+                self._fp[ex.name] = extract_all(ex, self.fidelity.fp_images, self.metrics.batch_size)
 
-    def add(self, images: Tensor, cond_id: Tensor) -> None:
-        """Accumulate the extractors' outputs on a batch of samples ``(B, C, H, W)`` in [-1, 1]."""
+    def add(self, images: Tensor, cond_id: Tensor, index: Tensor) -> None:
+        """Accumulate the extractors' outputs on a batch of samples ``(B, C, H, W)`` in [-1, 1] with
+        conditions ``cond_id`` ``(B,)``, sample indices ``index`` ``(B,)``."""
         for ex in self.extractors:
             for s in range(0, len(images), self.metrics.batch_size):
                 self._parts[ex.name].append(ex.extract(images[s:s + self.metrics.batch_size]))
         self._labels.append(cond_id.detach().cpu().long())
+        self._index.append(index.detach().cpu().long())
+        if self.fidelity is not None:
+            self.fidelity.update(index, images)
 
     def finish(self) -> dict[str, Any]:
         """Compute the metrics of everything added since :meth:`start`, write the files, return the JSON content."""
@@ -119,6 +131,16 @@ class MetricsCallback(Callback):
             values.update(compute_metrics(ex, self._real[ex.name], fake, labels if is_class else None,
                                           den.num_classes if is_class else None, self.metrics))
             features[ex.name] = ex.description
+        fidelity = None
+        if self.fidelity is not None:
+            values.update(self.fidelity.compute())
+            index = torch.cat(self._index)
+            order = index.argsort()
+            paired = order[index[order] < len(self.fidelity)]  # generated rows of samples 0..n-1, in order
+            for ex in self.extractors:
+                values.update(distances_to_fp(ex.name, self._fp[ex.name], FeatureStats.cat(self._parts[ex.name]).rows(paired)))
+            fidelity = {"num_samples": len(self.fidelity), "psnr_cap_db": self.fidelity.psnr_cap_db,
+                        "fp_samples": self.fidelity.info}
         counts = torch.bincount(labels, minlength=den.num_classes).tolist() if is_class and len(labels) else None
         result = {
             **self.meta,
@@ -126,6 +148,7 @@ class MetricsCallback(Callback):
             "notes": [*self.notes, *self.notes_extra],
             "features": features,
             "reference": self._ref_info,
+            "fidelity": fidelity,
             "samples": {"count": int(len(labels)), "per_class": counts, "seconds": time.perf_counter() - self._t0},
             "metric_settings": {"k": self.metrics.k, "sfid_channels": self.metrics.sfid_channels,
                                 "inception": self.metrics.inception, "pr_equal_sizes": self.metrics.pr_equal_sizes},
@@ -147,7 +170,7 @@ class MetricsCallback(Callback):
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._den is not None:
-            self.add(outputs["images"], outputs["cond_id"])
+            self.add(outputs["images"], outputs["cond_id"], outputs["index"])
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._den is not None:
@@ -159,8 +182,8 @@ class MetricsCallback(Callback):
         Conditioning.of(denoiser, self.sampling).check_balanced(self.sampling.num_samples, "sampling.num_samples")
         self.start(denoiser, module_device(qmodel), Path(run_dir) / self.subdir)
         self.meta = {**self.meta, "model": {"model": "quantized", "run": str(run_dir), "source": denoiser.source}}
-        for _, cond_id, images in generate(qmodel.eval(), denoiser, self.sampling):
-            self.add(images, cond_id)
+        for index, cond_id, images in generate(qmodel.eval(), denoiser, self.sampling):
+            self.add(images, cond_id, index)
         return self.finish()
 
 

@@ -7,7 +7,8 @@ The YAML holds the keys of :class:`~gaq.eval.evaluate.EvaluateConfig` at the top
 section (``accelerator: auto`` picks the device; ``callbacks`` with ``class_path`` adds callbacks).
 ``--print_config`` prints the resolved config. Writes into the output folder (default
 ``<run>/eval`` or ``runs/eval-fp``): ``metrics.json``, ``metrics.csv``, ``samples_grid.png`` and, for
-a run, ``timestep_error.json`` / ``timestep_error.png``; prints a table, then the folder as the last line.
+a run, ``timestep_error.json`` / ``timestep_error.png`` (the FP samples of the fidelity metrics are
+cached in ``reference.cache_dir``); prints a table, then the folder as the last line.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def build_parser() -> LightningArgumentParser:
     parser = LightningArgumentParser(
         prog="gaq evaluate",
         description="Sample an FP model or a quantized run (gaq calibrate) and compute FID, sFID, precision/recall, "
-                    "class accuracy and the per-step error against the FP model.",
+                    "class accuracy and, for a run, the per-step error and the fidelity (PSNR, SSIM, MSE, FID) "
+                    "to the FP model's samples from the same noise.",
     )
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
     parser.add_class_arguments(EvaluateConfig, None, fail_untyped=True)
@@ -85,6 +87,8 @@ def print_table(result: dict) -> None:
     ts = result.get("timestep_error")
     if ts:
         table.add_row("timestep MSE (mean / max)", f"{_fmt(ts['mean_mse'])} / {_fmt(ts['max_mse'])}")
+        if ts.get("group_mse"):
+            table.add_row(f"timestep MSE per group ({ts['num_groups']})", " ".join(_fmt(v) for v in ts["group_mse"]))
     console = Console()
     console.print(table)
     for note in result.get("notes", []):

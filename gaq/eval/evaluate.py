@@ -4,12 +4,16 @@
 
 1. loads the FP model (``source``) and, with ``run``, the run's quantized model on top of it;
 2. with ``run``, measures the per-step noise-prediction error of the quantized model against the FP
-   model on the FP model's DDIM trajectories (:mod:`gaq.eval.timestep_error`);
-3. samples ``num_samples`` images with ``Trainer.predict`` over a :class:`SamplingModule` (the
+   model on the FP model's DDIM trajectories, per step and per timestep group
+   (:mod:`gaq.eval.timestep_error`);
+3. with ``run`` and ``fidelity.enabled``, draws (or reads from the cache) the FP model's samples of
+   the same sampling settings (:mod:`gaq.eval.fp_samples`), the targets of the fidelity metrics
+   (PSNR / SSIM / MSE per sample, FID to FP: :mod:`gaq.eval.fidelity`);
+4. samples ``num_samples`` images with ``Trainer.predict`` over a :class:`SamplingModule` (the
    Trainer owns the device, precision and progress bar); class-conditional models get the classes
    round-robin (sample ``i`` asks for class ``i % num_classes``; ``num_samples`` must be a multiple
    of the class count, so every class gets the same number of samples);
-4. lets :class:`~gaq.eval.callbacks.MetricsCallback` and
+5. lets :class:`~gaq.eval.callbacks.MetricsCallback` and
    :class:`~gaq.eval.callbacks.SampleGridCallback` turn the samples into ``metrics.json`` /
    ``metrics.csv`` and ``samples_grid.png``.
 
@@ -35,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gaq
 from gaq.errors import GaqError, check
+from gaq.eval.fidelity import FidelityConfig
 from gaq.eval.metrics import FeatureExtractor, FeatureStats, MetricsConfig, extract_all, load_stats, save_stats, stats_digest
 from gaq.eval.runner import ModelRunner
 from gaq.eval.sampling import SamplerConfig, ddim_sample
@@ -410,7 +415,7 @@ def reference_stats(cfg: ReferenceConfig, extractor: FeatureExtractor, sample_sh
     if cfg.cache_dir:
         path = Path(cfg.cache_dir) / f"ref-{extractor.name}-{stats_digest(key_meta)}.safetensors"
         cached = load_stats(path)
-        if cached is not None and _same(cached[1].get("reference"), ident) and _same(cached[1].get("extractor"), extractor.identity()):
+        if cached is not None and same_json(cached[1].get("reference"), ident) and same_json(cached[1].get("extractor"), extractor.identity()):
             return cached[0], {"count": len(cached[0]), "cache": "hit", "file": str(path), "identity": ident}
     stats = extract_all(extractor, images, batch_size)
     if path is not None:
@@ -419,7 +424,8 @@ def reference_stats(cfg: ReferenceConfig, extractor: FeatureExtractor, sample_sh
                    "file": None if path is None else str(path), "identity": ident}
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON-able values serialise alike (cache metadata comparisons)."""
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
@@ -453,6 +459,8 @@ class EvaluateConfig:
         metrics: metric settings (k, sFID channels, Inception).
         grid: the sample grid.
         timestep_error: the per-step error of a quantized run against the FP model.
+        fidelity: PSNR / SSIM / MSE / FID of a quantized run's samples against the FP model's samples
+            from the same noise (FP samples cached in ``reference.cache_dir``).
     """
 
     source: str | None = None
@@ -468,6 +476,7 @@ class EvaluateConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     timestep_error: TimestepErrorConfig = field(default_factory=TimestepErrorConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.num_samples, self.batch_size, self.seed, self.sampler, self.cond_embeddings)
@@ -516,6 +525,8 @@ def run_evaluation(cfg: EvaluateConfig, trainer_kwargs: dict[str, Any], command:
         command: the command line, recorded in ``metrics.json``.
     """
     from gaq.eval.callbacks import MetricsCallback, SampleGridCallback
+    from gaq.eval.fidelity import FidelityMeter
+    from gaq.eval.fp_samples import fp_samples
     from gaq.eval.timestep_error import save_timestep_error, timestep_error
 
     out_dir = cfg.output_dir()
@@ -529,7 +540,8 @@ def run_evaluation(cfg: EvaluateConfig, trainer_kwargs: dict[str, Any], command:
     kwargs = dict(trainer_kwargs)
     user_callbacks = list(kwargs.get("callbacks") or [])
     kwargs["callbacks"] = [metrics_cb, grid_cb, *user_callbacks]
-    if kwargs.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in user_callbacks):
+    progress = kwargs.get("enable_progress_bar") is not False
+    if progress and not any(isinstance(cb, ProgressBar) for cb in user_callbacks):
         kwargs["callbacks"].append(RichProgressBar(leave=False))
     kwargs.setdefault("default_root_dir", str(out_dir))
     trainer = pl.Trainer(**kwargs)
@@ -545,8 +557,17 @@ def run_evaluation(cfg: EvaluateConfig, trainer_kwargs: dict[str, Any], command:
         title = f"{info.get('method')} W{info.get('w_bits')}A{info.get('a_bits')} ({info.get('preset')}) vs FP"
         json_path, png_path = save_timestep_error(result, out_dir, title)
         ts_summary = {"mean_mse": result["mean_mse"], "mean_rel_mse": result["mean_rel_mse"],
-                      "max_mse": result["max_mse"], "seconds": time.perf_counter() - t0,
+                      "max_mse": result["max_mse"], "num_groups": result["num_groups"], "group_mse": result["group_mse"],
+                      "group_steps": result["group_steps"], "seconds": time.perf_counter() - t0,
                       "json": json_path.name, "png": png_path.name}
+    notes = []
+    if cfg.run and cfg.fidelity.enabled:
+        fp_images, fp_info = fp_samples(den, sampling, cfg.fidelity.count(sampling.num_samples), cfg.reference.cache_dir,
+                                        device, str(trainer.precision), trainer.precision_plugin.predict_step_context(),
+                                        progress)
+        metrics_cb.fidelity = FidelityMeter(fp_images, cfg.fidelity.psnr_cap_db, fp_info)
+    else:
+        notes.append("fidelity to FP skipped: " + ("no run (FP evaluation)" if not cfg.run else "fidelity.enabled is false"))
     metrics_cb.meta = {
         "command": command, "model": info, "device": device_name(device), "git_commit": git_commit(),
         "gaq_version": gaq.__version__, "timestep_error": ts_summary,
@@ -554,8 +575,9 @@ def run_evaluation(cfg: EvaluateConfig, trainer_kwargs: dict[str, Any], command:
                      "sampler": asdict(sampling.sampler), "cond_kind": den.cond_kind},
     }
     if ts_summary is None:
-        metrics_cb.notes_extra = ["timestep error skipped: " + ("no run (FP evaluation)" if not cfg.run
-                                                                else "timestep_error.enabled is false")]
+        notes.append("timestep error skipped: " + ("no run (FP evaluation)" if not cfg.run
+                                                   else "timestep_error.enabled is false"))
+    metrics_cb.notes_extra = notes
     module = SamplingModule(model, den, sampling, out_dir)
     trainer.predict(module, dataloaders=module.dataloader(), return_predictions=False)
     return metrics_cb.written

@@ -100,6 +100,11 @@ class FeatureStats:
 
         return FeatureStats(join("features"), join("spatial"), join("logits"))
 
+    def rows(self, index: Tensor) -> "FeatureStats":
+        """The outputs of images ``index`` ``(K,)`` (long), in that order."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return FeatureStats(self.features[index], pick(self.spatial), pick(self.logits))
+
 
 # --------------------------------------------------------------------------------------------
 # Metrics on features
@@ -483,23 +488,19 @@ def stats_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: dict) -> Path:
-    """Write ``stats`` to a safetensors file with ``meta`` (JSON) in its header, atomically."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Path:
+    """Write ``tensors`` to a safetensors file with ``meta`` (JSON, key ``gaq_meta``) in its header, atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"features": stats.features.contiguous()}
-    if stats.spatial is not None:
-        tensors["spatial"] = stats.spatial.contiguous()
-    if stats.logits is not None:
-        tensors["logits"] = stats.logits.contiguous()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(
         tensors, str(tmp), metadata={"gaq_meta": json.dumps(meta, sort_keys=True, default=str)}))
 
 
-def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict] | None:
-    """The stats and meta of a file written by :func:`save_stats`, or None if it is missing or unreadable."""
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict] | None:
+    """The tensors and meta of a file written by :func:`save_tensors`, or None if it is missing or unreadable."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -511,14 +512,31 @@ def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict] | None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception:  # truncated or foreign file: treated as absent and rewritten
         return None
-    if "features" not in tensors:
+    return tensors, meta
+
+
+def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: dict) -> Path:
+    """Write ``stats`` to a safetensors file with ``meta`` (JSON) in its header, atomically."""
+    tensors = {"features": stats.features}
+    if stats.spatial is not None:
+        tensors["spatial"] = stats.spatial
+    if stats.logits is not None:
+        tensors["logits"] = stats.logits
+    return save_tensors(path, tensors, meta)
+
+
+def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict] | None:
+    """The stats and meta of a file written by :func:`save_stats`, or None if it is missing or unreadable."""
+    loaded = load_tensors(path)
+    if loaded is None or "features" not in loaded[0]:
         return None
+    tensors, meta = loaded
     return FeatureStats(tensors["features"], tensors.get("spatial"), tensors.get("logits")), meta
 
 
 __all__ = [
     "ClassifierExtractor", "FeatureExtractor", "FeaturePassthrough", "FeatureStats", "InceptionExtractor",
     "MetricsConfig", "build_extractors", "class_accuracy", "compute_metrics", "extract_all", "frechet_distance",
-    "inception_score", "inception_weights_path", "knn_radii", "load_stats", "manifold_coverage", "precision_recall",
-    "save_stats", "stats_digest",
+    "inception_score", "inception_weights_path", "knn_radii", "load_stats", "load_tensors", "manifold_coverage",
+    "precision_recall", "save_stats", "save_tensors", "stats_digest",
 ]

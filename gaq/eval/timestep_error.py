@@ -7,6 +7,10 @@ predict the noise on it. The result is, per sampling step, the mean squared diff
 ``mean((eps_Q - eps_FP)^2)`` over samples and pixels, and the same relative to the FP prediction's
 power ``mean(eps_FP^2)``. Errors of the quantized model therefore never feed back into the inputs:
 the curve isolates the per-step prediction error from its accumulation along the trajectory.
+
+The same per timestep group: the sampling steps split into G contiguous groups in sampling order
+(:func:`gaq.calib.grouping.contiguous_groups`, GAC's timestep groups), ``group_mse`` the mean of the
+per-step MSE over each group's steps.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import Tensor, nn
 
+from gaq.calib.grouping import contiguous_groups
 from gaq.errors import check
 from gaq.eval.sampling import SamplerConfig, ddim_sample
 from gaq.models.denoiser import predict_noise
@@ -38,11 +43,17 @@ class TimestepErrorConfig:
         enabled: measure it.
         num_samples: trajectories (conditions round-robin, as for the samples).
         batch_size: trajectories per DDIM run.
+        num_groups: G, contiguous timestep groups of ``group_mse`` (at most the sampler's steps:
+            with fewer steps, one group per step).
     """
 
     enabled: bool = True
     num_samples: int = 64
     batch_size: int = 64
+    num_groups: int = 5
+
+    def __post_init__(self):
+        check(self.num_groups >= 1, f"timestep_error.num_groups must be >= 1, got {self.num_groups}")
 
 
 @torch.no_grad()
@@ -61,7 +72,9 @@ def timestep_error(fp_model: nn.Module, q_model: nn.Module, den: Denoiser, sampl
 
     Returns:
         ``{"steps": [{"step", "t", "mse", "rel_mse"}], "mean_mse", "mean_rel_mse", "max_mse",
-        "num_samples", "sampler"}``; ``step`` 0 is the first model call (pure noise).
+        "num_groups", "group_mse", "group_steps", "num_samples", "sampler"}``; ``step`` 0 is the first
+        model call (pure noise); ``group_mse[g]`` is the mean MSE of group ``g``'s steps
+        ``group_steps[g] = [first, last]``.
     """
     from gaq.eval.evaluate import module_device, sample_noise
 
@@ -93,7 +106,11 @@ def timestep_error(fp_model: nn.Module, q_model: nn.Module, den: Denoiser, sampl
     mse = sq_err / count.clamp(min=1)
     rel = sq_err / fp_power.clamp(min=1e-30)
     steps = [{"step": i, "t": int(timesteps[i]), "mse": float(mse[i]), "rel_mse": float(rel[i])} for i in range(n_steps)]
+    groups = contiguous_groups(n_steps, min(cfg.num_groups, n_steps))
+    members = [(groups == g).nonzero().flatten() for g in range(int(groups.max()) + 1)]
     return {"steps": steps, "mean_mse": float(mse.mean()), "mean_rel_mse": float(rel.mean()), "max_mse": float(mse.max()),
+            "num_groups": len(members), "group_mse": [float(mse[m].mean()) for m in members],
+            "group_steps": [[int(m[0]), int(m[-1])] for m in members],
             "num_samples": cfg.num_samples, "sampler": asdict(sampler)}
 
 
@@ -116,6 +133,8 @@ def save_timestep_error(result: Mapping, out_dir: str | Path, title: str = "quan
         axis.set_xlabel("DDIM step (0 = pure noise)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+        for first, _ in result.get("group_steps", [])[1:]:  # timestep-group boundaries
+            axis.axvline(first - 0.5, color="grey", ls="--", lw=0.8)
         ticks = steps[:: max(1, len(steps) // 6)]
         axis.set_xticks(ticks, [f"{i}\nt={result['steps'][i]['t']}" for i in ticks], fontsize=7)
     fig.suptitle(f"{title}: {result['num_samples']} FP trajectories")
