@@ -85,7 +85,11 @@ class TableConfig:
 
     Attributes:
         source: the FP model (folder or hub id; default the shipped digits model).
-        methods: calibration methods (``rtn``, ``uniform``, ``gac``).
+        methods: calibration methods (``rtn``, ``uniform``, ``gac``), or a method with a named variant,
+            ``<method>@<name>`` (e.g. ``gac@carry``): the method with ``variants[name]``'s arguments.
+        variants: variant name -> more ``gaq calibrate`` arguments (one shell-quoted string, applied
+            after ``calibrate_args``), e.g. ``{carry: "--gac.meta_lr 5e-3 --gac.carry_over true"}``;
+            a variant and its method share every seed, so they pair on the same calibration set.
         bits: bit settings ``W<w>A<a>`` (A32: weights only).
         seeds: calibration seeds; mean and spread are over these.
         presets: protocol presets every method runs under.
@@ -114,6 +118,7 @@ class TableConfig:
 
     source: str = "checkpoints/default"
     methods: list[str] = field(default_factory=lambda: ["rtn", "uniform", "gac"])
+    variants: dict[str, str] = field(default_factory=dict)
     bits: list[str] = field(default_factory=lambda: ["W4A32", "W4A8", "W8A8"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     presets: list[str] = field(default_factory=lambda: ["tfmq_compat"])
@@ -165,11 +170,16 @@ def run_specs(cfg: TableConfig) -> list[RunSpec]:
     """Every (preset, method, bits, seed) of the table, in table order."""
     for b in cfg.bits:
         parse_bits(b)
+    known = {"rtn", "uniform", "gac"}
     for m in [*cfg.methods, *(m for ms in cfg.extra_presets.values() for m in ms)]:
-        check(m in ("rtn", "uniform", "gac"), f"unknown method {m!r}; use rtn, uniform or gac")
+        base, _, variant = m.partition("@")
+        check(base in known, f"unknown method {m!r}; use rtn, uniform or gac, or <method>@<variant>")
+        check(not variant or variant in cfg.variants,
+              f"method {m!r} names variant {variant!r}, which --variants does not define (has: {sorted(cfg.variants)})")
+        known.add(m)
     for pair in cfg.pairs:
-        check(len(pair) == 2 and pair[0] != pair[1] and set(pair) <= {"rtn", "uniform", "gac"},
-              f"--pairs entry {pair!r} must be two different methods of rtn, uniform, gac, e.g. [[gac, uniform]]")
+        check(len(pair) == 2 and pair[0] != pair[1] and set(pair) <= known,
+              f"--pairs entry {pair!r} must be two different methods of {', '.join(sorted(known))}, e.g. [[gac, uniform]]")
     rows = [(p, m) for p in cfg.presets for m in cfg.methods]
     rows += [(p, m) for p, ms in cfg.extra_presets.items() for m in ms if (p, m) not in rows]
     return [RunSpec(p, m, b, s) for p, m in rows for b in cfg.bits for s in cfg.seeds]
@@ -178,18 +188,19 @@ def run_specs(cfg: TableConfig) -> list[RunSpec]:
 def calibrate_args(cfg: TableConfig, spec: RunSpec) -> list[str]:
     """The ``gaq calibrate`` arguments of one run (without ``--run_dir``)."""
     s = str(spec.seed)
-    args = ["--config", cfg.calibrate_config, "--method", spec.method, "--quant.preset", spec.preset,
+    method, _, variant = spec.method.partition("@")
+    args = ["--config", cfg.calibrate_config, "--method", method, "--quant.preset", spec.preset,
             "--quant.w_bits", str(spec.w_bits), "--quant.a_bits", str(spec.a_bits), "--data.source", cfg.source,
             "--seed_everything", s, "--data.calib.seed", s, "--data.split.seed", s, "--model.recon.seed", s]
     if cfg.iters is not None:
         args += ["--model.recon.iters", str(cfg.iters)]
-    if cfg.meta_iters is not None and spec.method == "gac":
+    if cfg.meta_iters is not None and method == "gac":
         args += ["--gac.meta_iters", str(cfg.meta_iters)]
     if cfg.accelerator is not None:
         args += ["--trainer.accelerator", cfg.accelerator]
     if cfg.devices is not None:
         args += ["--trainer.devices", str(cfg.devices)]
-    return args + shlex.split(cfg.calibrate_args)
+    return args + shlex.split(cfg.calibrate_args) + (shlex.split(cfg.variants[variant]) if variant else [])
 
 
 def evaluate_args(cfg: TableConfig, run_dir: Path | None, out_dir: Path) -> list[str]:
