@@ -95,10 +95,23 @@ def test_testbed_config_is_the_cifar10_ddpm_architecture_at_base_64():
     assert dict(Counter(u.kind for u in units)) == {"time": 1, "resnet": 22, "attention": 6, "sampler": 3}
 
 
-def test_train_testbed_quick_end_to_end(tmp_path, capsys):
-    out, bench = tmp_path / "ckpt", tmp_path / "bench"
-    gaq.cli.main(["train-testbed", "--config", QUICK, "--out_dir", str(out), "--bench_dir", str(bench)])
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+@pytest.fixture(scope="module")
+def quick_testbed(tmp_path_factory):
+    """A tiny testbed trained by ``gaq train-testbed`` (configs/testbed/train_quick.yaml): (model folder, bench folder, stdout)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("testbed")
+    out, bench = root / "ckpt", root / "bench"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        gaq.cli.main(["train-testbed", "--config", QUICK, "--out_dir", str(out), "--bench_dir", str(bench)])
+    return out, bench, stdout.getvalue()
+
+
+def test_train_testbed_quick_end_to_end(quick_testbed):
+    out, bench, stdout = quick_testbed
+    assert stdout.strip().splitlines()[-1] == str(out)
 
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # stored in float16
@@ -125,3 +138,31 @@ def test_train_testbed_refuses_a_class_conditional_unet(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "unconditional" in err and len(err.strip().splitlines()) == 1
+
+
+def test_testbed_calibrate_and_evaluate_configs_run_on_a_trained_testbed(quick_testbed, tmp_path):
+    """configs/testbed/{calibrate,evaluate}.yaml on the tiny trained testbed (only sizes overridden): the run
+    quantizes, and the evaluation measures FID against the held-out photo crops and fidelity to FP."""
+    out, _, _ = quick_testbed
+    run = tmp_path / "run"
+    gaq.cli.main(["calibrate", "--config", str(REPO / "configs/testbed/calibrate.yaml"), "--method", "gac",
+                  "--data.source", str(out), "--data.cache_dir", str(tmp_path / "calib"), "--data.calib.steps", "10",
+                  "--data.calib.interval", "2", "--data.calib.samples_per_step", "8", "--data.calib.batch_size", "8",
+                  "--data.split.val_fraction", "0.25", "--model.recon.iters", "2", "--model.recon.batch_size", "4",
+                  "--gac.meta_iters", "1", "--gac.meta_batch", "4", "--diagnostics.enabled", "false",
+                  "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--run_dir", str(run)])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "gac"
+    crops = ["--reference.photo_crops.image_size", "16", "--reference.photo_crops.min_side", "20",
+             "--reference.photo_crops.max_side", "64", "--reference.photo_crops.num_held_out", "40"]
+    gaq.cli.main(["evaluate", "--config", str(REPO / "configs/testbed/evaluate.yaml"), "--source", str(out),
+                  "--features", str(out / "classifier"), "--run", str(run), "--num_samples", "20", "--batch_size", "20",
+                  "--sampler.steps", "4", "--timestep_error.num_samples", "4", "--timestep_error.batch_size", "4",
+                  "--reference.cache_dir", str(tmp_path / "cache"), *crops, "--trainer.accelerator", "cpu",
+                  "--trainer.enable_progress_bar", "false"])
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["reference"]["classifier"]["identity"]["kind"] == "photo_crops"
+    assert metrics["reference"]["classifier"]["count"] == 40
+    values = metrics["metrics"]
+    assert values["fid"] > 0 and values["accuracy"] is None  # unconditional: no requested classes
+    assert values["fid_to_fp"] >= 0 and 0 < values["ssim"] <= 1 and values["sample_mse"] >= 0

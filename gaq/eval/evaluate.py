@@ -45,6 +45,7 @@ from gaq.eval.runner import ModelRunner
 from gaq.eval.sampling import SamplerConfig, ddim_sample
 from gaq.eval.timestep_error import TimestepErrorConfig
 from gaq.models.digits import DigitsData, Upsample, load_digit_images, split_indices
+from gaq.models.photos import PhotoCrops, make_crops
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
 
@@ -299,8 +300,11 @@ class ReferenceConfig:
     """Where the real images of the reference statistics come from, and where their features are cached.
 
     Attributes:
-        kind: ``digits`` (the default model's data, ``gaq.models.digits``, at the model's resolution)
-            or ``images`` (a file or folder, see ``path``).
+        kind: ``digits`` (the default model's data, ``gaq.models.digits``, at the model's resolution),
+            ``photo_crops`` (the testbed's held-out photo crops, ``gaq.models.photos``, drawn as
+            ``photo_crops`` says) or ``images`` (a file or folder, see ``path``).
+        photo_crops: photo_crops only: the crops (the testbed's training settings; the held-out set
+            of ``num_held_out`` crops from ``held_out_seed`` is the reference).
         split: digits only: ``all`` 1,797 images, ``train`` or ``held_out`` (the train-default split).
         upsample: digits only: interpolation from 8x8 (as the default model was trained).
         val_fraction / split_seed: digits only: the held-out split (as in train-default).
@@ -313,7 +317,8 @@ class ReferenceConfig:
             it is reused when they match and recomputed when they do not.
     """
 
-    kind: Literal["digits", "images"] = "digits"
+    kind: Literal["digits", "photo_crops", "images"] = "digits"
+    photo_crops: PhotoCrops = field(default_factory=PhotoCrops)
     split: Literal["all", "train", "held_out"] = "all"
     upsample: Upsample = "bilinear"
     val_fraction: float = 0.15
@@ -388,6 +393,13 @@ def load_reference_images(cfg: ReferenceConfig, sample_shape: tuple[int, int, in
         ident = {"kind": "digits", "image_size": h, "upsample": cfg.upsample, "split": cfg.split}
         if cfg.split != "all":
             ident.update(val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    elif cfg.kind == "photo_crops":
+        crops = cfg.photo_crops
+        check((c, h, w) == (3, crops.image_size, crops.image_size),
+              f"reference.kind photo_crops makes 3x{crops.image_size}x{crops.image_size} crops, the model samples "
+              f"{tuple(sample_shape)}; set reference.photo_crops.image_size to the model's size")
+        images, _ = make_crops(crops, crops.num_held_out, crops.held_out_seed)
+        ident = {"kind": "photo_crops", **asdict(crops)}
     else:
         check(cfg.path is not None, "reference.kind images needs reference.path (a .npz, .safetensors or image folder)")
         images, ident = _load_image_source(Path(cfg.path).expanduser())
