@@ -169,6 +169,8 @@ def test_evaluate_fp_and_a_calibrated_run_end_to_end(tmp_path, model_dir, capsys
     fp = json.loads((tmp_path / "fp" / "metrics.json").read_text())
     assert fp["model"]["model"] == "fp" and fp["samples"]["count"] == 20 and fp["samples"]["per_class"] == [2] * 10
     assert fp["timestep_error"] is None and any("timestep error skipped" in n for n in fp["notes"])
+    assert fp["fidelity"] is None and any(n == "fidelity to FP skipped: no run (FP evaluation)" for n in fp["notes"])
+    assert "psnr" not in fp["metrics"] and "fid_to_fp" not in fp["metrics"]
     assert fp["reference"]["classifier"]["cache"] == "miss"
     assert (tmp_path / "fp" / "samples_grid.png").is_file() and (tmp_path / "fp" / "metrics.csv").is_file()
 
@@ -185,6 +187,34 @@ def test_evaluate_fp_and_a_calibrated_run_end_to_end(tmp_path, model_dir, capsys
         assert isinstance(q["metrics"][key], float)
     ts = json.loads((run / "eval" / "timestep_error.json").read_text())
     assert len(ts["steps"]) == 5 and ts["mean_mse"] > 0 and q["timestep_error"]["mean_mse"] == ts["mean_mse"]
+    assert ts["num_groups"] == 5 and len(ts["group_mse"]) == 5 and q["timestep_error"]["group_mse"] == ts["group_mse"]
+    # fidelity to the FP samples of the same noise: every sample compared, FP samples drawn and cached
+    m = q["metrics"]
+    assert m["fidelity_samples"] == 20 and q["fidelity"]["num_samples"] == 20
+    assert 0 < m["sample_mse"] and 0 < m["psnr"] < 100 and m["psnr_capped"] == 0 and 0 < m["ssim"] < 1
+    assert m["psnr_ci95"] > 0 and m["ssim_ci95"] > 0 and m["sample_mse_ci95"] > 0
+    assert m["fid_to_fp"] > 0 and m["sfid_to_fp"] > 0
+    assert q["fidelity"]["fp_samples"]["cache"] == "miss" and Path(q["fidelity"]["fp_samples"]["file"]).is_file()
+    assert not any("fidelity to FP skipped" in n for n in q["notes"])
+    rows = (run / "eval" / "metrics.csv").read_text()
+    assert "\npsnr," in rows and "\nfid_to_fp," in rows
+    # a second evaluation of the run reuses the FP samples and measures the same; a new seed draws new ones
+    gaq_main(["evaluate", "--config", str(cfg), "--run", str(run), "--out_dir", str(tmp_path / "again"),
+              "--timestep_error.enabled", "false"])
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["fidelity"]["fp_samples"]["cache"] == "hit"
+    assert {k: again["metrics"][k] for k in ("psnr", "ssim", "sample_mse", "fid_to_fp")} == \
+        {k: m[k] for k in ("psnr", "ssim", "sample_mse", "fid_to_fp")}
+    gaq_main(["evaluate", "--config", str(cfg), "--run", str(run), "--out_dir", str(tmp_path / "seed1"),
+              "--seed", "1", "--timestep_error.enabled", "false", "--fidelity.num_samples", "10"])
+    seed1 = json.loads((tmp_path / "seed1" / "metrics.json").read_text())
+    assert seed1["fidelity"]["fp_samples"]["cache"] == "miss" and seed1["metrics"]["fidelity_samples"] == 10
+    gaq_main(["evaluate", "--config", str(cfg), "--run", str(run), "--out_dir", str(tmp_path / "off"),
+              "--timestep_error.enabled", "false", "--fidelity.enabled", "false"])
+    off = json.loads((tmp_path / "off" / "metrics.json").read_text())
+    assert off["fidelity"] is None and "psnr" not in off["metrics"]
+    assert any(n == "fidelity to FP skipped: fidelity.enabled is false" for n in off["notes"])
+    capsys.readouterr()
     assert (run / "eval" / "timestep_error.png").stat().st_size > 0
     # the same seed and sampler: the quantized W4A8 samples differ from the FP ones, but not wildly
     assert q["metrics"] != fp["metrics"]
@@ -215,7 +245,7 @@ def test_method_table_at_tiny_settings(tmp_path, model_dir):
             "--calibrate_config", str(write_calibrate_config(tmp_path, model_dir)),
             "--evaluate_config", str(write_eval_config(tmp_path, model_dir)),
             "--runs_root", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "results"),
-            "--evaluate_args=--grid.per_class 1"]
+            "--evaluate_args=--grid.per_class 1", "--pairs", "[[uniform, rtn]]"]
     result = method_table.main(argv)
     assert [r["status"] for r in result["runs"]] == ["ok"] * 4 and result["fp"] is not None
     rows = {(r["method"], r["bits"]): r for r in result["rows"]}
@@ -230,6 +260,15 @@ def test_method_table_at_tiny_settings(tmp_path, model_dir):
     assert result["fp"]["command"].endswith("--grid.per_class 1")          # arguments passed through
     # seeds reach the calibration: the two seeds' calibration sets differ, so do their runs
     assert len({r["run_dir"] for r in result["runs"]}) == 4
+    # the fidelity columns and the paired section: uniform vs rtn over the two shared seeds
+    assert rows[("uniform", "W8A8")]["columns"]["psnr"]["n"] == 2 and rows[("rtn", "W8A8")]["columns"]["fid_to_fp"]["n"] == 2
+    [pair] = result["paired"]
+    assert (pair["a"], pair["b"], pair["bits"], pair["seeds"]) == ("uniform", "rtn", "W8A8", [0, 1])
+    runs = {(r["method"], r["seed"]): r for r in result["runs"]}
+    assert pair["diff"]["sample_mse"]["values"] == pytest.approx(
+        [runs[("uniform", s)]["sample_mse"] - runs[("rtn", s)]["sample_mse"] for s in (0, 1)])
+    assert pair["gap_closed"]["sample_mse"]["n"] == 2 and "## Paired differences" in md
+    assert saved["paired"][0]["gap_closed"]["psnr"]["same_as"] == "sample_mse"
     # a second call reuses every run and evaluation
     again = method_table.main(argv)
     assert all(r["calibration_reused"] for r in again["runs"])
