@@ -268,11 +268,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 def evaluate_once(cfg: TableConfig, run_dir: Path | None, out_dir: Path, log_path: Path) -> tuple[dict | None, CommandResult | None]:
-    """``metrics.json`` of an evaluation, reused when it was made by the same command."""
+    """``metrics.json`` of an evaluation, reused when it was made by the same command (and, for a run, by
+    a gaq that reports the fidelity to FP: older files lack its ``fidelity`` entry)."""
     args = evaluate_args(cfg, run_dir, out_dir)
     command = shlex.join(["gaq", "evaluate", *args])
     existing = _read_json(out_dir / "metrics.json")
-    if cfg.reuse and existing is not None and existing.get("command") == command:
+    if (cfg.reuse and existing is not None and existing.get("command") == command
+            and (run_dir is None or "fidelity" in existing)):
         return existing, None
     result = run_gaq("evaluate", args, cfg.in_process, log_path)
     return (_read_json(out_dir / "metrics.json") if result.ok else None), result
