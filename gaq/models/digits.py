@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader
 
 from gaq.errors import check
+from gaq.models.batches import ImageSplit, image_loader
 
 NUM_DIGIT_CLASSES = 10
 DIGITS_MAX_VALUE = 16.0  # load_digits() pixel values are integers in [0, 16]
@@ -80,43 +81,11 @@ def split_indices(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tenso
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
 
 
-@dataclass
-class DigitsSplit:
-    """Images and labels of one split: ``images`` ``(N, 1, S, S)`` in [-1, 1], ``labels`` ``(N,)``."""
-
-    images: Tensor
-    labels: Tensor
-
-
-class _BatchTensors(Dataset):
-    """``(images, labels)`` fetched a whole batch of indices at a time (DataLoader's ``__getitems__``
-    path): one gather per batch instead of one indexing call and a collate per image, which matters
-    when a small model trains at hundreds of steps a second."""
-
-    def __init__(self, split: DigitsSplit):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.split.images[i], self.split.labels[i]
-
-    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
-        i = torch.as_tensor(idx, dtype=torch.long)
-        return self.split.images[i], self.split.labels[i]
-
-
-def _as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """collate_fn of :class:`_BatchTensors`: the batch is already stacked."""
-    return batch
-
-
-def load_digits_splits(data: DigitsData) -> tuple[DigitsSplit, DigitsSplit]:
+def load_digits_splits(data: DigitsData) -> tuple[ImageSplit, ImageSplit]:
     """The ``(train, held_out)`` splits described by ``data``."""
     images, labels = load_digit_images(data.image_size, data.upsample)
     train, val = split_indices(labels, data.val_fraction, data.split_seed)
-    return DigitsSplit(images[train], labels[train]), DigitsSplit(images[val], labels[val])
+    return ImageSplit(images[train], labels[train]), ImageSplit(images[val], labels[val])
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -148,8 +117,8 @@ class DigitsDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.samples_per_epoch = samples_per_epoch
         self.num_workers = num_workers
-        self.train_split: DigitsSplit | None = None
-        self.held_out: DigitsSplit | None = None
+        self.train_split: ImageSplit | None = None
+        self.held_out: ImageSplit | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_split is None:
@@ -157,15 +126,4 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        dataset = _BatchTensors(self.train_split)
-        num = self.samples_per_epoch or len(dataset)
-        check(num >= self.batch_size, f"data.samples_per_epoch ({num}) must be >= data.batch_size ({self.batch_size})")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=RandomSampler(dataset, num_samples=num),
-            drop_last=True,
-            collate_fn=_as_batch,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return image_loader(self.train_split, self.batch_size, self.samples_per_epoch, num_workers=self.num_workers)

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader
 
 from gaq.errors import check
+from gaq.models.batches import ImageSplit, image_loader
 
 #: the photographs, in class order: (library, loader name)
 PHOTO_SOURCES: tuple[tuple[str, str], ...] = (
@@ -143,41 +144,6 @@ def make_crops(cfg: PhotoCrops, count: int, seed: int) -> tuple[Tensor, Tensor]:
     return out, labels
 
 
-@dataclass
-class CropSplit:
-    """Images ``(N, 3, S, S)`` in [-1, 1] and their source photographs ``(N,)``."""
-
-    images: Tensor
-    labels: Tensor
-
-
-class _BatchCrops(Dataset):
-    """``(images, labels)`` fetched a whole batch of indices at a time (DataLoader's ``__getitems__``),
-    each image flipped horizontally with probability ``hflip`` (a torch RNG draw: seeded by Lightning)."""
-
-    def __init__(self, split: CropSplit, hflip: float):
-        self.split, self.hflip = split, hflip
-
-    def __len__(self) -> int:
-        return len(self.split.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.__getitems__([i])[0][0], self.split.labels[i]
-
-    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
-        i = torch.as_tensor(idx, dtype=torch.long)
-        x = self.split.images[i]
-        if self.hflip > 0:
-            flip = torch.rand(len(i)) < self.hflip
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return x, self.split.labels[i]
-
-
-def _as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """collate_fn of :class:`_BatchCrops`: the batch is already stacked."""
-    return batch
-
-
 class PhotoCropsDataModule(pl.LightningDataModule):
     """Batches ``(images (B, 3, S, S) in [-1, 1], labels (B,))`` of the photo-crop training set.
 
@@ -213,8 +179,8 @@ class PhotoCropsDataModule(pl.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.hflip = hflip
         self.num_workers = num_workers
-        self.train_split: CropSplit | None = None
-        self.held_out: CropSplit | None = None
+        self.train_split: ImageSplit | None = None
+        self.held_out: ImageSplit | None = None
 
     def with_batch_size(self, batch_size: int) -> "PhotoCropsDataModule":
         """The same data (splits shared, not redrawn) at another batch size, one pass per epoch."""
@@ -227,14 +193,9 @@ class PhotoCropsDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_split is None:
             c = self.crops
-            self.train_split = CropSplit(*make_crops(c, c.num_train, c.train_seed))
-            self.held_out = CropSplit(*make_crops(c, c.num_held_out, c.held_out_seed))
+            self.train_split = ImageSplit(*make_crops(c, c.num_train, c.train_seed))
+            self.held_out = ImageSplit(*make_crops(c, c.num_held_out, c.held_out_seed))
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        dataset = _BatchCrops(self.train_split, self.hflip)
-        num = self.samples_per_epoch or len(dataset)
-        check(num >= self.batch_size, f"data.samples_per_epoch ({num}) must be >= data.batch_size ({self.batch_size})")
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=RandomSampler(dataset, num_samples=num),
-                          drop_last=True, collate_fn=_as_batch, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return image_loader(self.train_split, self.batch_size, self.samples_per_epoch, self.hflip, self.num_workers)

@@ -72,13 +72,18 @@ class SampleReport:
 
 
 class TrainDefaultCLI(LightningCLI):
-    """LightningCLI of ``gaq train-default``: adds ``classifier``, ``report``, ``out_dir`` and ``bench_dir``."""
+    """LightningCLI of ``gaq train-default``: adds ``classifier``, ``report`` (a :attr:`report_class`),
+    ``out_dir`` and ``bench_dir`` (defaults :attr:`out_dir` / :attr:`bench_dir`)."""
+
+    report_class: type = SampleReport
+    out_dir: str = "checkpoints/default"
+    bench_dir: str = "bench/default_model"
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(ClassifierTraining, "classifier")
-        parser.add_class_arguments(SampleReport, "report")
-        parser.add_argument("--out_dir", type=str, default="checkpoints/default", help="model output folder")
-        parser.add_argument("--bench_dir", type=str, default="bench/default_model", help="report output folder")
+        parser.add_class_arguments(self.report_class, "report")
+        parser.add_argument("--out_dir", type=str, default=self.out_dir, help="model output folder")
+        parser.add_argument("--bench_dir", type=str, default=self.bench_dir, help="report output folder")
 
 
 @torch.no_grad()

@@ -37,18 +37,17 @@ from typing import Literal
 import diffusers
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningCLI
 
 from gaq.errors import check
 from gaq.eval.evaluate import SamplingConfig, generate
 from gaq.eval.features import CLASSIFIER_SUBFOLDER, class_accuracy, fid_with_features, load_digit_features
 from gaq.eval.grid import save_grid
 from gaq.eval.sampling import SamplerConfig
-from gaq.models.classifier import ClassifierTraining, save_classifier
+from gaq.models.classifier import save_classifier
 from gaq.models.default_model import DigitsDDPM
 from gaq.models.loading import load_denoiser, save_denoiser
 from gaq.models.photos import NUM_PHOTO_CLASSES, PHOTO_NAMES, PhotoCropsDataModule
-from gaq.models.train_default import CONFIG_FILE, GRID_FILE, REPORT_FILE, _param_count, fit_classifier
+from gaq.models.train_default import CONFIG_FILE, GRID_FILE, REPORT_FILE, TrainDefaultCLI, _param_count, fit_classifier
 from gaq.provenance import device_name
 
 DATA_GRID_FILE = "data_grid.png"
@@ -81,15 +80,16 @@ class TestbedReport:
     grid_scale: int = 3
 
 
-class TrainTestbedCLI(LightningCLI):
-    """LightningCLI of ``gaq train-testbed``: adds ``classifier``, ``report``, ``storage_dtype``, ``out_dir``, ``bench_dir``."""
+class TrainTestbedCLI(TrainDefaultCLI):
+    """LightningCLI of ``gaq train-testbed``: train-default's keys (with its own report and folders) and ``storage_dtype``."""
+
+    report_class = TestbedReport
+    out_dir = "checkpoints/testbed"
+    bench_dir = "bench/testbed"
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_class_arguments(ClassifierTraining, "classifier")
-        parser.add_class_arguments(TestbedReport, "report")
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--storage_dtype", type=StorageDtype, default="float16", help="dtype of the stored weights")
-        parser.add_argument("--out_dir", type=str, default="checkpoints/testbed", help="model output folder")
-        parser.add_argument("--bench_dir", type=str, default="bench/testbed", help="report output folder")
 
 
 def _check_config(cfg) -> None:
