@@ -188,21 +188,28 @@ def _spread(result: dict, method: str, bits: str) -> str:
 
 
 def copy_figures(result: dict, out: Path) -> list[str]:
-    """The paper's Fig. 1a and Fig. 2 from the first GAC run with diagnostics: its first weighted unit's
-    conflict matrix and weight-vs-alignment PNGs, copied to ``out``."""
+    """The paper's figures from the GAC runs' diagnostics (first weighted unit of each variant's first run
+    with diagnostics), copied to ``out``: Fig. 1a (per-timestep gradient conflict of the block, before and
+    after its reconstruction) once, Fig. 2 (learned weight against gradient alignment) per variant."""
+    names: list[str] = []
+    seen: set[str] = set()
     for r in result["runs"]:
         diag = Path(r.get("run_dir") or "") / "diagnostics"
-        if r["method"].startswith("gac") and r["status"] == "ok" and diag.is_dir():
-            conflict = sorted(diag.glob("*conflict*.png"))
-            alignment = sorted(diag.glob("*alignment*.png"))
-            if conflict and alignment:
-                out.mkdir(parents=True, exist_ok=True)
-                names = []
-                for src, dst in ((conflict[0], "fig1a_gradient_conflict.png"), (alignment[0], "fig2_weight_vs_alignment.png")):
-                    shutil.copyfile(src, out / dst)
-                    names.append(f"{dst} (from {src})")
-                return names
-    return []
+        method = r["method"]
+        if not method.startswith("gac") or method in seen or r["status"] != "ok" or not diag.is_dir():
+            continue
+        conflict, alignment = sorted(diag.glob("*-conflict.png")), sorted(diag.glob("*-weight_vs_alignment.png"))
+        if not (conflict and alignment):
+            continue
+        seen.add(method)
+        out.mkdir(parents=True, exist_ok=True)
+        todo = [(alignment[0], f"fig2_weight_vs_alignment_{method.replace('@', '_')}.png")]
+        if not names:
+            todo.insert(0, (conflict[0], "fig1a_gradient_conflict.png"))
+        for src, dst in todo:
+            shutil.copyfile(src, out / dst)
+            names.append(f"{dst} (from {src})")
+    return names
 
 
 def report(cfg: StudyConfig, results: dict[str, dict], figures: list[str], argv: list[str]) -> str:
