@@ -244,6 +244,8 @@ def report(cfg: StudyConfig, results: dict[str, dict], figures: list[str], argv:
         steps = int(_variant_setting(args, "--gac.meta_iters", cfg.meta_iters or _config_meta_iters(cfg)))
         reach = adam_reach(lr, steps, tau)
         lines.append(f"| {v} | {lr:g} | {steps} | {tau:g} | {reach['max_move']:.4g} | {reach['max_min_ratio']:.4f} |")
+    lines += ["", "These are per unit. With `gac.carry_over` the logits keep moving over every weighted unit, so a run's "
+              "reach is the meta steps of all its units (e.g. 21 units x 30 steps at 5e-3: a move of up to 3.15)."]
     paper = adam_reach(5e-6, 1500)
     lines += ["", f"At the paper's own settings (lr 5e-6, 1,500 meta steps, tau 1) the bound is a move of {paper['max_move']:.4g} "
               f"and a max/min weight ratio of {paper['max_min_ratio']:.4f}: the weights cannot leave a band of about "
