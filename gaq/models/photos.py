@@ -184,7 +184,7 @@ class PhotoCropsDataModule(pl.LightningDataModule):
 
     def with_batch_size(self, batch_size: int) -> "PhotoCropsDataModule":
         """The same data (splits shared, not redrawn) at another batch size, one pass per epoch."""
-        other = PhotoCropsDataModule(**{**vars(self.crops)}, batch_size=batch_size, hflip=self.hflip,
+        other = PhotoCropsDataModule(**vars(self.crops), batch_size=batch_size, hflip=self.hflip,
                                      num_workers=self.num_workers)
         self.setup()
         other.train_split, other.held_out = self.train_split, self.held_out
