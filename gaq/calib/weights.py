@@ -73,7 +73,7 @@ class LearnedSampleWeights(nn.Module):
             one logit per tuple (the paper). The weights stay ``N * softmax`` over the N tuples of the
             tied logits, so their mean over the tuples is one.
 
-    Buffers (all in the state dict except the derived ``slot_of``):
+    Buffers (all in the state dict except the derived ``tie`` and ``slot_of``):
         s: logits, ``(K,)`` float32: one per training tuple in the order of ``indices`` (K = N), or one
             per tie class.
         indices: the global index of each slot, ``(N,)`` long.
@@ -105,7 +105,7 @@ class LearnedSampleWeights(nn.Module):
         slot_of[indices] = torch.arange(indices.numel())
         self.register_buffer("s", torch.full((int(tie.max()) + 1,), self.s_init, dtype=torch.float32))
         self.register_buffer("indices", indices.clone())
-        self.register_buffer("tie", tie.clone())
+        self.register_buffer("tie", tie.clone(), persistent=False)
         self.register_buffer("slot_of", slot_of, persistent=False)
 
     @property

@@ -106,14 +106,20 @@ class PhotoCrops:
 
 
 def photo_pyramid(cfg: PhotoCrops) -> list[list[Tensor]]:
-    """``pyramid[c][k]``: photograph ``c`` resized (bilinear, antialiased) to short side ``cfg.sides()[k]``."""
+    """``pyramid[c][k]``: photograph ``c`` resized (bilinear, antialiased) to short side ``cfg.sides()[k]``
+    (computed once per crop size and scales: the training and held-out sets share it; do not modify)."""
+    return _pyramid(cfg.image_size, tuple(cfg.sides()))
+
+
+@lru_cache(maxsize=2)
+def _pyramid(image_size: int, sides: tuple[int, ...]) -> list[list[Tensor]]:
     pyramid = []
     for photo in load_photos():
         h, w = photo.shape[1:]
         levels = []
-        for side in cfg.sides():
+        for side in sides:
             scale = side / min(h, w)
-            size = (max(cfg.image_size, round(h * scale)), max(cfg.image_size, round(w * scale)))
+            size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
             levels.append(F.interpolate(photo[None], size=size, mode="bilinear", antialias=True,
                                         align_corners=False)[0].clamp(-1, 1))
         pyramid.append(levels)

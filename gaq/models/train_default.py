@@ -206,6 +206,15 @@ def evaluate_fp(
     }
 
 
+def check_image_sizes(cfg) -> None:
+    """Raise unless the parsed config's UNet, data and classifier share one image size."""
+    check(
+        cfg.model.unet.sample_size == cfg.data.image_size == cfg.classifier.model.image_size,
+        f"model.unet.sample_size ({cfg.model.unet.sample_size}), data.image_size ({cfg.data.image_size}) and "
+        f"classifier.model.image_size ({cfg.classifier.model.image_size}) must be equal",
+    )
+
+
 def main(argv: list[str]) -> None:
     """Entry point of ``gaq train-default`` (``argv`` without the subcommand)."""
     # gaq.cli hands over argv on purpose; LightningCLI would warn that sys.argv holds arguments too.
@@ -220,11 +229,7 @@ def main(argv: list[str]) -> None:
         parser_kwargs={"prog": "gaq train-default", "description": "Train the shipped default model (digits DDPM + classifier)."},
     )
     cfg, init = cli.config, cli.config_init  # raw values / instantiated dataclasses
-    check(
-        cfg.model.unet.sample_size == cfg.data.image_size == cfg.classifier.model.image_size,
-        f"model.unet.sample_size ({cfg.model.unet.sample_size}), data.image_size ({cfg.data.image_size}) and "
-        f"classifier.model.image_size ({cfg.classifier.model.image_size}) must be equal",
-    )
+    check_image_sizes(cfg)
     trainer = cli.trainer
     check(trainer.world_size == 1, "train-default trains on one device (the model is small); set --trainer.devices=1")
     out_dir, bench_dir = Path(cfg.out_dir), Path(cfg.bench_dir)

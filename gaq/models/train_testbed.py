@@ -47,7 +47,8 @@ from gaq.models.classifier import save_classifier
 from gaq.models.default_model import DigitsDDPM
 from gaq.models.loading import load_denoiser, save_denoiser
 from gaq.models.photos import NUM_PHOTO_CLASSES, PHOTO_NAMES, PhotoCropsDataModule
-from gaq.models.train_default import CONFIG_FILE, GRID_FILE, REPORT_FILE, TrainDefaultCLI, _param_count, fit_classifier
+from gaq.models.train_default import (CONFIG_FILE, GRID_FILE, REPORT_FILE, TrainDefaultCLI, _param_count,
+                                     check_image_sizes, fit_classifier)
 from gaq.provenance import device_name
 
 DATA_GRID_FILE = "data_grid.png"
@@ -93,10 +94,8 @@ class TrainTestbedCLI(TrainDefaultCLI):
 
 
 def _check_config(cfg) -> None:
+    check_image_sizes(cfg)
     unet, clf = cfg.model.unet, cfg.classifier.model
-    check(unet.sample_size == cfg.data.image_size == clf.image_size,
-          f"model.unet.sample_size ({unet.sample_size}), data.image_size ({cfg.data.image_size}) and "
-          f"classifier.model.image_size ({clf.image_size}) must be equal")
     check(unet.in_channels == 3 and clf.in_channels == 3,
           "the photo crops are RGB: set model.unet.in_channels and classifier.model.in_channels to 3")
     check(unet.num_classes is None, "the testbed is unconditional (as google/ddpm-cifar10-32): set model.unet.num_classes: null")
