@@ -8,8 +8,8 @@ it runs ``bench/method_table.py`` with RTN, uniform reconstruction and every GAC
 ``--variants`` (``gac@<name>``: the variant's ``gaq calibrate`` arguments on top of the testbed's
 calibrate config), at every bit setting and seed, each GAC variant paired with uniform: a variant
 and uniform of the same seed share the calibration set, its split and every seed but the weighting.
-The method tables land in ``<out_dir>/gac_study_<testbed>.{md,json}``. Then it writes
-``<out_dir>/gac_study.md``:
+The method tables land in ``<out_dir>/<name>_<testbed>.{md,json}`` (``--name``, default ``gac_study``). Then it
+writes ``<out_dir>/<name>.md``:
 
 - per testbed, setting and variant, the fraction of the uniform-to-FP gap that the variant closes on
   each fidelity metric (per seed, then mean and 95% t-interval over seeds), and whether it meets the
@@ -18,7 +18,7 @@ The method tables land in ``<out_dir>/gac_study_<testbed>.{md,json}``. Then it w
   move and the weights' max/min ratio it allows, measured by running ``torch.optim.Adam`` on
   consistently signed gradients, the worst case), next to the spread GAC actually reached;
 - the paper's two figures from the first GAC run's diagnostics: per-timestep gradient conflict of a
-  block (Fig. 1a) and learned weight against gradient alignment (Fig. 2), copied to ``<out_dir>/gac_study/``.
+  block (Fig. 1a) and learned weight against gradient alignment (Fig. 2), copied to ``<out_dir>/<name>/``.
 """
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ class StudyConfig:
         calibrate_args / evaluate_args: more arguments for every run.
         runs_root: where the runs go (one folder per testbed under it).
         out_dir: where the tables, the report and the figures go.
+        name: file stem of the report (``<name>.md``), of the method tables (``<name>_<testbed>``) and the
+            figure folder (``<name>/``): another name keeps an earlier study's files.
     """
 
     testbeds: list[str] = field(default_factory=lambda: ["digits", "testbed"])
@@ -103,6 +105,7 @@ class StudyConfig:
     evaluate_args: str = ""
     runs_root: str = "checkpoints/runs/gac_study"
     out_dir: str = "bench/results"
+    name: str = "gac_study"
 
 
 def adam_reach(meta_lr: float, meta_iters: int, tau: float = 1.0, n: int = 1024) -> dict[str, float]:
@@ -146,7 +149,7 @@ def table_argv(cfg: StudyConfig, name: str, bed: Testbed) -> list[str]:
             "--methods", json.dumps(methods), "--bits", json.dumps(cfg.bits), "--seeds", json.dumps(cfg.seeds),
             "--variants", json.dumps(cfg.variants), "--pairs", json.dumps([[f"gac@{v}", "uniform"] for v in cfg.variants]),
             "--extra_presets", "{}", "--runs_root", str(Path(cfg.runs_root) / name), "--out_dir", cfg.out_dir,
-            "--name", f"gac_study_{name}", "--jobs", str(cfg.jobs)]
+            "--name", f"{cfg.name}_{name}", "--jobs", str(cfg.jobs)]
     for key in ("iters", "meta_iters", "num_samples", "accelerator"):
         if getattr(cfg, key) is not None:
             argv += [f"--{key}", str(getattr(cfg, key))]
@@ -213,7 +216,7 @@ def copy_figures(result: dict, out: Path) -> list[str]:
 
 
 def report(cfg: StudyConfig, results: dict[str, dict], figures: list[str], argv: list[str]) -> str:
-    """The markdown of ``gac_study.md``."""
+    """The markdown of the report (``<name>.md``)."""
     from gaq.provenance import git_commit
 
     lines = ["# GAC against uniform reconstruction: the study", "",
@@ -225,7 +228,7 @@ def report(cfg: StudyConfig, results: dict[str, dict], figures: list[str], argv:
         meta = res["meta"]
         lines += [f"## {name} (`{meta['source']}`)", "",
                   f"Calibration on {meta['calibration_device']}, evaluation on {meta['eval_device']}: {meta['eval_summary']}. "
-                  f"Method table: `gac_study_{name}.md`.", "",
+                  f"Method table: `{cfg.name}_{name}.md`.", "",
                   "Fraction of uniform's gap to FP that each GAC variant closes (per seed, mean ± 95% t-interval):", "",
                   "| bits | variant | seeds | sample MSE (= PSNR) | SSIM | FID to FP | step MSE | verdict (sample MSE) | omega max/min |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -252,7 +255,7 @@ def report(cfg: StudyConfig, results: dict[str, dict], figures: list[str], argv:
               f"{100 * (paper['max_min_ratio'] - 1):.1f}% around uniform, so the weighted loss differs from the uniform one by "
               "less than that, whatever the hypergradient says.", ""]
     if figures:
-        lines += ["## The paper's figures on the testbed", ""] + [f"- `gac_study/{f}`" for f in figures] + [""]
+        lines += ["## The paper's figures on the testbed", ""] + [f"- `{cfg.name}/{f}`" for f in figures] + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -272,8 +275,8 @@ def main(argv: list[str] | None = None) -> str:
         check(Path(beds[name].source).is_dir(), f"testbed {name}: {beds[name].source} does not exist"
               + ("; train it with bash bench/testbed/train_on_device.sh on a GPU" if name == "testbed" else ""))
         results[name] = mt.main(table_argv(cfg, name, beds[name]))
-    figures = next((f for f in (copy_figures(r, Path(cfg.out_dir) / "gac_study") for r in results.values()) if f), [])
-    path = Path(cfg.out_dir) / "gac_study.md"
+    figures = next((f for f in (copy_figures(r, Path(cfg.out_dir) / cfg.name) for r in results.values()) if f), [])
+    path = Path(cfg.out_dir) / f"{cfg.name}.md"
     path.write_text(report(cfg, results, figures, argv))
     print(path)
     return str(path)

@@ -69,6 +69,10 @@ def test_table_argv_parses_with_the_method_tables_parser():
     assert ns.variants == {"paper": "", "carry": "--gac.carry_over true"} and ns.iters == 50 and ns.extra_presets == {}
     assert ns.name == "gac_study_digits" and ns.calibrate_args == "--trainer.enable_progress_bar false"
     mt.run_specs(mt.TableConfig(**{k: ns[k] for k in mt.TableConfig.__dataclass_fields__}))
+    # another study name keeps an earlier study's tables
+    renamed = mt.build_parser().parse_args(gs.table_argv(gs.StudyConfig(**{**vars(cfg), "name": "w3"}), "digits",
+                                                         gs._default_testbeds()["digits"]))
+    assert renamed.name == "w3_digits"
 
 
 def test_report_on_a_synthetic_table():

@@ -166,3 +166,34 @@ def test_testbed_calibrate_and_evaluate_configs_run_on_a_trained_testbed(quick_t
     values = metrics["metrics"]
     assert values["fid"] > 0 and values["accuracy"] is None  # unconditional: no requested classes
     assert values["fid_to_fp"] >= 0 and 0 < values["ssim"] <= 1 and values["sample_mse"] >= 0
+
+
+def test_shipped_testbed_is_the_reported_model_and_samples_photographs():
+    """checkpoints/testbed (committed, trained on one H200) loads offline in float32 from its float16
+    storage, is the model bench/testbed/report.json describes, and its FP samples are natural-image
+    crops that its classifier reads as several different photographs; the classifier tells held-out
+    crops apart."""
+    from gaq.eval.evaluate import SamplingConfig, generate
+    from gaq.eval.features import class_accuracy, load_digit_features
+    from gaq.eval.sampling import SamplerConfig
+
+    folder = REPO / "checkpoints" / "testbed"
+    report = json.loads((REPO / "bench" / "testbed" / "report.json").read_text())
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    den = load_denoiser(folder)
+    assert (den.cond_kind, den.sample_shape) == ("none", (3, 32, 32))
+    assert next(den.model.parameters()).dtype == torch.float32
+    assert sum(p.numel() for p in den.model.parameters()) == report["ddpm"]["params"] == 8_952_067
+    assert den.fingerprint == report["fingerprint"]
+    features = load_digit_features(folder)
+    held_x, held_y = make_crops(PhotoCrops(**{k: report["data"][k] for k in (
+        "image_size", "min_side", "max_side", "num_scales")}), 100, seed=report["data"]["held_out_seed"])
+    accuracy, _ = class_accuracy(features.classifier, held_x, held_y, NUM_PHOTO_CLASSES)
+    assert accuracy >= 0.95
+    sampling = SamplingConfig(16, 16, 0, SamplerConfig(steps=10, spacing="quadratic", clip_sample=False))
+    samples = torch.cat([images for _, _, images in generate(den.model.eval(), den, sampling, progress=False)])
+    assert samples.shape == (16, 3, 32, 32) and torch.isfinite(samples).all()
+    assert samples.std() > 0.2  # images, not a flat field
+    read = features.classifier(samples).argmax(1)
+    assert len(set(read.tolist())) >= 4

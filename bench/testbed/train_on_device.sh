@@ -6,7 +6,7 @@
 # reproducible from configs/testbed/train.yaml with that --trainer.max_steps.
 #   bash bench/testbed/train_on_device.sh OUT_DIR [TRAIN_BUDGET_S]
 set -euo pipefail
-out=${1:?output folder}; budget=${2:-390}
+out=${1:?output folder}; budget=${2:-270}
 probe=$(mktemp -d)
 gaq train-testbed --config configs/testbed/train.yaml --trainer.max_steps 300 --trainer.enable_progress_bar false \
   --classifier.max_steps 5 --report.num_samples 10 --report.batch_size 10 --report.grid_rows 1 \

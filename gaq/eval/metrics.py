@@ -287,7 +287,8 @@ def _first_downsampling_conv(module: nn.Module) -> nn.Conv2d | None:
 
 
 class ClassifierExtractor(FeatureExtractor):
-    """The digit classifier of the default model as feature network (offline FID features).
+    """A project-trained classifier as feature network (offline FID features): the digits model's digit
+    classifier, or the testbed's source-photograph classifier.
 
     Outputs: ``features`` = its penultimate activations (``feature_dim`` values); ``logits`` = its
     class logits; ``spatial`` = the first ``sfid_channels`` channels of the output of its first
@@ -313,7 +314,8 @@ class ClassifierExtractor(FeatureExtractor):
         self._captured: Tensor | None = None
         if self._spatial_layer is not None:
             self._spatial_layer.register_forward_hook(self._capture)
-        self.description = (f"digit classifier {self.fingerprint}: penultimate layer ({self.num_features} dims)"
+        n_classes = classifier.config.num_classes
+        self.description = (f"{n_classes}-class classifier {self.fingerprint}: penultimate layer ({self.num_features} dims)"
                             + (f"; sFID on the first {self.sfid_channels} channels of its first downsampled map"
                                if self._spatial_layer is not None else ""))
 
