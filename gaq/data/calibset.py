@@ -11,8 +11,10 @@ The CIFAR-10 protocol (100 steps, interval 5) keeps the 20 steps 0, 5, ..., 95.
 
 Conditioning: class-conditional models get labels drawn uniformly from ``num_classes`` by the seed;
 text models take prompt embeddings from a safetensors file (``cond`` of shape ``(P, L, D)`` and an
-optional ``uncond`` of shape ``(L, D)`` or ``(1, L, D)``), one prompt drawn uniformly per
-trajectory. Under classifier-free guidance the model input is the batch ``cat([cond, null])``;
+optional ``uncond`` of shape ``(L, D)`` or ``(1, L, D)``; SDXL-style models also ``text_embeds``,
+see :mod:`gaq.models.conditions`), one prompt drawn uniformly per trajectory. A text model with
+class embeddings (``num_class_embeds``) also gets a label per trajectory drawn by the seed; its
+unconditional half has the null class, or the same label where the model has no null class. Under classifier-free guidance the model input is the batch ``cat([cond, null])``;
 ``cond_pairing="cond_uncond"`` keeps both halves (as Q-Diffusion does), ``"cond_only"`` keeps the
 first. Unguided sampling has one half, so both settings keep the same tuples.
 
@@ -38,6 +40,7 @@ import gaq
 from gaq.atomic import atomic_write
 from gaq.errors import GaqError, check
 from gaq.eval.sampling import SamplerConfig, Spacing, ddim_sample
+from gaq.models.conditions import load_prompt_table
 from gaq.models.loading import Denoiser
 
 CondPairing = Literal["cond_uncond", "cond_only"]
@@ -73,7 +76,8 @@ class CalibSetConfig:
             cycled: trajectory ``i`` gets ``classes[i % len(classes)]``; None draws them uniformly
             from the seed. TFMQ-DM's ImageNet protocol: the 32 classes 0, 32, ..., 992.
         cond_embeddings: safetensors file of prompt embeddings for ``text`` models (``cond``:
-            ``(P, L, D)``, optional ``uncond``: ``(L, D)`` or ``(1, L, D)``); required for them.
+            ``(P, L, D)``, optional ``uncond``: ``(L, D)`` or ``(1, L, D)``; SDXL-style models also
+            ``text_embeds`` / ``uncond_text_embeds``, see :mod:`gaq.models.conditions`); required for them.
     """
 
     steps: int = 100
@@ -142,7 +146,8 @@ class CalibrationSet:
         t: timestep of each tuple, LongTensor ``(N,)``.
         step: sampling-step index (0..steps-1) of each tuple, LongTensor ``(N,)``.
         cond: model keyword inputs, each with leading dim N (``class_labels``: LongTensor ``(N,)``;
-            ``encoder_hidden_states``: ``(N, L, D)``); empty for unconditional models.
+            ``encoder_hidden_states``: ``(N, L, D)``; nested ones flattened, e.g.
+            ``added_cond_kwargs.text_embeds``); empty for unconditional models.
         kept_steps: the kept sampling-step indices, ascending, LongTensor ``(S,)``.
         timesteps: the timestep of each kept step, same order, LongTensor ``(S,)``.
         meta: ``config`` (the :class:`CalibSetConfig` as a dict), ``fingerprint`` and ``source`` of
@@ -286,37 +291,9 @@ def cache_path(den: Denoiser, cfg: CalibSetConfig, cache_dir: str | os.PathLike)
     return Path(cache_dir) / f"calib-{den.fingerprint}-{cache_key(den, cfg)}.safetensors"
 
 
-def _load_embeddings(cfg: CalibSetConfig, den: Denoiser) -> tuple[Tensor, Tensor | None]:
-    """Prompt embeddings ``(P, L, D)`` and the unconditional one ``(1, L, D)`` or None."""
-    from safetensors.torch import load_file
-
-    path = cfg.cond_embeddings
-    check(path is not None, "text-conditional models need calib.cond_embeddings: a safetensors file with a "
-                            "'cond' tensor (P, L, D) of prompt embeddings and optionally 'uncond' (L, D)")
-    check(os.path.isfile(path), f"calib.cond_embeddings file {path} does not exist; point it to a safetensors file")
-    try:
-        tensors = load_file(path)
-    except Exception as err:
-        raise GaqError(f"calib.cond_embeddings file {path} is not a readable safetensors file ({type(err).__name__})") from None
-    check("cond" in tensors, f"calib.cond_embeddings file {path} has no 'cond' tensor (keys: {sorted(tensors)})")
-    cond = tensors["cond"]
-    cond = cond.unsqueeze(0) if cond.ndim == 2 else cond
-    check(cond.ndim == 3 and cond.shape[0] >= 1,
-          f"'cond' in {path} must have shape (P, L, D) or (L, D), got {tuple(tensors['cond'].shape)}")
-    uncond = tensors.get("uncond")
-    if uncond is not None:
-        uncond = uncond.unsqueeze(0) if uncond.ndim == 2 else uncond
-        check(uncond.shape == (1,) + tuple(cond.shape[1:]),
-              f"'uncond' in {path} must have shape {tuple(cond.shape[1:])}, got {tuple(tensors['uncond'].shape)}")
-    want_d = getattr(getattr(den.model, "config", None), "cross_attention_dim", None)
-    check(want_d is None or not isinstance(want_d, int) or cond.shape[-1] == want_d,
-          f"prompt embeddings in {path} have width {cond.shape[-1]} but the model expects {want_d}")
-    return cond, uncond
-
-
 def _conditions(den: Denoiser, cfg: CalibSetConfig, n: int, gen: torch.Generator
                 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """Per-trajectory conditions (leading dim n, on CPU) and the null condition of one sample (or None)."""
+    """Per-trajectory conditions and null conditions (leading dim n, on CPU; the null ones or None)."""
     if den.cond_kind == "none":
         check(cfg.cond_embeddings is None, "calib.cond_embeddings is set but the model is unconditional: remove it")
         check(not cfg.guided, "calib.guidance_scale must be 1 for an unconditional model")
@@ -328,16 +305,22 @@ def _conditions(den: Denoiser, cfg: CalibSetConfig, n: int, gen: torch.Generator
         labels = _pick(cfg, den.num_classes, n, gen, "class")
         null = None
         if den.null_label is not None:
-            null = {"class_labels": torch.tensor([den.null_label], dtype=torch.long)}
+            null = {"class_labels": torch.full((n,), den.null_label, dtype=torch.long)}
         check(not cfg.guided or null is not None,
               "calib.guidance_scale != 1 needs a null class but the model has none: set guidance_scale: 1")
         return {"class_labels": labels}, null
     if den.cond_kind == "text":
-        emb, uncond = _load_embeddings(cfg, den)
-        check(not cfg.guided or uncond is not None,
+        table = load_prompt_table(cfg.cond_embeddings, den.model, den.image_shape[1:], "calib.cond_embeddings")
+        check(not cfg.guided or table.uncond is not None,
               f"calib.guidance_scale != 1 needs an 'uncond' tensor in {cfg.cond_embeddings}: add it or set guidance_scale: 1")
-        pick = _pick(cfg, emb.shape[0], n, gen, "prompt")
-        return {"encoder_hidden_states": emb[pick]}, (None if uncond is None else {"encoder_hidden_states": uncond})
+        cond = table.rows(_pick(cfg, table.num_prompts, n, gen, "prompt"))
+        null = table.uncond_rows(n)
+        if den.num_classes is not None:  # a text model with class embeddings: labels drawn by the seed
+            cond["class_labels"] = torch.randint(den.num_classes, (n,), generator=gen)
+            if null is not None:  # the null class if the model has one, else the same label in both halves
+                null["class_labels"] = (cond["class_labels"] if den.null_label is None
+                                        else torch.full((n,), den.null_label, dtype=torch.long))
+        return cond, null
     raise GaqError(f"unknown cond_kind {den.cond_kind!r} on the Denoiser; use none, class or text")
 
 
@@ -414,8 +397,7 @@ def generate_calibration_set(den: Denoiser, cfg: CalibSetConfig, device: torch.d
                     seen[pos] += bs
 
                 c_b = {k: _to_model(v[b0:b1], device, model_dtype) for k, v in cond.items()}
-                null_b = None if null is None else {k: _to_model(v.expand(bs, *v.shape[1:]), device, model_dtype)
-                                                   for k, v in null.items()}
+                null_b = None if null is None else {k: _to_model(v[b0:b1], device, model_dtype) for k, v in null.items()}
                 ddim_sample(model, den.alphas_cumprod, noise[b0:b1].to(device, model_dtype), cfg.sampler_config(),
                             cond=c_b, null_cond=null_b if cfg.guided else None, generator=eta_gen, on_step=on_step)
     finally:

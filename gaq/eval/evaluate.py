@@ -24,6 +24,7 @@ does depend on the batching).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ from gaq.eval.sampling import SamplerConfig, ddim_sample
 from gaq.eval.timestep_error import TimestepErrorConfig
 from gaq.models.digits import DigitsData, Upsample, load_digit_images, split_indices
 from gaq.models.photos import PhotoCrops, make_crops
+from gaq.models.conditions import PromptTable, load_prompt_table
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
 
@@ -71,7 +73,8 @@ class SamplingConfig:
         seed: base seed; sample ``i``'s starting noise is seeded by ``(seed, i)``.
         sampler: DDIM steps, eta, spacing and classifier-free guidance.
         cond_embeddings: text models only: safetensors file with ``cond`` ``(P, L, D)`` prompt
-            embeddings (sample ``i`` gets prompt ``i % P``) and, for guidance, ``uncond`` ``(L, D)``.
+            embeddings (sample ``i`` gets prompt ``i % P``) and, for guidance, ``uncond`` ``(L, D)``;
+            SDXL-style models also ``text_embeds`` (:mod:`gaq.models.conditions`).
     """
 
     num_samples: int = 1000
@@ -96,17 +99,19 @@ class Conditioning:
 
     Attributes:
         kind: the model's ``cond_kind`` (``none`` / ``class`` / ``text``).
-        num_classes: real classes (class models).
-        null_label: the null class of guidance (class models), or None.
-        embeddings: prompt embeddings ``(P, L, D)`` (text models), or None.
-        uncond: the unconditional embedding ``(1, L, D)`` (text models, guidance), or None.
+        num_classes: real classes (class models, and text models with class embeddings).
+        null_label: the null class of guidance, or None.
+        prompts: the per-prompt model inputs (text models), or None.
+
+    A text model with class embeddings cycles prompts and classes together: ``cond_id`` runs over
+    ``lcm(P, num_classes)`` and sample ``cond_id`` gets prompt ``cond_id % P`` and class
+    ``cond_id % num_classes`` (the unconditional half: the null class, or the same class).
     """
 
     kind: str
     num_classes: int | None = None
     null_label: int | None = None
-    embeddings: Tensor | None = None
-    uncond: Tensor | None = None
+    prompts: PromptTable | None = None
 
     @staticmethod
     def of(den: Denoiser, sampling: SamplingConfig) -> "Conditioning":
@@ -118,27 +123,32 @@ class Conditioning:
                   "sampler.guidance_scale != 1 needs a null class but the model has none: set sampler.guidance_scale: 1")
             return Conditioning("class", den.num_classes, den.null_label)
         if den.cond_kind == "text":
-            emb, uncond = _load_prompt_embeddings(sampling.cond_embeddings)
-            check(not guided or uncond is not None,
+            table = load_prompt_table(sampling.cond_embeddings, den.model, den.image_shape[1:], "cond_embeddings")
+            check(not guided or table.uncond is not None,
                   f"sampler.guidance_scale != 1 needs an 'uncond' tensor in {sampling.cond_embeddings}")
-            return Conditioning("text", embeddings=emb, uncond=uncond)
+            return Conditioning("text", den.num_classes, den.null_label, table)
         check(not guided, "sampler.guidance_scale must be 1 for an unconditional model")
         return Conditioning("none")
 
+    @property
+    def period(self) -> int:
+        """How many distinct conditions the round-robin cycles through."""
+        if self.kind == "class":
+            return self.num_classes
+        if self.kind == "text":
+            return math.lcm(self.prompts.num_prompts, self.num_classes or 1)
+        return 1
+
     def check_balanced(self, n: int, what: str = "num_samples") -> None:
         """Raise unless ``n`` samples give every class (or prompt) the same count."""
-        k = self.num_classes if self.kind == "class" else (self.embeddings.shape[0] if self.kind == "text" else 1)
-        check(n % k == 0, f"{what} ({n}) must be a multiple of the model's {k} "
-                          f"{'classes' if self.kind == 'class' else 'prompts'} so that each gets the same number of samples")
+        k = self.period
+        which = "classes" if self.kind == "class" else ("prompts x classes" if self.num_classes else "prompts")
+        check(n % k == 0, f"{what} ({n}) must be a multiple of the model's {k} {which} so that each gets the same "
+                          "number of samples")
 
     def cond_ids(self, n: int) -> Tensor:
         """Round-robin condition ids of samples ``0..n-1``, LongTensor ``(n,)``."""
-        i = torch.arange(n)
-        if self.kind == "class":
-            return i % self.num_classes
-        if self.kind == "text":
-            return i % self.embeddings.shape[0]
-        return torch.zeros(n, dtype=torch.long)
+        return torch.arange(n) % self.period
 
     def build(self, cond_id: Tensor, device: torch.device, dtype: torch.dtype
               ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
@@ -148,25 +158,21 @@ class Conditioning:
             null = None if self.null_label is None else {"class_labels": torch.full_like(y, self.null_label)}
             return {"class_labels": y}, null
         if self.kind == "text":
-            emb = self.embeddings[cond_id.cpu()].to(device, dtype)
-            null = None if self.uncond is None else {"encoder_hidden_states": self.uncond.expand_as(emb.cpu()).to(device, dtype)}
-            return {"encoder_hidden_states": emb}, null
+            ids = cond_id.cpu()
+            cond = self.prompts.rows(ids % self.prompts.num_prompts)
+            null = self.prompts.uncond_rows(len(ids))
+            if self.num_classes is not None:
+                cond["class_labels"] = ids % self.num_classes
+                if null is not None:
+                    null["class_labels"] = (cond["class_labels"] if self.null_label is None
+                                            else torch.full_like(ids, self.null_label))
+            return _on(cond, device, dtype), (None if null is None else _on(null, device, dtype))
         return {}, None
 
 
-def _load_prompt_embeddings(path: str | None) -> tuple[Tensor, Tensor | None]:
-    """``cond`` ``(P, L, D)`` and ``uncond`` ``(1, L, D)`` (or None) of a prompt-embeddings file."""
-    from safetensors.torch import load_file
-
-    check(path is not None, "text-conditional models need cond_embeddings: a safetensors file with 'cond' (P, L, D)")
-    check(os.path.isfile(path), f"cond_embeddings file {path} does not exist")
-    tensors = load_file(path)
-    check("cond" in tensors, f"cond_embeddings file {path} has no 'cond' tensor (keys: {sorted(tensors)})")
-    cond = tensors["cond"] if tensors["cond"].ndim == 3 else tensors["cond"].unsqueeze(0)
-    uncond = tensors.get("uncond")
-    if uncond is not None and uncond.ndim == 2:
-        uncond = uncond.unsqueeze(0)
-    return cond, uncond
+def _on(cond: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A condition dictionary on ``device``, its float tensors in ``dtype``."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
 
 
 def sample_noise(seed: int, index: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -6,6 +6,12 @@ diffusers' noise predictors differ in argument names and outputs: ``UNet2DModel`
 variance in the second half of its channels. Everything in gaq (sampling, calibration-set
 generation, reconstruction, evaluation) calls a model through :func:`predict_noise` with a
 condition dictionary ``cond`` holding the model's own keyword arguments.
+
+The timestep goes in by keyword (``timestep=``): PixArt's ``PixArtTransformer2DModel`` takes
+``encoder_hidden_states`` second. A condition dictionary is flat (one tensor per key, so it can be
+indexed, concatenated, moved and stored as it is); a key ``"group.name"`` is the entry ``name`` of
+the nested keyword argument ``group``: SDXL-style ``added_cond_kwargs`` are stored as
+``added_cond_kwargs.text_embeds`` and ``added_cond_kwargs.time_ids`` (:func:`nest_cond`).
 """
 from __future__ import annotations
 
@@ -27,9 +33,21 @@ def predict_noise(model: nn.Module, x: Tensor, t: Tensor, cond: Mapping[str, Ten
     """
     if t.ndim == 0:
         t = t.expand(x.shape[0])
-    out = model(x, t, **dict(cond or {}), return_dict=False)[0]
+    out = model(x, timestep=t, **nest_cond(cond or {}), return_dict=False)[0]
     if out.shape[1] != x.shape[1]:  # learned variance (DiT, some DDPMs): keep the noise half
         out = out[:, : x.shape[1]]
+    return out
+
+
+def nest_cond(cond: Mapping[str, Tensor]) -> dict:
+    """The model's keyword arguments of a flat condition dictionary: ``{"a.b": v}`` -> ``{"a": {"b": v}}``."""
+    out: dict = {}
+    for key, value in cond.items():
+        group, sep, name = key.partition(".")
+        if sep:
+            out.setdefault(group, {})[name] = value
+        else:
+            out[key] = value
     return out
 
 

@@ -39,7 +39,8 @@ class Denoiser:
         alphas_cumprod: the training noise schedule, shape ``(num_train_timesteps,)``.
         sample_shape: ``(C, H, W)`` of one sample the model denoises.
         cond_kind: ``none``, ``class`` (``class_labels``) or ``text`` (``encoder_hidden_states``).
-        num_classes: number of real classes for ``class`` models. The null (unconditional) label of
+        num_classes: number of real classes for ``class`` models (and for ``text`` models with class
+            embeddings, which take ``class_labels`` too). The null (unconditional) label of
             classifier-free guidance is ``num_classes`` when the model has one more class embedding
             than real classes, else None (the model has no null class).
         null_label: the null class id, or None.
@@ -129,8 +130,23 @@ def _unet_cond(model: nn.Module) -> CondInfo:
 
 
 def _cond_unet_cond(model: nn.Module) -> CondInfo:
-    """``UNet2DConditionModel``: always needs ``encoder_hidden_states`` (text embeddings)."""
-    return CondInfo("text")
+    """``UNet2DConditionModel``: always needs ``encoder_hidden_states`` (text embeddings).
+
+    With ``num_class_embeds`` it also takes ``class_labels`` (every class embedding a real class unless
+    gaq.json names a null label); with ``addition_embed_type="text_time"`` (SDXL) also
+    ``added_cond_kwargs`` (:mod:`gaq.models.conditions`). Other class or addition embeddings are refused.
+    """
+    cfg = model.config
+    check(cfg.get("class_embed_type") is None,
+          f"UNet2DConditionModel with class_embed_type={cfg.get('class_embed_type')!r} is not supported; gaq takes "
+          "class labels through num_class_embeds")
+    check(cfg.get("addition_embed_type") in (None, "text_time"),
+          f"UNet2DConditionModel with addition_embed_type={cfg.get('addition_embed_type')!r} is not supported; "
+          "gaq supports none or text_time (SDXL)")
+    check(not cfg.get("class_embeddings_concat"),
+          "UNet2DConditionModel with class_embeddings_concat is not supported; gaq needs the class embedding added")
+    n = cfg.get("num_class_embeds")
+    return CondInfo("text") if n is None else CondInfo("text", int(n), None, int(n))
 
 
 def _transformer_cond(model: nn.Module) -> CondInfo:
@@ -327,9 +343,9 @@ def _sample_shape(config: Mapping, source: str) -> tuple[int, int, int]:
 def _read_meta(src: _Source, cond: CondInfo) -> CondInfo:
     """Apply gaq.json's ``num_classes`` / ``null_label`` (written by :func:`save_denoiser`) to the inferred ones."""
     meta = src.read_json(GAQ_META_FILE)
-    if meta is None or cond.kind != "class":
+    if meta is None or cond.num_classes is None and cond.kind != "class":
         return cond
-    num_classes = int(meta.get("num_classes", cond.num_classes))
+    num_classes = int(meta.get("num_classes") or cond.num_classes)
     null_label = meta.get("null_label", cond.null_label)
     null_label = None if null_label is None else int(null_label)
     rows = cond.num_embeddings
@@ -338,7 +354,7 @@ def _read_meta(src: _Source, cond: CondInfo) -> CondInfo:
             num_classes <= rows and (null_label is None or 0 <= null_label < rows),
             f"'{src.ref}/{GAQ_META_FILE}' does not fit the model ({rows} class embeddings); fix or delete it",
         )
-    return CondInfo("class", num_classes, null_label, rows)
+    return CondInfo(cond.kind, num_classes, null_label, rows)
 
 
 def _load_decoder(src: _Source, torch_dtype: torch.dtype | None) -> LatentDecoder | None:
