@@ -81,3 +81,46 @@ def test_decoder_errors_are_one_line():
                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, latent_channels=4)
     with pytest.raises(GaqError, match="samples 3 channels but its autoencoder decodes 4"):
         LatentDecoder(kl, 0.18215).image_shape((3, 8, 8))
+
+
+def test_latents_without_an_autoencoder_from_a_bare_folder_are_evaluated(tmp_path, capsys):
+    """A 4-channel UNet2DConditionModel saved as bare unet/ + scheduler/ (no model_index.json, no vae/):
+    `gaq evaluate` loads it and writes metrics and a grid of the latents' first 3 channels."""
+    import yaml
+    from conftest import make_tiny_cond_unet
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from gaq.cli import main as gaq_main
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    make_tiny_cond_unet().save_pretrained(tmp_path / "bare" / "unet")
+    assert "scheduler/scheduler_config.json" in _one_line(lambda: load_denoiser(tmp_path / "bare"))
+    sched.save_pretrained(tmp_path / "bare" / "scheduler")
+    den = load_denoiser(tmp_path / "bare")
+    assert (den.cond_kind, den.sample_shape, den.decoder) == ("text", (4, 8, 8), None)
+
+    save_file({"cond": torch.randn(2, 5, 16), "uncond": torch.zeros(5, 16)}, str(tmp_path / "emb.safetensors"))
+    cfg = {"source": str(tmp_path / "bare"), "num_samples": 4, "batch_size": 2, "sampler": {"steps": 2},
+           "cond_embeddings": str(tmp_path / "emb.safetensors"), "reference": {"cache_dir": str(tmp_path / "cache")},
+           "grid": {"per_class": 2, "scale": 1}, "timestep_error": {"enabled": False},
+           "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}}
+    (tmp_path / "ev.yaml").write_text(yaml.safe_dump(cfg))
+    gaq_main(["evaluate", "--config", str(tmp_path / "ev.yaml"), "--out_dir", str(tmp_path / "out")])
+    capsys.readouterr()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert any("4-channel latents" in note for note in metrics["notes"])
+    assert Image.open(tmp_path / "out" / "samples_grid.png").mode == "RGB"
+
+
+def _one_line(call) -> str:
+    with pytest.raises(GaqError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_bare_pipeline_folder_keeps_its_autoencoder(ldm_folder):
+    (ldm_folder / "model_index.json").unlink()
+    den = load_denoiser(ldm_folder)
+    assert isinstance(den.decoder.autoencoder, VQModel) and den.decoder.scaling_factor == 1.0

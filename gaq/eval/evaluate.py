@@ -595,6 +595,9 @@ def run_evaluation(cfg: EvaluateConfig, trainer_kwargs: dict[str, Any], command:
     if ts_summary is None:
         notes.append("timestep error skipped: " + ("no run (FP evaluation)" if not cfg.run
                                                    else "timestep_error.enabled is false"))
+    if den.decoder is None and den.image_shape[0] not in (1, 3):
+        notes.append(f"the samples are {den.image_shape[0]}-channel latents (no vae/ or vqvae/ in the model folder): "
+                     "the grid shows their first channels; add the autoencoder to see images")
     metrics_cb.notes_extra = notes
     module = SamplingModule(model, den, sampling, out_dir)
     trainer.predict(module, dataloaders=module.dataloader(), return_predictions=False)

@@ -1,7 +1,8 @@
 """Loading a noise predictor and its noise schedule from a diffusers hub id or a local folder.
 
 A *source* is what a user writes in a config: a local folder in diffusers' pipeline layout
-(``model_index.json`` + ``unet/`` or ``transformer/`` + ``scheduler/``), a folder holding one
+(``model_index.json`` + ``unet/`` or ``transformer/`` + ``scheduler/``; without ``model_index.json``
+the one model subfolder with a ``config.json`` is taken, and a ``vae/`` or ``vqvae/`` beside it), a folder holding one
 model (``config.json`` + weights) and a ``scheduler/`` folder, or a hub id such as
 ``google/ddpm-cifar10-32``. The shipped default is ``checkpoints/default``. A latent diffusion
 pipeline's autoencoder (``vqvae/`` or ``vae/``) is loaded too, as the :class:`Denoiser`'s
@@ -301,16 +302,41 @@ def _find_layout(src: _Source) -> _Layout:
         check("scheduler" in index, f"'{src.ref}': model_index.json names no scheduler; add a scheduler/ folder")
         return _Layout(index[present[0]][1], present[0], "scheduler")
     config = src.read_json("config.json")
+    if config is None and src.local:
+        bare = _bare_pipeline_layout(src)
+        if bare is not None:
+            return bare
     if config is None:
         if not src.local:
             raise _hub_error(src.ref)
         raise GaqError(
-            f"model folder '{src.ref}' has neither model_index.json (pipeline layout) nor config.json (one model); "
-            "save it with save_pretrained"
+            f"model folder '{src.ref}' has neither model_index.json (pipeline layout) nor config.json (one model), "
+            f"nor a {' or '.join(c + '/' for c in PIPELINE_COMPONENTS)} subfolder with a config.json; "
+            "save the model with save_pretrained"
         )
     check("_class_name" in config, f"'{src.ref}/config.json' has no _class_name; save the model with save_pretrained")
     scheduler_sub = "scheduler" if src.exists("scheduler_config.json", "scheduler") else None
     return _Layout(config["_class_name"], None, scheduler_sub)
+
+
+def _bare_pipeline_layout(src: _Source) -> _Layout | None:
+    """A pipeline folder without model_index.json: one ``unet/`` or ``transformer/`` with a config.json.
+
+    The scheduler must then be in ``scheduler/``; a missing one is named (None: no such subfolder).
+    """
+    found = [(c, src.read_json("config.json", c)) for c in PIPELINE_COMPONENTS]
+    found = [(c, cfg) for c, cfg in found if cfg is not None]
+    if not found:
+        return None
+    check(len(found) == 1, f"'{src.ref}' has both {' and '.join(c + '/' for c, _ in found)} but no model_index.json; "
+                           "keep one, or add a model_index.json naming the noise predictor")
+    component, config = found[0]
+    check("_class_name" in config,
+          f"'{src.ref}/{component}/config.json' has no _class_name; save the model with save_pretrained")
+    check(src.exists("scheduler_config.json", "scheduler"),
+          f"'{src.ref}' has {component}/ but no scheduler/scheduler_config.json; save the noise scheduler there "
+          "(scheduler.save_pretrained)")
+    return _Layout(config["_class_name"], component, "scheduler")
 
 
 def _load_alphas_cumprod(src: _Source, subfolder: str | None) -> Tensor:
@@ -360,6 +386,9 @@ def _read_meta(src: _Source, cond: CondInfo) -> CondInfo:
 def _load_decoder(src: _Source, torch_dtype: torch.dtype | None) -> LatentDecoder | None:
     """The pipeline's autoencoder (``vqvae`` or ``vae`` in model_index.json) as a decoder, or None if it has none."""
     index = src.read_json("model_index.json")
+    if index is None and src.local:  # a bare pipeline folder: the autoencoder's own config names its class
+        index = {k: [None, cfg.get("_class_name")] for k in dict.fromkeys(AUTOENCODER_COMPONENTS.values())
+                 if (cfg := src.read_json("config.json", k)) is not None}
     keys = [k for k in dict.fromkeys(AUTOENCODER_COMPONENTS.values())
             if index is not None and isinstance(index.get(k), list) and index[k][1] is not None]
     if not keys:
@@ -378,7 +407,8 @@ def load_denoiser(source: str | os.PathLike, *, torch_dtype: torch.dtype | None 
 
     Args:
         source: a local folder in diffusers pipeline layout (``model_index.json`` naming ``unet`` or
-            ``transformer``, plus ``scheduler/``), a folder holding one model (``config.json`` with
+            ``transformer``, plus ``scheduler/``; or just ``unet/`` / ``transformer/`` and ``scheduler/``,
+            without ``model_index.json``), a folder holding one model (``config.json`` with
             ``_class_name``) with ``scheduler/`` or ``scheduler_config.json`` beside it, or a hub id.
             A hub id is read from the local hub cache (no network) unless ``GAQ_ALLOW_DOWNLOADS=1``,
             in which case diffusers' ``from_pretrained(id, subfolder=...)`` may download it.
