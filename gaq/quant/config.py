@@ -1,6 +1,6 @@
 """What to quantize and how: the user-facing :class:`QuantConfig` and its resolved form :class:`QuantSettings`.
 
-A config names a *preset* (a YAML file under ``configs/quant/``, e.g. ``tfmq_compat`` or
+A config names a *preset* (a YAML file shipped in ``gaq/quant/preset_files/``, e.g. ``tfmq_compat`` or
 ``qdiff_compat``) that fixes the protocol: which layer roles stay FP, whether attention operands and
 shortcut splits are quantized, whether activation scales are kept per sampling step. Every preset key
 can be overridden field by field in the config (a field left at ``None`` takes the preset's value),
@@ -107,7 +107,7 @@ class QuantConfig:
     Attributes:
         w_bits: weight bits (2..8), per output channel, asymmetric.
         a_bits: activation bits (2..8), per tensor; 32 keeps activations in floating point.
-        preset: a preset name (a YAML file in ``configs/quant/``) or a path to a preset YAML.
+        preset: a preset name (a YAML file in ``gaq/quant/preset_files/``) or a path to a preset YAML.
         overrides: per-layer exceptions, applied in order after the preset.
         keep_fp_roles: layer roles left in floating point (e.g. ``[first_layer, last_layer]``).
         role_w_bits: weight bits per role, e.g. ``{first_layer: 8, last_layer: 8}`` (BRECQ).

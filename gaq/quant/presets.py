@@ -1,4 +1,4 @@
-"""Quantization protocols as data: the preset YAML files under ``configs/quant/``.
+"""Quantization protocols as data: the preset YAML files shipped in ``gaq/quant/preset_files/``.
 
 A preset is a YAML mapping with a ``description`` and every key of
 :data:`gaq.quant.config.PRESET_KEYS` (which roles stay FP, attention operands on/off, per-step
@@ -15,14 +15,16 @@ import yaml
 from gaq.errors import GaqError, check
 from gaq.quant.config import PRESET_KEYS
 
-#: Where the shipped presets live (``configs/quant`` of the repository); ``GAQ_QUANT_PRESETS`` overrides it.
+#: Environment variable naming another folder of preset YAML files to use instead of the shipped ones.
 PRESET_DIR_ENV = "GAQ_QUANT_PRESETS"
+#: The shipped presets' folder inside the package (installed with it as package data).
+SHIPPED_PRESET_DIR = Path(__file__).resolve().parent / "preset_files"
 
 
 def preset_dir() -> Path:
-    """The folder holding the shipped preset YAML files."""
+    """The folder preset names are looked up in: ``$GAQ_QUANT_PRESETS``, else the shipped presets."""
     env = os.environ.get(PRESET_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs" / "quant"
+    return Path(env) if env else SHIPPED_PRESET_DIR
 
 
 def available_presets() -> list[str]:
