@@ -15,6 +15,7 @@ from gaq.quant import (LayerOverride, QuantAttnProcessor, QuantConfig, QuantLaye
                        iter_act_quantizers, iter_quant_layers, quant_info, quantize, resolve_config, rounding_parameters, set_quant_state,
                        set_step_index)
 from gaq.quant.roles import CONCAT_UP_BLOCKS
+from gaq.quant.step_context import UncalibratedTimestepWarning
 
 TS = torch.tensor([900, 600, 300, 0])
 FAST = WeightRangeConfig(method="minmax")  # for tests that are not about the range search
@@ -179,7 +180,8 @@ def test_per_step_scales_follow_each_samples_timestep(tiny_unet):
     x, cond = _inputs(tiny_unet, 4)
     t = torch.tensor([0, 900, 620, 300])
     with torch.no_grad():
-        mixed = predict_noise(q, x, t, cond)
+        with pytest.warns(UncalibratedTimestepWarning, match="timestep 620 .* timestep 600 \\(step 1\\)"):
+            mixed = predict_noise(q, x, t, cond)
         assert ctx.step_index.tolist() == [3, 0, 1, 2]  # nearest step; repeated timestep 0 -> first step 3
         singles = torch.cat([predict_noise(q, x[i:i + 1], t[i:i + 1], {"class_labels": cond["class_labels"][i:i + 1]})
                              for i in range(4)])

@@ -12,9 +12,10 @@ from gaq.quant.config import ROLES, LayerOverride, QuantConfig, QuantSettings, W
 from gaq.quant.export import load_quantized, read_quant_config, save_quantized, stored_weight_bytes
 from gaq.quant.layers import QUANT_LAYERS, LayerSpec, QuantConv2d, QuantLayer, QuantLinear, register_quant_layer
 from gaq.quant.presets import available_presets
+from gaq.quant.pretrained import from_pretrained
 from gaq.quant.quantizer import ActQuantizer, SplitActQuantizer
 from gaq.quant.rtn import quantize_rtn
-from gaq.quant.step_context import StepContext, set_step_index
+from gaq.quant.step_context import StepContext, UncalibratedTimestepWarning, set_step_index
 from gaq.quant.wrap import (QuantInfo, QuantPlan, act_step_parameters, iter_act_quantizers, iter_quant_layers,
                             plan_quantization, quant_info, quantize, rounding_parameters, set_adaround_soft,
                             set_quant_state, set_rounding_mode)
@@ -22,10 +23,10 @@ from gaq.quant.wrap import (QuantInfo, QuantPlan, act_step_parameters, iter_act_
 __all__ = [
     "ROLES", "QUANT_LAYERS", "ActQuantizer", "AdaRoundQuantizer", "BetaSchedule", "LayerOverride", "LayerSpec",
     "QuantAttnProcessor", "QuantConfig", "QuantConv2d", "QuantInfo", "QuantLayer", "QuantLinear", "QuantPlan",
-    "QuantSettings", "SplitActQuantizer", "StepContext", "WeightRangeConfig", "act_observer_buffers",
-    "act_step_parameters", "adaround_beta", "available_presets", "calibrate_activations", "finalize_act_calibration",
-    "iter_act_quantizers", "iter_quant_layers", "load_quantized", "plan_quantization", "quant_info", "quantize",
-    "quantize_rtn", "read_quant_config", "register_quant_layer", "resolve_config", "rounding_parameters",
-    "save_quantized", "set_adaround_soft", "set_quant_state", "set_rounding_mode", "set_step_index",
-    "stored_weight_bytes", "sync_act_observers",
+    "QuantSettings", "SplitActQuantizer", "StepContext", "UncalibratedTimestepWarning", "WeightRangeConfig",
+    "act_observer_buffers", "act_step_parameters", "adaround_beta", "available_presets", "calibrate_activations",
+    "finalize_act_calibration", "from_pretrained", "iter_act_quantizers", "iter_quant_layers", "load_quantized",
+    "plan_quantization", "quant_info", "quantize", "quantize_rtn", "read_quant_config", "register_quant_layer",
+    "resolve_config", "rounding_parameters", "save_quantized", "set_adaround_soft", "set_quant_state",
+    "set_rounding_mode", "set_step_index", "stored_weight_bytes", "sync_act_observers",
 ]

@@ -6,11 +6,17 @@ A folder holds:
   (``<path>.weight_codes``), the float32 ``<path>.weight_scale`` / ``<path>.weight_zero_point``
   (``(C_out, G)``, G = input groups of a split layer); per activation quantizer its ``scale``,
   ``zero_point``, running range and counts; ``gaq.timesteps`` for per-step scales;
-- ``quant_config.json``: the base model's source and fingerprints, preset, bits, the resolved
-  settings and the per-layer plan (bits, splits), the gaq version and caller metadata.
+- ``fp_parts.safetensors``: every other tensor of the model (biases, norms, embeddings, layers kept
+  FP) under its usual state-dict key, at its own dtype;
+- ``quant_config.json``: the model class and its public diffusers config (``model_config``), the base
+  model's source and fingerprints, preset, bits, the resolved settings and the per-layer plan (bits,
+  splits), the gaq version and caller metadata.
 
-Everything else (biases, norms, embeddings, layers kept FP) comes from the base model given to
-:func:`load_quantized`, which must be the model that was quantized (checked by fingerprint).
+The folder is self-contained: :func:`gaq.from_pretrained` (:mod:`gaq.quant.pretrained`) rebuilds the
+quantized model from it alone. :func:`load_quantized` rebuilds it on a given base model instead (which
+must be the model that was quantized, checked by fingerprint) and reads only the quantized parts. There
+is deliberately no ``config.json`` and no ``diffusion_pytorch_model.*``: diffusers' own
+``from_pretrained`` fails on the folder instead of returning an FP model.
 """
 from __future__ import annotations
 
@@ -40,18 +46,42 @@ from gaq.quant.wrap import QuantPlan, build_quantized, iter_act_quantizers, iter
 FORMAT = "gaq-quantized-1"
 WEIGHTS_FILE = "quantized.safetensors"
 CONFIG_FILE = "quant_config.json"
+FP_PARTS_FILE = "fp_parts.safetensors"
 ACT_BUFFERS = ("scale", "zero_point", "x_min", "x_max", "count")
 TIMESTEPS_KEY = "gaq.timesteps"
 PACK_CHUNK = 1 << 22  # codes per packing chunk (a multiple of 8); memory only
 
 
+def public_config(model: nn.Module) -> dict[str, Any] | None:
+    """A model's config without diffusers' private keys (``_name_or_path``, ``_diffusers_version``, ...),
+    as plain JSON data; None for a model without a config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not str(k).startswith("_")},
+                                 sort_keys=True, default=str))
+
+
 def architecture_fingerprint(model: nn.Module) -> str:
-    """A 16-hex-digit hash of a model's config (if any) and its state-dict keys and shapes (not values)."""
+    """A 16-hex-digit hash of a model's class, public config (if any) and state-dict keys and shapes (not values).
+
+    Private config keys are left out, so the same architecture hashes the same whatever path (relative,
+    absolute, a copy) it was loaded from, and in memory.
+    """
+    return _arch_hash(model, public_config(model))
+
+
+def _legacy_architecture_fingerprint(model: nn.Module) -> str:
+    """The fingerprint gaq wrote before private config keys were left out (accepted when loading old exports)."""
+    config = getattr(model, "config", None)
+    return _arch_hash(model, None if config is None else dict(config))
+
+
+def _arch_hash(model: nn.Module, config: dict[str, Any] | None) -> str:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
-    config = getattr(model, "config", None)
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         h.update(f"{name}:{tuple(tensor.shape)};".encode())
     return h.hexdigest()[:16]
@@ -114,14 +144,34 @@ def _plan_hash(settings: dict, plan: dict) -> str:
     return hashlib.sha256(json.dumps({"settings": settings, "plan": plan}, sort_keys=True).encode()).hexdigest()
 
 
-def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, base_source: str, config: QuantConfig,
-                   extra_meta: dict[str, Any] | None = None) -> Path:
-    """Write ``qmodel`` to ``folder`` (created) as ``quantized.safetensors`` + ``quant_config.json``.
+def _fp_parts(qmodel: nn.Module) -> dict[str, Tensor]:
+    """The state-dict entries of ``qmodel`` that are not quantization state: everything but the
+    quantizers' buffers and the (fake-quantized) weights of quantized layers."""
+    quant_paths = {name for name, m in qmodel.named_modules() if isinstance(m, (AdaRoundQuantizer, ActQuantizer))}
+    qlayers = {name for name, _ in iter_quant_layers(qmodel)}
+    parts = {}
+    for key, tensor in qmodel.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        prefixes = owner.split(".")
+        if (any(".".join(prefixes[:i]) in quant_paths for i in range(1, len(prefixes) + 1))
+                or (owner in qlayers and leaf == "weight")):
+            continue
+        parts[key] = tensor
+    return parts
+
+
+def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, base_source: str | None = None,
+                   config: QuantConfig | dict[str, Any] | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write ``qmodel`` to ``folder`` (created) as ``quantized.safetensors``, ``fp_parts.safetensors`` and
+    ``quant_config.json``; :func:`gaq.from_pretrained` loads it back.
 
     Weight codes are the hard codes of the current rounding (soft rounding is not exported).
-    Returns the folder.
+    ``base_source`` (where the FP model came from) and ``config`` (the :class:`QuantConfig`) are
+    metadata; they default to what :func:`gaq.quantize` recorded. Returns the folder.
     """
     info = quant_info(qmodel)
+    base_source = info.source if base_source is None else base_source
+    config = info.config if config is None else config
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
@@ -138,13 +188,16 @@ def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, base_source: st
         tensors[TIMESTEPS_KEY] = info.context.timesteps.clone()
     settings, plan = info.settings.to_dict(), info.plan.to_dict()
     digest = _plan_hash(settings, plan)
-    atomic_write(folder / WEIGHTS_FILE,
-                        lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "plan_sha256": digest}))
+    header = {"format": FORMAT, "plan_sha256": digest}
+    fp_parts = {k: t.detach().to("cpu").contiguous().clone() for k, t in _fp_parts(qmodel).items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=header))
+    atomic_write(folder / FP_PARTS_FILE, lambda p: save_file(fp_parts, str(p), metadata=header))
     weight_on = any(q.enabled for q in qmodel.modules() if isinstance(q, AdaRoundQuantizer))
     act_on = any(q.enabled for q in qmodel.modules() if isinstance(q, ActQuantizer))
     meta = {
         "format": FORMAT, "gaq_version": gaq.__version__, "base_source": base_source,
-        "base_class": type(qmodel).__name__, "base_fingerprint": info.base_fingerprint,
+        "base_class": type(qmodel).__name__, "model_config": public_config(qmodel),
+        "base_fingerprint": info.base_fingerprint,
         "base_arch_fingerprint": info.base_arch, "preset": info.settings.preset,
         "w_bits": info.settings.w_bits, "a_bits": info.settings.a_bits,
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
@@ -179,34 +232,54 @@ def load_quantized(folder: str | os.PathLike, base_model: nn.Module) -> nn.Modul
 
     ``base_model`` must be the FP model that was quantized (same architecture and weights). Raises
     :class:`GaqError` for a different model, a missing / extra / misshapen tensor, or a corrupt file.
+    To load a folder on its own, use :func:`gaq.from_pretrained`.
     """
     from gaq.models.loading import model_fingerprint
 
     folder = Path(folder)
     meta = _read_meta(folder)
     arch = architecture_fingerprint(base_model)
-    check(arch == meta["base_arch_fingerprint"],
+    check(meta["base_arch_fingerprint"] in (arch, _legacy_architecture_fingerprint(base_model)),
           f"the base model ({type(base_model).__name__}, architecture {arch}) is not the architecture this quantized "
           f"model was made from ({meta['base_class']}, {meta['base_arch_fingerprint']}, source {meta['base_source']!r})")
     fp = model_fingerprint(base_model)
     check(fp == meta["base_fingerprint"],
           f"the base model's weights (fingerprint {fp}) differ from the ones quantized ({meta['base_fingerprint']}): "
           f"load the base model from {meta['base_source']!r} in float32")
-    st_path = folder / WEIGHTS_FILE
+    return rebuild_quantized(folder, meta, copy.deepcopy(base_model))
+
+
+def read_tensors(folder: Path, filename: str, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors of one safetensors file of an export, checked to come from the same export as ``meta``."""
+    path = folder / filename
+    check(path.is_file(), f"{str(folder)!r} has no {filename}: re-export the quantized model")
     try:
-        with safe_open(str(st_path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             file_meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
-        raise GaqError(f"{str(st_path)!r} is truncated or corrupt ({type(err).__name__}): re-export the quantized model") from None
+        raise GaqError(f"{str(path)!r} is truncated or corrupt ({type(err).__name__}): re-export the quantized model") from None
     check(file_meta.get("plan_sha256") == meta.get("plan_sha256"),
-          f"{WEIGHTS_FILE} and {CONFIG_FILE} in {str(folder)!r} come from different exports: re-export the quantized model")
+          f"{filename} and {CONFIG_FILE} in {str(folder)!r} come from different exports: re-export the quantized model")
+    return tensors
 
+
+def rebuild_quantized(folder: Path, meta: dict[str, Any], model: nn.Module,
+                      fp_parts: dict[str, Tensor] | None = None) -> nn.Module:
+    """Turn ``model`` (modified in place) into the quantized model saved in ``folder`` (``meta``: its config).
+
+    ``fp_parts`` (the export's non-quantized tensors) are loaded into it when given; without them
+    ``model`` must already hold the base model's weights.
+    """
+    st_path = folder / WEIGHTS_FILE
+    tensors = read_tensors(folder, WEIGHTS_FILE, meta)
     settings, plan = QuantSettings.from_dict(meta["settings"]), QuantPlan.from_dict(meta["plan"])
     timesteps = tensors.get(TIMESTEPS_KEY)
-    qmodel = build_quantized(copy.deepcopy(base_model), settings, plan, timesteps, init_ranges=False)
+    arch = architecture_fingerprint(model)
+    qmodel = build_quantized(model, settings, plan, timesteps, init_ranges=False)
     info = quant_info(qmodel)
-    info.base_fingerprint, info.base_arch, info.config = meta["base_fingerprint"], arch, meta.get("config", {})
+    info.base_fingerprint, info.base_arch = meta["base_fingerprint"], arch
+    info.config, info.source = meta.get("config", {}), str(meta.get("base_source", ""))
 
     expected = _expected_entries(qmodel)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -218,6 +291,8 @@ def load_quantized(folder: str | os.PathLike, base_model: nn.Module) -> nn.Modul
         t = tensors[key]
         check(tuple(t.shape) == shape and t.dtype == dtype,
               f"{str(st_path)!r}: tensor {key} has shape {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+    if fp_parts is not None:
+        _load_fp_parts(qmodel, fp_parts, folder / FP_PARTS_FILE)
 
     with torch.no_grad():
         for path, layer in iter_quant_layers(qmodel):
@@ -239,6 +314,21 @@ def load_quantized(folder: str | os.PathLike, base_model: nn.Module) -> nn.Modul
     state = meta.get("quant_state", {})
     set_quant_state(qmodel, weight=bool(state.get("weight", True)), act=bool(state.get("act", False)))
     return qmodel
+
+
+def _load_fp_parts(qmodel: nn.Module, fp_parts: dict[str, Tensor], path: Path) -> None:
+    """Copy the export's non-quantized tensors into ``qmodel``, checking that they fit exactly."""
+    own = _fp_parts(qmodel)
+    missing, extra = sorted(set(own) - set(fp_parts)), sorted(set(fp_parts) - set(own))
+    check(not missing and not extra, f"{str(path)!r} does not fit the model: {len(missing)} tensors missing "
+          f"(first: {missing[0] if missing else '-'}), {len(extra)} unexpected (first: {extra[0] if extra else '-'}); "
+          "re-export the quantized model")
+    for key, t in fp_parts.items():
+        check(tuple(t.shape) == tuple(own[key].shape),
+              f"{str(path)!r}: tensor {key} has shape {tuple(t.shape)}, the model needs {tuple(own[key].shape)}")
+    with torch.no_grad():
+        for key, t in fp_parts.items():
+            own[key].copy_(t)
 
 
 def stored_weight_bytes(qmodel: nn.Module) -> tuple[int, int]:

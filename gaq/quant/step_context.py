@@ -6,12 +6,15 @@ in one :class:`StepContext` per quantized model:
 
 - a forward pre-hook on the root model (:class:`TimestepHook`) maps the model's timestep argument to
   step indices (the nearest calibrated timestep; where timesteps repeat, e.g. quadratic spacing
-  repeats 0, the first such step in sampling order);
+  repeats 0, the first such step in sampling order). A timestep that is not one of the calibrated
+  ones (a sampler with other steps than the calibration's) gets the scales of the nearest calibrated
+  step, and the hook says so with an :class:`UncalibratedTimestepWarning`, once per distinct timestep;
 - code that runs a single block sets the steps itself with :func:`set_step_index`.
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +24,10 @@ from gaq.errors import check
 
 #: Names the root model's forward may give its timestep parameter, tried in this order.
 TIMESTEP_ARG_NAMES: tuple[str, ...] = ("timestep", "timesteps", "t")
+
+
+class UncalibratedTimestepWarning(UserWarning):
+    """A model with per-step activation scales ran at a timestep it was not calibrated at."""
 
 
 class StepContext:
@@ -39,6 +46,7 @@ class StepContext:
         self.canonical: Tensor | None = None
         self.step_index: Tensor | None = None
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._warned: set[float] = set()  # uncalibrated timesteps already warned about
         if timesteps is not None:
             ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1)
             check(ts.numel() >= 1, "timesteps must hold at least one calibrated sampling timestep")
@@ -63,6 +71,7 @@ class StepContext:
         new.canonical = None if self.canonical is None else self.canonical.clone()
         new.step_index = None if self.step_index is None else self.step_index.clone()
         new._device_cache = {}
+        new._warned = set(self._warned)
         return new
 
     def steps_for_timesteps(self, t: Tensor) -> Tensor:
@@ -71,6 +80,25 @@ class StepContext:
         ts, _ = self._on(t.device)
         dist = (t.reshape(-1, 1).to(torch.float64) - ts.reshape(1, -1)).abs()
         return dist.argmin(dim=1)  # argmin returns the first minimal index
+
+    def warn_uncalibrated(self, t: Tensor, steps: Tensor) -> None:
+        """Warn (once per distinct timestep) about timesteps ``t`` that are not calibrated ones;
+        ``steps`` are the steps :meth:`steps_for_timesteps` gave them. Skipped during CUDA graph capture."""
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        requested = t.detach().reshape(-1).to("cpu", torch.float64)
+        steps = steps.reshape(-1).to("cpu")
+        nearest = self.timesteps[steps]
+        for i in torch.nonzero(requested != nearest).reshape(-1).tolist():
+            value = float(requested[i])
+            if value in self._warned:
+                continue
+            self._warned.add(value)
+            warnings.warn(
+                f"timestep {value:g} is not one of the {self.num_steps} calibrated timesteps of this quantized model "
+                f"(range {float(self.timesteps.min()):g}..{float(self.timesteps.max()):g}): it uses the activation scales "
+                f"of the nearest calibrated step, timestep {float(nearest[i]):g} (step {int(steps[i])}); calibrate with "
+                "the sampler's timesteps to avoid this", UncalibratedTimestepWarning, stacklevel=2)
 
     def set(self, step: Tensor | None) -> None:
         """Set the step indices of the next forward passes (None clears them).
@@ -110,7 +138,9 @@ class TimestepHook:
             return
         device = next((a.device for a in args if isinstance(a, Tensor)), None)
         t = torch.as_tensor(t, device=device) if not isinstance(t, Tensor) else t
-        self.context.step_index = self.context.steps_for_timesteps(t.reshape(-1))
+        steps = self.context.steps_for_timesteps(t.reshape(-1))
+        self.context.warn_uncalibrated(t, steps)
+        self.context.step_index = steps
 
 
 def timestep_argument(model: nn.Module) -> tuple[int, str] | None:

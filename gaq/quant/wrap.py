@@ -67,6 +67,7 @@ class QuantInfo:
         base_fingerprint / base_arch: fingerprints of the FP model it was made from (weights+config,
             architecture only), checked when a saved model is loaded onto a base model.
         config: the user's config as given (for metadata).
+        source: where the FP model was loaded from (its diffusers ``_name_or_path``), for metadata.
     """
 
     settings: QuantSettings
@@ -75,6 +76,7 @@ class QuantInfo:
     base_fingerprint: str = ""
     base_arch: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
 
 
 def _ancestor_classes(model: nn.Module, path: str) -> set[str]:
@@ -180,6 +182,8 @@ def build_quantized(model: nn.Module, settings: QuantSettings, plan: QuantPlan, 
         install_quant_attention(attn, plan.attention_bits, plan.softmax_bits, settings, context, path)
     if per_step:
         install_timestep_hook(model, context)
+    from gaq.quant.pretrained import install_save_pretrained  # late import: it saves through gaq.quant.export
+    install_save_pretrained(model)
     model.requires_grad_(False)
     for q in _modules_of(model, AdaRoundQuantizer):
         q.alpha.requires_grad_(True)
@@ -215,6 +219,7 @@ def quantize(model: nn.Module, config: QuantConfig, *, timesteps: Tensor | None 
     info: QuantInfo = qmodel.gaq_quant
     info.base_fingerprint, info.base_arch = model_fingerprint(model), architecture_fingerprint(model)
     info.config = dataclasses.asdict(config)
+    info.source = str(dict(getattr(model, "config", None) or {}).get("_name_or_path") or "")
     return qmodel
 
 
