@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDIMPipeline, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
 
 import gaq
 from gaq.errors import GaqError
@@ -160,3 +160,55 @@ def test_uncalibrated_timesteps_warn_once_each_naming_the_nearest_step():
     assert len(messages) == 2 and len(caught) == 2
     assert "timestep 400 " in messages[0] and "nearest calibrated step, timestep 500 (step 1)" in messages[0]
     assert "timestep 740 " in messages[1] and "timestep 750 (step 0)" in messages[1]
+
+
+def _tiny_dit():
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                 norm_num_groups=8).eval()
+
+
+def _tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",)).eval()
+
+
+def _dit_sample(transformer, vae):
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(class_labels=[1, 7], num_inference_steps=STEPS, guidance_scale=1.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+
+def test_from_pretrained_dit_drops_into_dit_pipeline(tmp_path):
+    fp, vae = _tiny_dit(), _tiny_vae()
+    ts = _scheduler().timesteps.clone()
+    q = quantize(fp, QuantConfig(w_bits=4, a_bits=8, preset="qdiff_compat", w_range=FAST), timesteps=ts)
+    g = torch.Generator().manual_seed(7)
+    calibrate_activations(q, [{"x": torch.randn(STEPS, 4, 8, 8, generator=g), "t": ts, "step": torch.arange(STEPS),
+                               "cond": {"class_labels": torch.arange(STEPS)}}])
+    ref = _dit_sample(q, vae)
+    assert np.abs(ref - _dit_sample(fp, vae)).max() > 1e-4
+    q.save_pretrained(tmp_path / "q")
+    loaded = gaq.from_pretrained(tmp_path / "q")
+    assert isinstance(loaded, DiTTransformer2DModel)
+    assert np.array_equal(_dit_sample(loaded, vae), ref)
+
+
+def test_from_pretrained_cross_attention_unet_round_trip(tmp_path, tiny_cond_unet):
+    ts = _scheduler().timesteps.clone()
+    q = quantize(tiny_cond_unet, QuantConfig(w_bits=4, a_bits=8, preset="tfmq_compat", w_range=FAST), timesteps=ts)
+    g = torch.Generator().manual_seed(7)
+    text = torch.randn(STEPS, 3, 16, generator=g)
+    calibrate_activations(q, [{"x": torch.randn(STEPS, 4, 8, 8, generator=g), "t": ts, "step": torch.arange(STEPS),
+                               "cond": {"encoder_hidden_states": text}}])
+    loaded = gaq.from_pretrained(save_quantized(q, tmp_path / "q"))
+    x = torch.randn(STEPS, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        out, back = q(x, ts, encoder_hidden_states=text).sample, loaded(x, ts, encoder_hidden_states=text).sample
+        assert torch.equal(out, back)
+        assert not torch.equal(out, tiny_cond_unet(x, ts, encoder_hidden_states=text).sample)
