@@ -12,7 +12,7 @@ import gaq
 from gaq.errors import GaqError
 from gaq.quant import (QuantConfig, UncalibratedTimestepWarning, WeightRangeConfig, calibrate_activations,
                        iter_quant_layers, load_quantized, quantize, rounding_parameters, save_quantized)
-from gaq.quant.export import FP_PARTS_FILE, architecture_fingerprint
+from gaq.quant.export import FP_PARTS_FILE, _legacy_architecture_fingerprint, architecture_fingerprint
 
 FAST = WeightRangeConfig(method="minmax")
 STEPS = 4
@@ -144,6 +144,13 @@ def test_architecture_fingerprint_ignores_where_the_model_was_loaded_from(tmp_pa
     x, t = torch.randn(1, 1, 16, 16), torch.tensor([10])
     with torch.no_grad():
         assert torch.equal(load_quantized(folder, copied)(x, t).sample, q(x, t).sample)
+    # an export written before the fix (its fingerprint hashed the path) still loads onto the model from that path
+    meta = json.loads((folder / "quant_config.json").read_text())
+    meta["base_arch_fingerprint"] = _legacy_architecture_fingerprint(relative)
+    (folder / "quant_config.json").write_text(json.dumps(meta))
+    load_quantized(folder, UNet2DModel.from_pretrained("m"))
+    with pytest.raises(GaqError, match="not the architecture"):
+        load_quantized(folder, _uncond_unet(width=16))
 
 
 def test_uncalibrated_timesteps_warn_once_each_naming_the_nearest_step():
