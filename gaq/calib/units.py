@@ -7,8 +7,10 @@ reconstruction). Units come from a registry keyed by module class (never by name
   every ResBlock's time projection (``time_emb_proj``); its output is all projections concatenated.
 - ``resnet``: ``ResnetBlock2D``;
 - ``attention``: ``Attention`` (UNet2DModel's self-attention) and ``Transformer2DModel`` (the spatial
-  transformer of UNet2DConditionModel), ``BasicTransformerBlock`` (DiT);
+  transformer of UNet2DConditionModel), ``BasicTransformerBlock`` (DiT, PixArt);
 - ``sampler``: ``Downsample2D`` / ``Upsample2D``;
+- ``time`` also: PixArt's timestep (and image-size) embedding ``PixArtAlphaCombinedTimestepSizeEmbeddings``
+  as one unit (its size embedders see two rows a sample, so they cannot be units of their own);
 - ``layer``: every quantized layer no unit above owns (e.g. ``conv_in``, ``conv_out``), alone.
 
 Every quantized layer belongs to exactly one unit: the first one, in forward order, that contains it.
@@ -21,7 +23,7 @@ from typing import Any, Callable, Mapping
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.embeddings import PixArtAlphaCombinedTimestepSizeEmbeddings, TimestepEmbedding
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
@@ -37,6 +39,7 @@ UNIT_KINDS: dict[type[nn.Module], str] = {
     BasicTransformerBlock: "attention",
     Downsample2D: "sampler",
     Upsample2D: "sampler",
+    PixArtAlphaCombinedTimestepSizeEmbeddings: "time",
 }
 
 
@@ -91,6 +94,58 @@ class Unit:
         out = self.module(*args, **kwargs)
         return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
 
+    @property
+    def hooked(self) -> nn.Module:
+        """The model's module whose call is this unit's call (for the forward order)."""
+        return self.module
+
+
+class BatchFromTimestep(nn.Module):
+    """Calls ``inner(timestep, ..., batch_size=len(timestep))``.
+
+    PixArt's ``PixArtAlphaCombinedTimestepSizeEmbeddings`` takes the batch size as a plain int, which
+    a capture replayed on a sub-batch of the cache would get wrong; here it follows the timesteps.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, timestep: Tensor, *args, **kwargs) -> Tensor:
+        kwargs.pop("batch_size", None)
+        return self.inner(timestep, *args, batch_size=timestep.shape[0], **kwargs)
+
+
+class BatchFromTimestepUnit(Unit):
+    """A unit whose module takes ``batch_size`` as an int: captured without it, called through :class:`BatchFromTimestep`."""
+
+    def __init__(self, name: str, kind: str, module: nn.Module):
+        super().__init__(name, kind, BatchFromTimestep(module))
+
+    @property
+    def hooked(self) -> nn.Module:
+        return self.module.inner
+
+    def install_capture(self, store: list[Capture], stop: bool) -> list[Any]:
+        def hook(_module, args, kwargs):
+            store.append(Capture(tuple(args), {k: v for k, v in kwargs.items() if k != "batch_size"}))
+            if stop:
+                raise StopForward
+
+        return [self.hooked.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+# module class -> the Unit class that wraps it (default: Unit)
+UNIT_CLASSES: dict[type[nn.Module], type[Unit]] = {PixArtAlphaCombinedTimestepSizeEmbeddings: BatchFromTimestepUnit}
+
+
+def make_unit(name: str, kind: str, module: nn.Module) -> Unit:
+    """The unit of ``module``, of the Unit class registered for its class (MRO lookup)."""
+    for cls in type(module).__mro__:
+        if cls in UNIT_CLASSES:
+            return UNIT_CLASSES[cls](name, kind, module)
+    return Unit(name, kind, module)
+
 
 class TimeEmbeddingPath(nn.Module):
     """TFMQ-DM's temporal-information block as one module.
@@ -118,6 +173,10 @@ class TimeUnit(Unit):
 
     def __init__(self, path: TimeEmbeddingPath):
         super().__init__("time_embedding", "time", path)
+
+    @property
+    def hooked(self) -> nn.Module:
+        return self.module.time_embedding
 
     def install_capture(self, store: list[Capture], stop: bool) -> list[Any]:
         seen: dict[str, Tensor] = {}
@@ -185,7 +244,7 @@ def find_units(model: nn.Module, run: Callable[[], Any], time_unit: bool = True)
                 walk(child)
 
     walk(model)
-    units: list[Unit] = [Unit(names[m], unit_kind(m), m) for m in forward_order(model, run, candidates)]
+    units: list[Unit] = [make_unit(names[m], unit_kind(m), m) for m in forward_order(model, run, candidates)]
     path = _time_path(model) if time_unit else None
     if path is not None:
         units.insert(0, TimeUnit(path))
@@ -215,12 +274,12 @@ def fp_counterpart(unit: Unit, fp_model: nn.Module) -> Unit:
         if path is None:
             raise ValueError("the FP model has no time-embedding path but its quantized copy has")
         return TimeUnit(path)
-    return Unit(unit.name, unit.kind, fp_model.get_submodule(unit.name))
+    return make_unit(unit.name, unit.kind, fp_model.get_submodule(unit.name))
 
 
 def _sort_by_first_call(model: nn.Module, run: Callable[[], Any], units: list[Unit]) -> list[Unit]:
-    """Units sorted by the first call of their module (the time unit by its MLP's)."""
-    key_module = {id(u): (u.module.time_embedding if isinstance(u, TimeUnit) else u.module) for u in units}
+    """Units sorted by the first call of their hooked module (the time unit by its MLP's)."""
+    key_module = {id(u): u.hooked for u in units}
     ordered = forward_order(model, run, list(key_module.values()))
     rank = {id(m): i for i, m in enumerate(ordered)}
     return sorted(units, key=lambda u: rank[id(key_module[id(u)])])

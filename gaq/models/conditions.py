@@ -1,14 +1,17 @@
 """Prompt conditions of text models: a table of per-prompt model inputs, read from an embeddings file.
 
 A text model (``cond_kind == "text"``) is called with ``encoder_hidden_states``; an SDXL-style UNet
-(``addition_embed_type="text_time"``) also with ``added_cond_kwargs={"text_embeds", "time_ids"}``.
+(``addition_embed_type="text_time"``) also with ``added_cond_kwargs={"text_embeds", "time_ids"}``, and
+a PixArt transformer with ``use_additional_conditions`` with ``added_cond_kwargs={"resolution",
+"aspect_ratio"}`` (made from the image size).
 A :class:`PromptTable` holds these inputs for ``P`` prompts as a flat condition dictionary
 (:mod:`gaq.models.denoiser`: ``added_cond_kwargs.text_embeds`` ...), plus the unconditional
 (empty-prompt) row of classifier-free guidance.
 
 The embeddings file (safetensors) holds:
 
-- ``cond``: prompt embeddings ``(P, L, D)`` (or ``(L, D)`` for one prompt), and optionally
+- ``cond``: prompt embeddings ``(P, L, D)`` (or ``(L, D)`` for one prompt; ``D`` is the model's
+  ``cross_attention_dim``, or PixArt's ``caption_channels``), and optionally
   ``uncond`` ``(L, D)`` / ``(1, L, D)``, the empty prompt's;
 - for ``text_time`` models: ``text_embeds`` ``(P, E)`` (the pooled text embedding) and, with
   ``uncond``, ``uncond_text_embeds`` ``(E,)`` / ``(1, E)``; optionally ``time_ids`` ``(P, K)`` or
@@ -29,6 +32,8 @@ from gaq.errors import GaqError, check
 ENCODER_STATES = "encoder_hidden_states"
 TEXT_EMBEDS = "added_cond_kwargs.text_embeds"
 TIME_IDS = "added_cond_kwargs.time_ids"
+RESOLUTION = "added_cond_kwargs.resolution"
+ASPECT_RATIO = "added_cond_kwargs.aspect_ratio"
 
 
 @dataclass
@@ -64,6 +69,17 @@ def text_time_width(model: nn.Module) -> int | None:
     if cfg.get("addition_embed_type") != "text_time":
         return None
     return int(cfg["projection_class_embeddings_input_dim"])
+
+
+def size_conditions(model: nn.Module, image_hw: tuple[int, int]) -> dict[str, Tensor]:
+    """PixArt's ``added_cond_kwargs`` when it uses them (``use_additional_conditions``, PixArt-alpha at
+    1024 px): ``resolution`` ``(1, 2)`` = ``(H, W)`` and ``aspect_ratio`` ``(1, 1)`` = ``H / W``, as its
+    pipeline passes them; empty for every other model."""
+    if not getattr(model, "use_additional_conditions", False):
+        return {}
+    h, w = image_hw
+    return {RESOLUTION: torch.tensor([[h, w]], dtype=torch.float32),
+            ASPECT_RATIO: torch.tensor([[h / w]], dtype=torch.float32)}
 
 
 def default_time_ids(image_hw: tuple[int, int]) -> Tensor:
@@ -105,10 +121,15 @@ def load_prompt_table(path: str | None, model: nn.Module, image_hw: tuple[int, i
         uncond = _rows(uncond, 3)
         check(uncond.shape == (1,) + tuple(cond.shape[1:]),
               f"'uncond' in {path} must have shape {tuple(cond.shape[1:])}, got {tuple(tensors['uncond'].shape)}")
-    want_d = getattr(getattr(model, "config", None), "cross_attention_dim", None)
+    config = getattr(model, "config", None) or {}
+    want_d = config.get("caption_channels") or config.get("cross_attention_dim")  # PixArt projects its captions
     check(want_d is None or not isinstance(want_d, int) or cond.shape[-1] == want_d,
           f"prompt embeddings in {path} have width {cond.shape[-1]} but the model expects {want_d}")
     table = PromptTable({ENCODER_STATES: cond}, None if uncond is None else {ENCODER_STATES: uncond})
+    for key, value in size_conditions(model, image_hw).items():  # PixArt-alpha at 1024 px: from the image size
+        table.cond[key] = value.expand(p, -1).clone()
+        if table.uncond is not None:
+            table.uncond[key] = value.clone()
     width = text_time_width(model)
     if width is None:
         extra = sorted({"text_embeds", "uncond_text_embeds", "time_ids"} & tensors.keys())

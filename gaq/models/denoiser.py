@@ -3,7 +3,8 @@
 diffusers' noise predictors differ in argument names and outputs: ``UNet2DModel`` takes
 ``class_labels``, ``UNet2DConditionModel`` takes ``encoder_hidden_states``, DiT
 (``DiTTransformer2DModel`` / ``Transformer2DModel``) takes ``class_labels`` and may predict a learned
-variance in the second half of its channels. Everything in gaq (sampling, calibration-set
+variance in the second half of its channels; PixArt (``PixArtTransformer2DModel``) takes
+``encoder_hidden_states`` and predicts a learned variance too. Everything in gaq (sampling, calibration-set
 generation, reconstruction, evaluation) calls a model through :func:`predict_noise` with a
 condition dictionary ``cond`` holding the model's own keyword arguments.
 

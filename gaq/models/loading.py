@@ -19,7 +19,8 @@ from typing import Callable, Literal, Mapping
 
 import diffusers
 import torch
-from diffusers import DiTTransformer2DModel, SchedulerMixin, Transformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (DiTTransformer2DModel, PixArtTransformer2DModel, SchedulerMixin, Transformer2DModel,
+                       UNet2DConditionModel, UNet2DModel)
 from diffusers.models.embeddings import LabelEmbedding
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
@@ -36,7 +37,7 @@ class Denoiser:
     """A noise predictor with what sampling and calibration need to know about it.
 
     Attributes:
-        model: the diffusers noise predictor (UNet2DModel, UNet2DConditionModel, DiT), in eval mode.
+        model: the diffusers noise predictor (UNet2DModel, UNet2DConditionModel, DiT, PixArt), in eval mode.
         alphas_cumprod: the training noise schedule, shape ``(num_train_timesteps,)``.
         sample_shape: ``(C, H, W)`` of one sample the model denoises.
         cond_kind: ``none``, ``class`` (``class_labels``) or ``text`` (``encoder_hidden_states``).
@@ -167,6 +168,11 @@ def _transformer_cond(model: nn.Module) -> CondInfo:
     return CondInfo()
 
 
+def _pixart_cond(model: nn.Module) -> CondInfo:
+    """``PixArtTransformer2DModel``: text embeddings (``caption_channels`` wide) through ``encoder_hidden_states``."""
+    return CondInfo("text")
+
+
 @dataclass(frozen=True)
 class ModelKind:
     """How gaq loads, describes and saves one diffusers noise-predictor class.
@@ -187,6 +193,7 @@ MODEL_KINDS: dict[type[nn.Module], ModelKind] = {
     UNet2DConditionModel: ModelKind("unet", _cond_unet_cond),
     DiTTransformer2DModel: ModelKind("transformer", _transformer_cond, pipeline="DiTPipeline"),
     Transformer2DModel: ModelKind("transformer", _transformer_cond),
+    PixArtTransformer2DModel: ModelKind("transformer", _pixart_cond, pipeline="PixArtAlphaPipeline"),
 }
 # ``_class_name`` in a config.json -> class. (diffusers itself turns an AdaLN-Zero ``Transformer2DModel``
 # config into a ``DiTTransformer2DModel`` when loading.)

@@ -98,6 +98,20 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def _pixart_roles(model: nn.Module) -> dict[int, str]:
+    """PixArt: patch embedding in, ``proj_out`` out; the timestep MLP of the shared ``adaln_single``."""
+    mlp = model.adaln_single.emb.timestep_embedder  # beside it: the size embedders of PixArt-alpha at 1024 px
+    return {id(model.pos_embed.proj): "first_layer", id(model.proj_out): "last_layer",
+            id(mlp.linear_1): "time_embed_first", id(mlp.linear_2): "time_embed_second"}
+
+
+try:
+    from diffusers import PixArtTransformer2DModel
+    register_root_roles(PixArtTransformer2DModel)(_pixart_roles)
+except ImportError:  # pragma: no cover
+    pass
+
+
 @register_split_points(UNet2DModel)
 @register_split_points(UNet2DConditionModel)
 def _unet_split_points(model: nn.Module) -> dict[int, list[int]]:
