@@ -1,6 +1,6 @@
-"""PixArt-style transformers (``PixArtTransformer2DModel``) end to end on a tiny random model: loading from a
-bare transformer/ + scheduler/ folder, roles, the calibration set, a short uniform reconstruction under
-qdiff_compat (the timestep goes in by keyword), sampling."""
+"""Transformer noise predictors end to end on tiny random models: PixArt (``PixArtTransformer2DModel``) from a
+bare transformer/ + scheduler/ folder (roles, the calibration set, a short uniform reconstruction under
+qdiff_compat with the timestep by keyword, sampling) and DiT (``DiTTransformer2DModel``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from diffusers import DDPMScheduler, PixArtTransformer2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 from safetensors.torch import save_file
 
 from gaq.calib.checkpoints import UnitCheckpoint
@@ -20,7 +20,7 @@ from gaq.errors import GaqError
 from gaq.eval.evaluate import SamplingConfig, generate
 from gaq.eval.sampling import SamplerConfig
 from gaq.models.conditions import ASPECT_RATIO, RESOLUTION
-from gaq.models.loading import load_denoiser
+from gaq.models.loading import Denoiser, load_denoiser, save_denoiser
 from gaq.quant import QuantConfig, load_quantized, quant_info, quantize
 
 CAPTION = 12
@@ -60,21 +60,26 @@ def _trainer(unit_dir: Path, _name: str) -> pl.Trainer:
                       limit_val_batches=0, enable_checkpointing=False, callbacks=[UnitCheckpoint(unit_dir)])
 
 
+def _calibrate(den, cfg, preset, tmp_path):
+    """Calibration set, then a 2-iteration uniform reconstruction; returns (set, summary, quantized model)."""
+    calib = generate_calibration_set(den, cfg, progress=False)
+    dm = CalibrationDataModule("tiny", cfg, SplitConfig(val_fraction=0.25, num_groups=2))
+    dm.attach(denoiser=den, calib_set=calib).setup("fit")
+    job = CalibrationJob(den, dm, QuantConfig(w_bits=4, a_bits=8, preset=preset), "uniform",
+                         ReconConfig(iters=2, batch_size=4, ckpt_every=5, cache_batch=8), tmp_path, _trainer,
+                         torch.device("cpu"), {"test": preset}, None)
+    summary = run_calibration(job)
+    return calib, summary, load_quantized(tmp_path / "quantized", den.model)
+
+
 def test_qdiff_compat_reconstruction_and_sampling(pixart, tmp_path):
     den, emb = pixart
     cfg = CalibSetConfig(steps=4, interval=2, samples_per_step=4, batch_size=4, guidance_scale=2.0, spacing="uniform",
                          cond_embeddings=str(emb))
-    calib = generate_calibration_set(den, cfg, progress=False)
+    calib, summary, q = _calibrate(den, cfg, "qdiff_compat", tmp_path)
     assert calib.cond[RESOLUTION][0].tolist() == [8.0, 8.0] and calib.cond[ASPECT_RATIO][0].tolist() == [1.0]
-    dm = CalibrationDataModule("pixart", cfg, SplitConfig(val_fraction=0.25, num_groups=2))
-    dm.attach(denoiser=den, calib_set=calib).setup("fit")
-    job = CalibrationJob(den, dm, QuantConfig(w_bits=4, a_bits=8, preset="qdiff_compat"), "uniform",
-                         ReconConfig(iters=2, batch_size=4, ckpt_every=5, cache_batch=8), tmp_path, _trainer,
-                         torch.device("cpu"), {"test": "pixart"}, None)
-    summary = run_calibration(job)
     kinds = {u["kind"] for u in summary["units"]}
     assert {"time", "attention", "layer"} <= kinds  # the timestep + size embedding is one unit
-    q = load_quantized(tmp_path / "quantized", den.model)
     sampling = SamplingConfig(num_samples=4, batch_size=2, sampler=SamplerConfig(steps=3, guidance_scale=2.0),
                               cond_embeddings=str(emb))
     images = torch.cat([img for _, _, img in generate(q, den, sampling, progress=False)])
@@ -88,3 +93,18 @@ def test_caption_width_is_checked(pixart, tmp_path):
     with pytest.raises(GaqError, match=f"model expects {CAPTION}"):
         generate_calibration_set(den, CalibSetConfig(steps=2, interval=1, samples_per_step=2, cond_embeddings=str(path)),
                                  progress=False)
+
+
+def test_dit_reconstruction_and_guided_sampling(tmp_path):
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=3, norm_num_groups=8).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    save_denoiser(Denoiser(dit, sched.alphas_cumprod, (4, 8, 8), "class", 3, 3), tmp_path / "dit", sched)
+    den = load_denoiser(tmp_path / "dit")
+    cfg = CalibSetConfig(steps=4, interval=2, samples_per_step=4, batch_size=4, guidance_scale=2.0, spacing="uniform")
+    _, summary, q = _calibrate(den, cfg, "tfmq_compat", tmp_path / "run")
+    assert "attention" in {u["kind"] for u in summary["units"]}
+    sampling = SamplingConfig(num_samples=3, batch_size=3, sampler=SamplerConfig(steps=3, guidance_scale=2.0))
+    images = torch.cat([img for _, _, img in generate(q, den, sampling, progress=False)])
+    assert images.shape == (3, 4, 8, 8) and torch.isfinite(images).all()
