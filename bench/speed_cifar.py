@@ -32,12 +32,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from gaq.calib.driver import CalibrationJob, run_calibration
+from gaq.calib.api import CalibrationConfig, calibrate
 from gaq.calib.gac import GACConfig
-from gaq.calib.gac_driver import DiagnosticsConfig, GACHooks
+from gaq.calib.gac_driver import DiagnosticsConfig
 from gaq.calib.recon import ReconConfig
 from gaq.data.calibset import CalibSetConfig, generate_calibration_set
-from gaq.data.datamodule import CalibrationDataModule, SplitConfig
+from gaq.data.datamodule import SplitConfig
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
 from gaq.quant import QuantConfig
@@ -127,8 +127,6 @@ def main() -> None:
     for method, variant, form in runs:
         key = f"{method}-{variant}" + (f"-{form.replace(':', '-vpg')}" if form and form != "nested" else "")
         timer = StepTimer()
-        dm = CalibrationDataModule("cifar-arch", ccfg, SplitConfig()).attach(denoiser=den, calib_set=calib)
-        dm.setup("fit")
         run_dir = Path(f"/tmp/gaq_speed_{key}")
         if rank == 0:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -136,22 +134,16 @@ def main() -> None:
         k = (args.iters_per_step if method == "uniform" else 10) if graph else 1
         recon = ReconConfig(iters=args.iters, batch_size=32, ckpt_every=0, cache_batch=256, iters_per_step=k,
                             cuda_graph=args.cuda_graph if graph else "off")
-        hooks = (GACHooks(gac_config(args.meta_iters, form), dm, run_dir, DiagnosticsConfig(enabled=False))
-                 if method == "gac" else None)
-
-        def make_trainer(unit_dir, name, _timer=timer):
-            return pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=args.devices,
-                              strategy="ddp" if args.devices > 1 else "auto", max_epochs=1,
-                              logger=False, enable_progress_bar=False, enable_model_summary=False,
-                              use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
-                              enable_checkpointing=False, callbacks=[_timer])
-
-        job = CalibrationJob(den, dm, QuantConfig(w_bits=4, a_bits=8), method, recon, run_dir, make_trainer, device,
-                             {"bench": key, "t": time.time()}, hooks)
+        cfg = CalibrationConfig(method=method, quant=QuantConfig(w_bits=4, a_bits=8), recon=recon,
+                                gac=gac_config(args.meta_iters, form) if method == "gac" else GACConfig(),
+                                diagnostics=DiagnosticsConfig(enabled=False), split=SplitConfig())
+        trainer = {"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": args.devices,
+                   "strategy": "ddp" if args.devices > 1 else "auto", "enable_progress_bar": False, "callbacks": [timer]}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        summary = run_calibration(job)
+        summary = calibrate(den, cfg, calib, run_dir=run_dir, trainer=trainer,
+                            record_extra={"bench": key, "t": time.time()}).gaq_summary
         wall = time.time() - t0
         per_unit = []
         for u in summary["units"]:

@@ -44,11 +44,10 @@ the run goes on; ``--budget_s`` starts no phase after that many seconds.
         --iters 100 --meta_iters 20 --units_per_kind 1 --sample_batch 64 --out bench/results/speed_paper/h200.json
     python bench/speed_paper.py --device cpu --quick --out /tmp/speed_paper.json      # smoke run, < 1 min
 
-How units are restricted: the driver has no unit filter, so :class:`UnitSubset` wraps three of
-``gaq.calib.driver``'s module-level names for the duration of the run: ``find_units`` (keeps the selected
-units), ``build_unit_cache`` (records cache sizes, emulates the paper-size placement) and
-``_reconstruct_unit`` (a unit that fails, e.g. out of memory, is recorded and the others still run);
-``gaq/calib`` itself is unchanged.
+How units are restricted: :class:`UnitSubset` picks the units to measure before the run, and their names
+are the calibration's unit filter (``CalibrationConfig.units``; the others keep nearest rounding); as a
+callback of every unit's Trainer it records each unit's cache and emulates the paper-size placement. The run
+uses ``on_unit_error: skip``, so a unit that fails (e.g. out of memory) is recorded and the others still run.
 """
 from __future__ import annotations
 
@@ -78,20 +77,21 @@ from paper_archs import build_paper_denoiser, paper_model, write_class_embedding
 from sampling_throughput import CONFIGS as SAMPLER_OPTIONS  # noqa: E402
 from speed_cifar import StepTimer, steady_rates  # noqa: E402
 
-import gaq.calib.driver as driver  # noqa: E402
-from gaq.calib import recon as recon_module  # noqa: E402
-from gaq.calib.driver import CalibrationJob, run_calibration  # noqa: E402
+from gaq.calib.api import CalibrationConfig, calibrate  # noqa: E402
+from gaq.calib.driver import calibration_batches  # noqa: E402
 from gaq.calib.gac import GACConfig  # noqa: E402
-from gaq.calib.gac_driver import DiagnosticsConfig, GACHooks  # noqa: E402
-from gaq.calib.recon import ReconConfig  # noqa: E402
+from gaq.calib.gac_driver import DiagnosticsConfig  # noqa: E402
+from gaq.calib.recon import ReconConfig, graph_capture_failures  # noqa: E402
+from gaq.calib.units import find_units  # noqa: E402
 from gaq.data.calibset import CalibSetConfig, generate_calibration_set  # noqa: E402
-from gaq.data.datamodule import CalibrationDataModule, SplitConfig  # noqa: E402
+from gaq.data.datamodule import SplitConfig, to_device  # noqa: E402
 from gaq.errors import GaqError  # noqa: E402
 from gaq.eval.evaluate import Conditioning, SamplingConfig, sample_images  # noqa: E402
 from gaq.eval.runner import ModelRunner  # noqa: E402
 from gaq.eval.sampling import SamplerConfig  # noqa: E402
 from gaq.provenance import device_name, git_commit  # noqa: E402
-from gaq.quant import QuantConfig  # noqa: E402
+from gaq.models.denoiser import predict_noise  # noqa: E402
+from gaq.quant import QuantConfig, quantize  # noqa: E402
 
 log = logging.getLogger("gaq.bench.speed_paper")  # under gaq's logger: its handler (setup_logging)
 
@@ -239,16 +239,17 @@ def pick_units(units: list, flops: dict[str, int], per_kind: int, pick: str,
     return [u for u in units if id(u) in chosen]
 
 
-class UnitSubset:
-    """For the duration of a ``with`` block, ``run_calibration`` reconstructs only a subset of the units.
+class UnitSubset(pl.Callback):
+    """Which units a timing run reconstructs, and what their caches would be at the paper's set size.
 
-    Wraps ``gaq.calib.driver.find_units``: all units are recorded with their forward FLOPs, cache size per
-    tuple and the placement their cache gets at ``paper_tuples`` tuples (``placement``: the config's
-    ``recon.cache_placement``; ``auto`` keeps a cache on the GPU when it takes at most half the free memory,
-    as ``gaq.calib.cache`` decides); the selected units are returned (per kind and placement, see
-    :func:`pick_units`). Wraps ``gaq.calib.driver.build_unit_cache``: records each cache, and with
-    ``emulate_placement`` moves the cache of a unit whose paper-size cache goes to the host to pinned host
-    memory, where the paper-size run would keep it.
+    :meth:`plan` finds the units of the quantized model (``gaq.calib.units.find_units`` on the driver's probe
+    batch), records each unit's forward FLOPs, cache size per tuple and the placement its cache gets at
+    ``paper_tuples`` tuples (``placement``: the config's ``recon.cache_placement``; ``auto`` keeps a cache on
+    the GPU when it takes at most half the free memory, as ``gaq.calib.cache`` decides), and returns the names
+    of the units to measure (per kind and placement, see :func:`pick_units`): the calibration's unit filter.
+    As a callback of every unit's Trainer, :meth:`on_fit_start` records the unit's cache and, with
+    ``emulate_placement``, moves a cache whose paper-size counterpart goes to the host to pinned host memory,
+    where the paper-size run would keep it.
     """
 
     def __init__(self, per_kind: int, pick: str, paper_tuples: int, placement: str, emulate_placement: bool,
@@ -259,81 +260,69 @@ class UnitSubset:
         self.caches: dict[str, dict] = {}
         self.free_gib: float | None = None
         self.paper_placement: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
 
-    def _paper_placement(self, device: torch.device, nbytes: float, free: int | None) -> str:
+    def _paper_placement(self, nbytes: float, free: int | None) -> str:
         if free is None:  # a CPU run without --free_gib: caches stay where the model is
             return "device"
         if self.placement != "auto":
             return self.placement
         return "device" if nbytes <= free // 2 else "host"
 
-    def __enter__(self) -> "UnitSubset":
-        self._find, self._cache = driver.find_units, driver.build_unit_cache
+    def plan(self, den, quant: QuantConfig, calib, time_unit: bool, device: torch.device) -> list[str]:
+        """The names of the units to measure (and the records of all units)."""
+        qmodel = quantize(den.model.to(device), quant, timesteps=calib.timesteps).to(device).eval()
+        probe = to_device(next(calibration_batches(calib, 2)), device)
+        run = lambda: predict_noise(qmodel, probe["x"], probe["t"], probe["cond"])  # noqa: E731
+        units = find_units(qmodel, run, time_unit=time_unit)
+        try:
+            flops = unit_flops(qmodel, run, units)
+        except Exception as err:  # noqa: BLE001 - FLOPs only steer the pick and the projection
+            log.warning("FLOP count failed (%s: %s); units are picked and projected without it", type(err).__name__, err)
+            flops = {}
+        sizes = unit_cache_bytes(qmodel, run, units)
         host = host_memory_bytes()
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        if self.free_override is not None:
+            free = int(self.free_override * 2**30)
+        self.free_gib = None if free is None else free / 2**30
+        place = {u.name: self._paper_placement(sizes[u.name] * self.paper_tuples, free) for u in units}
+        picked = pick_units(units, flops, self.per_kind, self.pick, lambda u: f"{u.kind}/{place[u.name]}")
+        chosen = {u.name for u in picked}
+        self.all_units = [
+            {"index": k, "name": u.name, "kind": u.kind, "layers": len(u.layers), "flops": flops.get(u.name),
+             "cache_mib_per_tuple": sizes[u.name] / 2**20,
+             "paper_cache_gib": sizes[u.name] * self.paper_tuples / 2**30, "paper_placement": place[u.name],
+             "paper_cache_exceeds_host_memory": bool(host and place[u.name] == "host"
+                                                     and sizes[u.name] * self.paper_tuples > host),
+             "measured": u.name in chosen} for k, u in enumerate(units)]
+        self.paper_placement = place
+        log.info("%d units (%s), %d with the cache on the host at the paper's set size; measuring %d: %s",
+                 len(units), dict(Counter(u.kind for u in units)), sum(v == "host" for v in place.values()),
+                 len(picked), ", ".join(u.name for u in picked))
+        return [u.name for u in picked]
 
-        def find_units(model, run, time_unit=True):
-            units = self._find(model, run, time_unit=time_unit)
-            try:
-                flops = unit_flops(model, run, units)
-            except Exception as err:  # noqa: BLE001 - FLOPs only steer the pick and the projection
-                log.warning("FLOP count failed (%s: %s); units are picked and projected without it", type(err).__name__, err)
-                flops = {}
-            sizes = unit_cache_bytes(model, run, units)
-            p = next(iter(model.parameters()), None)
-            device = p.device if p is not None else torch.device("cpu")
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-            if self.free_override is not None:
-                free = int(self.free_override * 2**30)
-            self.free_gib = None if free is None else free / 2**30
-            place = {u.name: self._paper_placement(device, sizes[u.name] * self.paper_tuples, free) for u in units}
-            picked = pick_units(units, flops, self.per_kind, self.pick, lambda u: f"{u.kind}/{place[u.name]}")
-            chosen = {id(u) for u in picked}
-            self.all_units = [
-                {"index": k, "name": u.name, "kind": u.kind, "layers": len(u.layers), "flops": flops.get(u.name),
-                 "cache_mib_per_tuple": sizes[u.name] / 2**20,
-                 "paper_cache_gib": sizes[u.name] * self.paper_tuples / 2**30, "paper_placement": place[u.name],
-                 "paper_cache_exceeds_host_memory": bool(host and place[u.name] == "host"
-                                                         and sizes[u.name] * self.paper_tuples > host),
-                 "measured": id(u) in chosen} for k, u in enumerate(units)]
-            self.paper_placement = place
-            log.info("%d units (%s), %d with the cache on the host at the paper's set size; measuring %d: %s",
-                     len(units), dict(Counter(u.kind for u in units)), sum(v == "host" for v in place.values()),
-                     len(picked), ", ".join(u.name for u in picked))
-            return picked
+    def on_fit_start(self, trainer, pl_module) -> None:
+        cache, name = getattr(pl_module, "cache", None), getattr(pl_module, "unit_name", None)
+        if cache is None or name in self.caches:  # the activation step-size phase of a unit: recorded already
+            return
+        paper_place = self.paper_placement.get(name, "device")
+        moved = False
+        if self.emulate and paper_place == "host" and cache.target.device.type == "cuda":
+            _move_cache_to_host(cache)
+            moved = True
+        self.caches[name] = {"tuples": len(cache), "gib": cache.nbytes / 2**30,
+                             "paper_gib": cache.nbytes / max(len(cache), 1) * self.paper_tuples / 2**30,
+                             "paper_placement": paper_place, "moved_to_host": moved}
 
-        def build_unit_cache(qmodel, qunit, fp_model, fp_unit, batches, device, placement="auto"):
-            cache = self._cache(qmodel, qunit, fp_model, fp_unit, batches, device, placement)
-            paper_place = self.paper_placement.get(qunit.name, "device")
-            moved = False
-            if self.emulate and paper_place == "host" and cache.target.device.type == "cuda":
-                _move_cache_to_host(cache)
-                moved = True
-            self.caches[qunit.name] = {"tuples": len(cache), "gib": cache.nbytes / 2**30,
-                                       "paper_gib": cache.nbytes / max(len(cache), 1) * self.paper_tuples / 2**30,
-                                       "paper_placement": paper_place, "moved_to_host": moved}
-            return cache
 
-        self._reconstruct = driver._reconstruct_unit
-
-        def reconstruct_unit(job, k, unit, *rest, **kw):
-            """A unit that fails (out of memory, ...) is recorded and skipped, so the other units still run."""
-            try:
-                return self._reconstruct(job, k, unit, *rest, **kw)
-            except Exception as err:  # noqa: BLE001
-                self.failed[unit.name] = _error_status(err)
-                log.error("unit %s failed: %s", unit.name, self.failed[unit.name])
-                _free(job.device)
-                if not _device_ok(job.device):
-                    raise
-
-        driver.find_units, driver.build_unit_cache = find_units, build_unit_cache
-        driver._reconstruct_unit = reconstruct_unit
-        return self
-
-    def __exit__(self, *exc) -> None:
-        driver.find_units, driver.build_unit_cache = self._find, self._cache
-        driver._reconstruct_unit = self._reconstruct
+def failed_units(summary: dict) -> dict[str, str]:
+    """The units that failed in a calibration run with ``on_unit_error: skip``, with their status."""
+    out = {}
+    for u in summary["units"]:
+        if u.get("error"):
+            kind = "out of memory" if "OutOfMemoryError" in u["error"] or "out of memory" in u["error"] else "error"
+            out[u["name"]] = f"{kind}: {u['error']}"
+    return out
 
 
 def _move_cache_to_host(cache) -> None:
@@ -506,34 +495,36 @@ def measure_calibration(pc: PaperConfig, den, args, device: torch.device, workdi
     sync(device)
     out["measurement"]["generation_seconds"] = time.perf_counter() - t0
 
-    dm = CalibrationDataModule(pc.name, mcfg, msplit, batch_size=pc.data_batch).attach(denoiser=den, calib_set=calib)
-    dm.setup("fit")
     run_dir = workdir / f"run-{pc.name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     recon = replace(pc.recon, iters=args.iters, ckpt_every=0,
                     iters_per_step=args.iters_per_step or pc.recon.iters_per_step,
                     cuda_graph=args.cuda_graph or pc.recon.cuda_graph)
     out["measurement"].update(iters_per_step=recon.iters_per_step, cuda_graph=recon.cuda_graph)
-    hooks = None
-    if method == "gac":
-        hooks = GACHooks(replace(pc.gac, meta_iters=args.meta_iters), dm, run_dir,
-                         replace(pc.diagnostics, enabled=args.diagnostics and pc.diagnostics.enabled))
     timer = UnitTimer()
-    job = CalibrationJob(den, dm, pc.quant, method, recon, run_dir, trainer_factory(device, [timer]), device,
-                         {"bench": "speed_paper", "config": pc.name}, hooks)
-    failed_before = len(recon_module._CAPTURE_FAILED)
+    subset = UnitSubset(args.units_per_kind, args.pick, n_paper, recon.cache_placement, args.emulate_placement,
+                        args.free_gib)
+    names = subset.plan(den, pc.quant, calib, recon.time_unit, device)
+    _free(device)  # the planning copy of the quantized model
+    cfg = CalibrationConfig(method=method, quant=pc.quant, recon=recon, split=msplit, units=names,
+                            on_unit_error="skip", gac=replace(pc.gac, meta_iters=args.meta_iters),
+                            diagnostics=replace(pc.diagnostics, enabled=args.diagnostics and pc.diagnostics.enabled))
+    trainer = {"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1, "enable_progress_bar": False,
+               "callbacks": [timer, subset]}
+    failed_before = len(graph_capture_failures())
     t0 = time.perf_counter()
-    with UnitSubset(args.units_per_kind, args.pick, n_paper, recon.cache_placement, args.emulate_placement,
-                    args.free_gib) as subset:
-        summary = run_calibration(job)
+    summary = calibrate(den, cfg, calib, run_dir=run_dir, trainer=trainer,
+                        record_extra={"bench": "speed_paper", "config": pc.name}).gaq_summary
+    failed = failed_units(summary)
     out["measurement"]["wall_seconds"] = time.perf_counter() - t0
     out["peak_memory_gib"] = peak_gib(device)
-    out["graph_capture_failed"] = recon_module._CAPTURE_FAILED[failed_before:] or None
-    if recon_module._CAPTURE_FAILED and not out["graph_capture_failed"]:
-        out["graph_capture_failed_earlier"] = list(recon_module._CAPTURE_FAILED)  # every unit of the process is eager
+    captures = graph_capture_failures()
+    out["graph_capture_failed"] = captures[failed_before:] or None
+    if captures and not out["graph_capture_failed"]:
+        out["graph_capture_failed_earlier"] = captures  # every unit of the process is eager
     measured = []
     flops = {u["name"]: u["flops"] for u in subset.all_units}
-    for u in summary["units"]:
+    for u in (u for u in summary["units"] if u["name"] in set(names)):
         steps = timer.steps.get(u["name"], [])
         per_meta, per_iter = steady_rates(steps)
         metas, iters = sum(s[1] for s in steps), sum(s[2] for s in steps)
@@ -544,7 +535,7 @@ def measure_calibration(pc: PaperConfig, den, args, device: torch.device, workdi
             "fixed_seconds": u["seconds"] - per_iter * iters - per_meta * metas,
             "graphed": timer.graphed.get(u["name"], {}), "cache": subset.caches.get(u["name"]),
             "paper_placement": subset.paper_placement.get(u["name"], "device"),
-            "status": subset.failed.get(u["name"], "ok"),
+            "status": failed.get(u["name"], "ok"),
             "error_before": u["error_before"], "error_after": u["error_after"]})
     out["units_total"] = dict(Counter(u["kind"] for u in subset.all_units))
     out["num_units"] = len(subset.all_units)
@@ -554,7 +545,7 @@ def measure_calibration(pc: PaperConfig, den, args, device: torch.device, workdi
         - summary["activation_calibration_seconds"]
     out["setup_seconds"] = setup_s
     out["activation_calibration_seconds"] = summary["activation_calibration_seconds"]
-    out["failed_units"] = dict(subset.failed) or None
+    out["failed_units"] = failed or None
     ok = [m for m in measured if m["status"] == "ok"]
     out["rates_by_kind"] = _rates_by_kind(ok)
     ratio = n_paper / n_meas
@@ -570,7 +561,7 @@ def measure_calibration(pc: PaperConfig, den, args, device: torch.device, workdi
                                               if u["paper_cache_exceeds_host_memory"]]
     out["host_memory_gib"] = (host_memory_bytes() or 0) / 2**30 or None
     out["status"] = ("ok" if proj["complete"] else "incomplete projection") + (
-        f" ({len(subset.failed)} unit(s) failed)" if subset.failed else "")
+        f" ({len(failed)} unit(s) failed)" if failed else "")
     shutil.rmtree(run_dir, ignore_errors=True)
     return out
 

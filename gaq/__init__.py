@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 _LAZY = {"QuantConfig": "gaq.quant", "quantize": "gaq.quant", "from_pretrained": "gaq.quant",
-         "save_quantized": "gaq.quant"}  # loaded on first use: `import gaq` stays light
+         "save_quantized": "gaq.quant", "calibrate": "gaq.calib.api",
+         "CalibrationConfig": "gaq.calib.api"}  # loaded on first use: `import gaq` stays light
 
 
 def __getattr__(name: str):

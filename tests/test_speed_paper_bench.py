@@ -53,21 +53,18 @@ def test_speed_paper_records_a_failing_unit_and_goes_on(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     import speed_paper
 
-    import gaq.calib.driver as driver
+    real = speed_paper.UnitSubset.on_fit_start
 
-    real = driver._reconstruct_unit
-
-    def oom_on_layer_units(job, k, unit, *rest, **kw):
-        if unit.kind == "layer":
+    def oom_on_layer_units(self, trainer, module):  # the bench's own callback, as a unit's fit starts
+        if module.unit_name == "proj_out_1":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(job, k, unit, *rest, **kw)
+        return real(self, trainer, module)
 
-    monkeypatch.setattr(driver, "_reconstruct_unit", oom_on_layer_units)
+    monkeypatch.setattr(speed_paper.UnitSubset, "on_fit_start", oom_on_layer_units)
     out = tmp_path / "speed.json"
     speed_paper.main(["--device", "cpu", "--quick", "--configs", "configs/paper/imagenet_dit_xl2_w4a8.yaml",
                       "--iters", "2", "--meta_iters", "1", "--phases", "calibration", "--out", str(out),
                       "--workdir", str(tmp_path / "work")])
-    assert driver._reconstruct_unit is oom_on_layer_units  # the bench's wrappers are gone again
     cal = json.loads(out.read_text())["configs"]["imagenet_dit_xl2_w4a8"]["calibration"]
     assert cal["status"] == "incomplete projection (1 unit(s) failed)"
     assert list(cal["failed_units"]) == ["proj_out_1"] and "out of memory" in cal["failed_units"]["proj_out_1"]

@@ -9,20 +9,16 @@ prints all of it.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
-from gaq.calib.checkpoints import AtomicCheckpointIO, UnitCheckpoint, config_digest
-from gaq.calib.driver import CalibrationJob, run_calibration
+from gaq.calib.api import CalibrationConfig, calibrate, default_run_dir, run_record
 from gaq.calib.gac import GACConfig
 from gaq.calib.gac_driver import DiagnosticsConfig
 from gaq.calib.recon import UnitReconstruction
+from gaq.data.calibset import cache_key
+from gaq.errors import GaqError
 from gaq.data.datamodule import CalibrationDataModule
 from gaq.quant import QuantConfig
 
@@ -42,6 +38,10 @@ class CalibrateCLI(LightningCLI):
                             help="run folder; default: <runs_root>/<name>-<method>-w<W>a<A>-<digest of the config>")
         parser.add_argument("--runs_root", type=str, default="checkpoints/runs")
         parser.add_argument("--name", type=str, default="run", help="prefix of the default run folder name")
+        parser.add_argument("--units", type=Optional[list[str]], default=None,
+                            help="unit filter: glob patterns on unit names or kind:<kind>; the others keep nearest rounding")
+        parser.add_argument("--on_unit_error", type=Literal["raise", "skip"], default="raise",
+                            help="raise: a failing unit stops the run; skip: it keeps nearest rounding and the run goes on")
 
 
 def setup_logging() -> None:
@@ -59,59 +59,45 @@ def setup_logging() -> None:
 
 
 def _build_cli(argv: list[str]) -> CalibrateCLI:
-    return CalibrateCLI(
-        UnitReconstruction, CalibrationDataModule, args=argv, run=False, save_config_callback=None,
-        seed_everything_default=0,
-        trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
-                          "logger": False, "enable_checkpointing": False},
-        parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC)."},
-    )
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-
-def _record(cli: CalibrateCLI, dm: CalibrationDataModule) -> dict[str, Any]:
-    """What a run's results depend on (written to run.json and compared on resume; devices excluded)."""
-    c = cli.config
-    return {
-        "model": dm.denoiser.source, "model_fingerprint": dm.denoiser.fingerprint,
-        "calibration_set": dm.calib_set.meta.get("key", dm.calib_set.meta),
-        "split": _plain(c.data.split), "quant": _plain(c.quant), "method": c.method,
-        "recon": _plain(c.model.recon), "gac": _plain(c.gac) if c.method == "gac" else None,
-    }
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    if hasattr(value, "as_dict"):
-        return value.as_dict()
-    return value
-
-
-def _run_dir(cli: CalibrateCLI, record: dict) -> Path:
-    c = cli.config
-    if c.run_dir:
-        return Path(c.run_dir)
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", c.name)
-    return Path(c.runs_root) / f"{name}-{c.method}-w{c.quant.w_bits}a{c.quant.a_bits}-{config_digest(record)[:8]}"
-
-
-def _trainer_factory(cli: CalibrateCLI, run_dir: Path):
-    user_callbacks = list(cli.config_init.trainer.get("callbacks") or [])
-
-    def make(unit_dir: Path, unit_name: str):
-        ckpt = UnitCheckpoint(unit_dir)
-        callbacks = [cb for cb in user_callbacks if not isinstance(cb, (RichProgressBar, ModelCheckpoint))]
-        if cli.config.trainer.get("enable_progress_bar") is not False:
-            callbacks.append(RichProgressBar(leave=False))
-        callbacks.append(ckpt)
-        return cli.instantiate_trainer(
-            callbacks=callbacks, default_root_dir=str(unit_dir), max_epochs=1, max_steps=-1,
-            use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
-            limit_val_batches=0, enable_checkpointing=False,
-            logger=CSVLogger(str(run_dir), name="logs", version=unit_dir.name),
+    try:
+        return CalibrateCLI(
+            UnitReconstruction, CalibrationDataModule, args=argv, run=False, save_config_callback=None,
+            seed_everything_default=0,
+            trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
+                              "logger": False, "enable_checkpointing": False},
+            parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC)."},
         )
+    except MisconfigurationException as err:  # Lightning's refusal of the trainer section (devices, accelerator)
+        raise GaqError(f"trainer: {str(err).splitlines()[0]}; change trainer.accelerator / trainer.devices") from None
 
-    return make
+
+def calibration_config(cli: CalibrateCLI) -> CalibrationConfig:
+    """The :class:`CalibrationConfig` of the parsed YAML."""
+    c = cli.config_init
+    return CalibrationConfig(method=c.method, quant=c.quant, recon=cli.model.recon, gac=c.gac,
+                             diagnostics=c.diagnostics, split=cli.datamodule.split, units=c.units,
+                             on_unit_error=c.on_unit_error)
+
+
+def main(argv: list[str]) -> None:
+    """``gaq calibrate``: parse the YAML and call :func:`gaq.calibrate`."""
+    setup_logging()
+    cli = _build_cli(argv)
+    config, dm = calibration_config(cli), cli.datamodule
+    run_dir = cli.config.run_dir
+    if not run_dir:  # named after the run's record, as the verb will write it
+        run_dir = default_run_dir(cli.config.runs_root, cli.config.name, config,
+                                  run_record(dm.denoiser, cache_key(dm.denoiser, dm.calib), config))
+    qmodel = calibrate(dm.denoiser, config, dm.calib, run_dir=run_dir, trainer={**cli.config_init.trainer},
+                       cache_dir=dm.cache_dir, sample_device=dm.device,
+                       end_callbacks=list(cli.config_init.trainer.get("callbacks") or []))
+    summary = qmodel.gaq_summary
+    if cli.trainer.is_global_zero:
+        log.info("calibrated %s (%s, W%dA%d) in %.1f s: %d units", summary["model"], summary["method"],
+                 summary["w_bits"], summary["a_bits"], summary["calibration_seconds"], summary["num_units"])
+        print(run_dir)
 
 
 def _prepare_data(cli: CalibrateCLI) -> CalibrationDataModule:
@@ -119,30 +105,6 @@ def _prepare_data(cli: CalibrateCLI) -> CalibrationDataModule:
     dm.prepare_data()
     dm.setup("fit")
     return dm
-
-
-def main(argv: list[str]) -> None:
-    """``gaq calibrate``: the main job."""
-    setup_logging()
-    cli = _build_cli(argv)
-    dm = _prepare_data(cli)
-    record = _record(cli, dm)
-    run_dir = _run_dir(cli, record)
-    hooks = None
-    if cli.config.method == "gac":
-        from gaq.calib.gac_driver import GACHooks
-        hooks = GACHooks(cli.config_init.gac, dm, run_dir, cli.config_init.diagnostics)
-    job = CalibrationJob(
-        denoiser=dm.denoiser, datamodule=dm, quant=cli.config_init.quant, method=cli.config.method,
-        recon=cli.model.recon, run_dir=run_dir, make_trainer=_trainer_factory(cli, run_dir),
-        device=cli.trainer.strategy.root_device, record=record, method_hooks=hooks,
-        end_callbacks=list(cli.config_init.trainer.get("callbacks") or []),
-    )
-    summary = run_calibration(job)
-    if cli.trainer.is_global_zero:
-        log.info("calibrated %s (%s, W%dA%d) in %.1f s: %d units", summary["model"], summary["method"],
-                 summary["w_bits"], summary["a_bits"], summary["calibration_seconds"], summary["num_units"])
-        print(run_dir)
 
 
 def main_calib_data(argv: list[str]) -> None:

@@ -6,6 +6,7 @@ after each unit. The driver owns the order of work; the per-unit LightningModule
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -21,8 +22,9 @@ from gaq.calib.cache import build_unit_cache
 from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, save_unit_state,
                                    unit_file)
 from gaq.calib.recon import ReconConfig, UnitReconstruction, act_phase_config, per_sample_error
-from gaq.calib.units import Unit, find_units, fp_counterpart
+from gaq.calib.units import Unit, find_units, fp_counterpart, unit_parameters
 from gaq.data.datamodule import to_device
+from gaq.errors import check
 from gaq.models.denoiser import index_cond, predict_noise
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
@@ -50,6 +52,8 @@ class UnitReport:
     cache_seconds: float = 0.0  # capturing the unit's inputs and FP targets
     fit_seconds: float = 0.0    # the unit's Trainer.fit (meta steps and reconstruction iterations)
     resumed_from: str = "scratch"  # scratch | unit-checkpoint | lightning-checkpoint
+    reconstructed: bool = True  # False: left at nearest rounding (not selected by the unit filter, or failed)
+    error: str | None = None    # why the unit failed, with ``on_unit_error: skip``
     error_before: float | None = None  # validation error with nearest rounding (RTN)
     error_after: float | None = None   # validation error after reconstruction (hard rounding)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +100,11 @@ class CalibrationJob:
         method_hooks: the GAC extension (``gaq.calib.gac_driver.GACHooks``) or None.
         end_callbacks: ``trainer.callbacks`` with an ``on_calibration_end`` hook (sample grids, metrics),
             run once on the finished quantized model, and optionally ``on_unit_end`` (after each unit).
+        units: the unit filter: glob patterns (``fnmatch``) on unit names, or ``kind:<kind>`` (``time``,
+            ``resnet``, ``attention``, ``sampler``, ``layer``); only matching units are reconstructed, the
+            others keep nearest rounding. None: every unit.
+        on_unit_error: ``raise``: a unit that fails stops the run (finished units are kept on disk);
+            ``skip``: the failure is recorded in its report, the unit keeps nearest rounding, the run goes on.
     """
 
     denoiser: Denoiser
@@ -109,16 +118,30 @@ class CalibrationJob:
     record: dict
     method_hooks: Any = None
     end_callbacks: list = field(default_factory=list)
+    units: list[str] | None = None
+    on_unit_error: Literal["raise", "skip"] = "raise"
+
+
+def unit_selected(unit: Unit, patterns: list[str] | None) -> bool:
+    """Whether the unit filter ``patterns`` (see :class:`CalibrationJob`) selects ``unit``."""
+    if patterns is None:
+        return True
+    return any(unit.kind == p[len("kind:"):] if p.startswith("kind:") else fnmatch.fnmatchcase(unit.name, p)
+               for p in patterns)
 
 
 def run_calibration(job: CalibrationJob) -> dict:
     """Quantize ``job.denoiser.model`` and calibrate it unit by unit; returns the summary (also saved)."""
+    return calibrate_model(job)[1]
+
+
+def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
+    """Quantize ``job.denoiser.model`` and calibrate it unit by unit; returns the quantized model (on
+    ``job.device``, weights and activations quantized) and the summary (also saved)."""
     t_start = time.time()
     dm, device, run_dir = job.datamodule, job.device, Path(job.run_dir)
     calib = dm.calib_set
     is_zero = _global_rank() == 0
-    if is_zero:
-        check_run_record(run_dir, job.record)
     fp_model = job.denoiser.model.to(device).eval().requires_grad_(False)
     qmodel = quantize(fp_model, job.quant, timesteps=calib.timesteps).to(device).eval()
     if device.type == "cuda":
@@ -131,6 +154,13 @@ def run_calibration(job: CalibrationJob) -> dict:
     run_probe = lambda: predict_noise(qmodel, probe["x"], probe["t"], probe["cond"])  # noqa: E731
     units = find_units(qmodel, run_probe, time_unit=job.recon.time_unit)
     log.info("%d reconstruction units: %s", len(units), ", ".join(u.name for u in units))
+    selected = [unit_selected(u, job.units) for u in units]
+    if job.units is not None:
+        check(any(selected), f"the unit filter {job.units} selects none of the {len(units)} units "
+                             f"({', '.join(u.name for u in units[:6])}, ...): fix the patterns")
+        log.info("unit filter %s: reconstructing %d of %d units", job.units, sum(selected), len(units))
+    if is_zero:  # written once the model quantized and its units were found: bad settings leave no folder behind
+        check_run_record(run_dir, job.record)
 
     reports: list[UnitReport] = []
     if job.method != "rtn":
@@ -139,15 +169,15 @@ def run_calibration(job: CalibrationJob) -> dict:
             report = UnitReport(k, unit.name, unit.kind, len(unit.layers))
             t0 = time.time()
             path = unit_file(run_dir, k, unit.name)
-            if path.exists():
+            if not selected[k]:
+                report.reconstructed = False
+            elif path.exists():
                 load_unit_state(path, unit.layers)
                 report.resumed_from = "unit-checkpoint"
                 if hooks is not None:
                     hooks.unit_loaded(k, unit)
-            else:
-                _reconstruct_unit(job, k, unit, qmodel, fp_model, calib, set_step, report, hooks)
-                if is_zero:
-                    save_unit_state(path, unit.layers)
+            elif _reconstruct_or_record(job, k, unit, qmodel, fp_model, calib, set_step, report, hooks) and is_zero:
+                save_unit_state(path, unit.layers)
             for _, layer in unit.layers:
                 layer.set_quant_state(weight=True, act=False)
             _set_soft(unit, False)
@@ -195,7 +225,33 @@ def run_calibration(job: CalibrationJob) -> dict:
             summary["callbacks"] = calibration_end(job.end_callbacks, qmodel, job.denoiser, run_dir)
         atomic_write_json(run_dir / "summary.json", summary)
     _barrier()
-    return summary
+    return qmodel, summary
+
+
+def _reconstruct_or_record(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
+                           set_step, report: UnitReport, hooks) -> bool:
+    """Reconstruct one unit; with ``on_unit_error: skip`` a failure is recorded (the unit is reset to
+    nearest rounding) and False returned instead of raised."""
+    if job.on_unit_error == "raise":
+        _reconstruct_unit(job, k, unit, qmodel, fp_model, calib, set_step, report, hooks)
+        return True
+    rounding = unit_parameters(unit, rounding_parameters)
+    initial = [p.detach().clone() for p in rounding]  # nearest rounding, as quantize() initialised it
+    try:
+        _reconstruct_unit(job, k, unit, qmodel, fp_model, calib, set_step, report, hooks)
+        return True
+    except Exception as err:  # noqa: BLE001 - on_unit_error: skip records every failure of a unit
+        report.reconstructed = False
+        report.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+        log.error("unit %d %s failed (%s); it keeps nearest rounding", k, unit.name, report.error)
+        with torch.no_grad():
+            for p, p0 in zip(rounding, initial):
+                p.copy_(p0)
+                p.requires_grad_(False)
+                p.grad = None
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
 
 
 def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
@@ -205,7 +261,7 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
     cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
                              calibration_batches(calib, job.recon.cache_batch), device, job.recon.cache_placement)
     report.cache_seconds = time.time() - t0
-    rounding = [p for _, layer in unit.layers for p in rounding_parameters(layer)]
+    rounding = unit_parameters(unit, rounding_parameters)
     qmodel.requires_grad_(False)
     for p in rounding:
         p.requires_grad_(True)

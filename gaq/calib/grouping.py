@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gaq.data.datamodule import contiguous_step_groups
 from gaq.errors import check
 
 Grouping = Literal["contiguous", "adaptive"]
@@ -26,7 +27,7 @@ def contiguous_groups(num_kept_steps: int, num_groups: int) -> Tensor:
     check(num_kept_steps >= 1, f"need at least one kept timestep, got {num_kept_steps}")
     check(1 <= num_groups <= num_kept_steps,
           f"gac.num_groups must be in [1, {num_kept_steps}] (the number of kept timesteps), got {num_groups}")
-    return torch.arange(num_kept_steps) * num_groups // num_kept_steps
+    return contiguous_step_groups(num_kept_steps, num_groups)
 
 
 def adaptive_groups(grad_per_step: Tensor, num_groups: int, contiguous: bool = True) -> Tensor:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from gaq.calib.cache import Placement, UnitCache
 from gaq.calib.weights import UniformWeights
 from gaq.errors import GaqError, check
+from gaq.quant.adaround import BetaSchedule
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,10 @@ def act_phase_config(cfg: ReconConfig) -> ReconConfig:
 
 
 def beta_at(it: int, cfg: ReconConfig) -> float | None:
-    """AdaRound's beta at iteration ``it`` (BRECQ's linear decay after warm-up); None during warm-up."""
-    start = cfg.warmup * cfg.iters
-    if it < start:
-        return None
-    rel = (it - start) / max(cfg.iters - start, 1)
-    return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel)
+    """AdaRound's beta at iteration ``it`` (:class:`gaq.quant.BetaSchedule`: BRECQ's linear decay after the
+    warm-up); None during the warm-up, where the regulariser is off."""
+    schedule = BetaSchedule(cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+    return schedule(it) if schedule.active(it) else None
 
 
 def per_sample_error(out: Tensor, target: Tensor) -> Tensor:
@@ -184,6 +183,12 @@ WeightFn = Callable[[Tensor], Tensor]
 
 
 _CAPTURE_FAILED: list[str] = []  # a failed capture can leave the allocator's graph pools unusable
+
+
+def graph_capture_failures() -> list[str]:
+    """The units of this process whose CUDA-graph capture failed, in order (after the first, every later
+    unit runs eagerly)."""
+    return list(_CAPTURE_FAILED)
 
 
 def _capture_or_false(unit_name: str, what: str, strict: bool, capture: Callable[[], Any]) -> Any:

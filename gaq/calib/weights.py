@@ -28,20 +28,10 @@ under a ``*-true`` half precision Lightning casts buffers too, and bf16 cannot r
 from __future__ import annotations
 
 import math
-from typing import Protocol
-
 import torch
 from torch import Tensor, nn
 
 from gaq.errors import check
-
-
-class SampleWeights(Protocol):
-    """What the reconstruction step needs: a weight per sample of a batch."""
-
-    def weights(self, index: Tensor) -> Tensor:
-        """Weights ``(B,)`` of the samples with global indices ``index`` ``(B,)``."""
-        ...
 
 
 class UniformWeights:

@@ -69,14 +69,16 @@ def register_grouping(name: str) -> Callable[[GroupingFn], GroupingFn]:
     return add
 
 
+def contiguous_step_groups(num_kept_steps: int, num_groups: int) -> Tensor:
+    """G contiguous runs of S kept steps in sampling order, sizes differing by at most one: kept step ``s``
+    is in group ``s * G // S`` (LongTensor[S], non-decreasing, every id in 0..G-1 used when G <= S)."""
+    return torch.arange(num_kept_steps) * num_groups // num_kept_steps
+
+
 @register_grouping("contiguous")
 def contiguous_groups(calib_set: CalibrationSet, num_groups: int) -> Tensor:
-    """G contiguous runs of kept steps in sampling order, sizes differing by at most one.
-
-    Group of kept step ``s`` is ``s * G // S`` (the same rule as :func:`gaq.calib.grouping.contiguous_groups`).
-    """
-    S = calib_set.num_kept_steps
-    return torch.arange(S) * num_groups // S
+    """:func:`contiguous_step_groups` of the calibration set's kept steps."""
+    return contiguous_step_groups(calib_set.num_kept_steps, num_groups)
 
 
 def check_step_groups(step_groups: Tensor, num_kept_steps: int, num_groups: int) -> Tensor:

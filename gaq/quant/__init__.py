@@ -4,8 +4,7 @@
 gives a deep-copied, fake-quantized model; the calibration engine (``gaq.calib``) tunes its rounding
 logits block by block and :func:`calibrate_activations` sets its activation ranges.
 """
-from gaq.quant.act_calib import (act_observer_buffers, calibrate_activations, finalize_act_calibration,
-                                 sync_act_observers)
+from gaq.quant.act_calib import act_observer_buffers, calibrate_activations, finalize_act_calibration
 from gaq.quant.adaround import AdaRoundQuantizer, BetaSchedule, adaround_beta
 from gaq.quant.attention import QuantAttnProcessor
 from gaq.quant.config import ROLES, LayerOverride, QuantConfig, QuantSettings, WeightRangeConfig, resolve_config
@@ -28,5 +27,5 @@ __all__ = [
     "finalize_act_calibration", "from_pretrained", "iter_act_quantizers", "iter_quant_layers", "load_quantized",
     "plan_quantization", "quant_info", "quantize", "quantize_rtn", "read_quant_config", "register_quant_layer",
     "resolve_config", "rounding_parameters", "save_quantized", "set_adaround_soft", "set_quant_state",
-    "set_rounding_mode", "set_step_index", "stored_weight_bytes", "sync_act_observers",
+    "set_rounding_mode", "set_step_index", "stored_weight_bytes",
 ]

@@ -1,13 +1,13 @@
 """Activation calibration: running min/max (EMA) ranges over calibration batches, per step where configured.
 
-Single process: :func:`calibrate_activations` does everything. Under DDP, observe on each rank's
-shard with ``finalize=False``, combine the ranks' statistics with :func:`sync_act_observers`, then
-call :func:`finalize_act_calibration` on every rank.
+:func:`calibrate_activations` does everything. Under DDP every rank observes the whole calibration set
+in the same order, so every rank computes the same ranges (the EMA depends on the batch order, so
+shards averaged across ranks would not equal the single-process ranges).
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +18,6 @@ from gaq.quant.wrap import iter_act_quantizers, quant_info
 
 log = logging.getLogger(__name__)
 
-#: reduce(tensor, op) all-reduces ``tensor`` in place across processes; op is "sum".
-ReduceFn = Callable[[Tensor, str], None]
-
-
 def act_observer_buffers(module: nn.Module) -> list[tuple[str, Tensor, Tensor, Tensor]]:
     """``(path, x_min, x_max, count)`` of every activation quantizer under ``module``.
 
@@ -29,23 +25,6 @@ def act_observer_buffers(module: nn.Module) -> list[tuple[str, Tensor, Tensor, T
     observed per step (0 = never observed), all ``(S,)`` buffers that may be modified in place.
     """
     return [(name, q.x_min, q.x_max, q.count) for name, q in iter_act_quantizers(module)]
-
-
-@torch.no_grad()
-def sync_act_observers(module: nn.Module, reduce: ReduceFn) -> None:
-    """Combine the ranks' running ranges: per step, the mean over the ranks that observed it.
-
-    Args:
-        reduce: all-reduces a tensor in place with op ``"sum"`` (e.g. ``torch.distributed.all_reduce``).
-    """
-    for _, x_min, x_max, count in act_observer_buffers(module):
-        seen = (count > 0).to(x_min.dtype)
-        packed = torch.stack([x_min * seen, x_max * seen, seen, count])
-        reduce(packed, "sum")
-        n = packed[2].clamp_min(1)
-        x_min.copy_(packed[0] / n)
-        x_max.copy_(packed[1] / n)
-        count.copy_(packed[3])
 
 
 @torch.no_grad()
@@ -84,8 +63,8 @@ def calibrate_activations(qmodel: nn.Module, batches: Iterable[Mapping], *, quan
             its timestep ``t`` (the nearest calibrated timestep), exactly as at inference.
         quantize_while_observing: quantize activations with the running ranges during the pass, so
             later layers see quantized inputs (TFMQ-DM, Q-Diffusion); False observes FP activations.
-        finalize: fill unobserved steps, compute scales and turn activation quantization on. Pass
-            False under DDP, then :func:`sync_act_observers` and :func:`finalize_act_calibration`.
+        finalize: fill unobserved steps, compute scales and turn activation quantization on (False:
+            only observe; :func:`finalize_act_calibration` does the rest).
 
     Returns:
         ``{"batches", "quantizers", "filled_steps", "unreached"}``.

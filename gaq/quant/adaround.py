@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from gaq.errors import check
 from gaq.quant.config import WeightRangeConfig
-from gaq.quant.quantizer import weight_range
+from gaq.quant.quantizer import round_nearest, weight_range
 
 #: AdaRound's stretch of the sigmoid, ``(gamma, zeta)`` (the paper's and BRECQ's -0.1 / 1.1).
 DEFAULT_STRETCH: tuple[float, float] = (-0.1, 1.1)
@@ -116,9 +116,9 @@ class AdaRoundQuantizer(nn.Module):
 
     def rounding(self, xs: Tensor) -> Tensor:
         """The integer part ``x_int`` of ``xs = w / s`` under the current mode (soft: fractional)."""
-        x_floor = torch.floor(xs)
         if self.mode == "nearest":
-            return x_floor + (xs - x_floor >= 0.5).to(xs.dtype)
+            return round_nearest(xs)
+        x_floor = torch.floor(xs)
         if self.soft:
             return x_floor + self.rectified_sigmoid()
         return x_floor + (self.alpha >= 0).to(xs.dtype)

@@ -83,8 +83,9 @@ class StepContext:
 
     def warn_uncalibrated(self, t: Tensor, steps: Tensor) -> None:
         """Warn (once per distinct timestep) about timesteps ``t`` that are not calibrated ones;
-        ``steps`` are the steps :meth:`steps_for_timesteps` gave them. Skipped during CUDA graph capture."""
-        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        ``steps`` are the steps :meth:`steps_for_timesteps` gave them. Skipped during CUDA graph capture and
+        while ``torch.compile`` traces (a host read there would break the graph)."""
+        if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         requested = t.detach().reshape(-1).to("cpu", torch.float64)
         steps = steps.reshape(-1).to("cpu")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gaq.errors import check
 from gaq.quant.adaround import AdaRoundQuantizer
-from gaq.quant.attention import QuantAttnProcessor, install_quant_attention
+from gaq.quant.attention import install_quant_attention
 from gaq.quant.config import FP_ACT_BITS, QuantConfig, QuantSettings, resolve_config
 from gaq.quant.layers import LayerSpec, QuantLayer, quant_class_for
 from gaq.quant.quantizer import ActQuantizer
@@ -284,15 +284,8 @@ def set_rounding_mode(module: nn.Module, mode: str) -> None:
         q.rtn() if mode == "nearest" else q.learned()
 
 
-def quant_attention_processors(module: nn.Module) -> Iterator[tuple[str, QuantAttnProcessor]]:
-    """``(path, processor)`` of every quantizing attention processor under ``module``."""
-    for name, m in module.named_modules():
-        if isinstance(m, QuantAttnProcessor):
-            yield name, m
-
-
 __all__ = [
     "QuantInfo", "QuantPlan", "act_step_parameters", "build_quantized", "iter_act_quantizers", "iter_quant_layers",
-    "plan_quantization", "quant_attention_processors", "quant_info", "quantize", "rounding_parameters",
+    "plan_quantization", "quant_info", "quantize", "rounding_parameters",
     "set_adaround_soft", "set_quant_state", "set_rounding_mode",
 ]

@@ -1,0 +1,135 @@
+"""``gaq.calibrate``, the calibration verb, as a library user calls it: on a DataLoader of batches the user
+made, with a unit filter, resuming from its run folder, recording a failing unit, and refusing bad input
+in one line before anything is written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_unet
+from diffusers import DDPMScheduler
+from torch.utils.data import DataLoader, TensorDataset
+
+import gaq
+from gaq.calib.api import calibration_set_from_batches
+from gaq.calib.recon import ReconConfig
+from gaq.data.datamodule import SplitConfig
+from gaq.errors import GaqError
+from gaq.models.denoiser import predict_noise
+from gaq.quant import QuantConfig
+
+SPLIT = SplitConfig(val_fraction=0.1, num_groups=2)
+CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+
+
+def user_loader(n_per_step: int = 12, timesteps=(900, 500, 100), seed: int = 0) -> DataLoader:
+    """What a user brings: noisy images at a few timesteps with their class labels, in a DataLoader of
+    ``(x_t, t, {"class_labels": y})`` batches."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_per_step * len(timesteps)
+    x = torch.randn(n, 1, 16, 16, generator=g)
+    t = torch.tensor(timesteps).repeat_interleave(n_per_step)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, t, y), batch_size=8, shuffle=False,
+                      collate_fn=lambda items: (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]),
+                                                {"class_labels": torch.stack([i[2] for i in items])}))
+
+
+def config(method: str = "uniform", iters: int = 6, split: SplitConfig = SPLIT, **kw) -> "gaq.CalibrationConfig":
+    return gaq.CalibrationConfig(method=method, quant=QuantConfig(w_bits=4, a_bits=8), split=split,
+                                 recon=ReconConfig(iters=iters, batch_size=8, ckpt_every=0, cache_batch=32), **kw)
+
+
+def probe_output(model, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 1, 16, 16, generator=g)
+    return predict_noise(model.cpu(), x, torch.tensor([900, 500, 100, 100]), {"class_labels": torch.arange(4)})
+
+
+def test_user_batches_become_a_step_ordered_calibration_set():
+    cs = calibration_set_from_batches(user_loader(n_per_step=4))
+    assert cs.timesteps.tolist() == [900, 500, 100] and len(cs) == 12
+    assert cs.step.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and torch.equal(cs.t, cs.timesteps[cs.step])
+    assert set(cs.cond) == {"class_labels"} and cs.meta["source"] == "user batches"
+    assert calibration_set_from_batches(user_loader(n_per_step=4)).meta["key"] == cs.meta["key"]
+    assert calibration_set_from_batches(user_loader(n_per_step=4, seed=1)).meta["key"] != cs.meta["key"]
+
+
+def test_calibrate_a_module_on_a_user_dataloader_returns_the_quantized_model(tmp_path):
+    fp = make_tiny_unet()
+    qmodel = gaq.calibrate(fp, config(units=["kind:resnet"]), user_loader(), run_dir=tmp_path / "run", trainer=CPU)
+    summary = qmodel.gaq_summary
+    assert summary["method"] == "uniform" and qmodel.gaq_run_dir == tmp_path / "run"
+    done = {u["name"]: u["reconstructed"] for u in summary["units"]}
+    assert done["down_blocks.0.resnets.0"] and not done["time_embedding"]
+    assert all(v == (u["kind"] == "resnet") for u, v in zip(summary["units"], done.values()))
+    # a quantized model, not the FP one, and the FP module is untouched
+    assert not torch.equal(probe_output(qmodel), probe_output(fp))
+    assert torch.equal(probe_output(fp), probe_output(make_tiny_unet()))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["units"] == ["kind:resnet"]
+    # the same call with the same run folder resumes: every unit from its checkpoint, the same model
+    again = gaq.calibrate(make_tiny_unet(), config(units=["kind:resnet"]), user_loader(), run_dir=tmp_path / "run",
+                          trainer=CPU)
+    assert {u["resumed_from"] for u in again.gaq_summary["units"] if u["reconstructed"]} == {"unit-checkpoint"}
+    assert torch.equal(probe_output(again), probe_output(qmodel))
+
+
+def test_units_left_out_by_the_filter_keep_nearest_rounding(tmp_path):
+    fp = make_tiny_unet()
+    filtered = gaq.calibrate(fp, config(units=["up_blocks.*"]), user_loader(), run_dir=tmp_path / "f", trainer=CPU)
+    rtn = gaq.calibrate(fp, config(method="rtn"), user_loader(), run_dir=tmp_path / "r", trainer=CPU)
+    f_layers, r_layers = dict(filtered.named_modules()), dict(rtn.named_modules())
+    changed = {n for n, m in f_layers.items() if hasattr(m, "weight_quantizer")
+               and not torch.equal(m.weight_quantizer(m.weight), r_layers[n].weight_quantizer(r_layers[n].weight))}
+    assert changed and all(n.startswith("up_blocks.") for n in changed)
+
+
+def test_a_failing_unit_is_recorded_and_skipped_on_request(tmp_path):
+    fp = make_tiny_unet()
+    batches = [(x.clone(), t, c) for x, t, c in user_loader()]
+    cs = calibration_set_from_batches(batches)
+    cs.x[0] = float("nan")  # the time unit never sees x; the first ResBlock does (its loss turns NaN)
+    cfg = config(on_unit_error="skip", units=["time_embedding", "down_blocks.0.resnets.0"])
+    qmodel = gaq.calibrate(fp, cfg, cs, run_dir=tmp_path / "run", trainer=CPU)
+    units = {u["name"]: u for u in qmodel.gaq_summary["units"]}
+    bad = units["down_blocks.0.resnets.0"]
+    assert not bad["reconstructed"] and "not finite" in bad["error"]
+    assert units["time_embedding"]["reconstructed"] and units["time_embedding"]["error"] is None
+    assert (tmp_path / "run" / "summary.json").is_file()  # the run went on to the end
+    assert [f.name for f in (tmp_path / "run" / "units").iterdir()] == ["000-time_embedding.safetensors"]
+    with pytest.raises(GaqError, match="not finite"):
+        gaq.calibrate(fp, config(units=["down_blocks.0.resnets.0"]), cs, run_dir=tmp_path / "raise", trainer=CPU)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda tmp: gaq.CalibrationConfig(units=[]), "units must be a non-empty list"),
+    (lambda tmp: gaq.calibrate(make_tiny_unet(), config(units=["nope*"]), user_loader(), run_dir=tmp / "a",
+                               trainer=CPU), "selects none of the"),
+    (lambda tmp: gaq.calibrate(make_tiny_unet(), config(), torch.zeros(3), run_dir=tmp / "b", trainer=CPU),
+     "data must be a CalibrationSet"),
+    (lambda tmp: gaq.calibrate(make_tiny_unet(), config(), [(torch.zeros(2, 1, 16, 16), torch.tensor([0.5, 1.0]))],
+                               run_dir=tmp / "c", trainer=CPU), "integer timesteps"),
+    (lambda tmp: gaq.calibrate(make_tiny_unet(), gaq.CalibrationConfig(quant=QuantConfig(preset="nope")),
+                               user_loader(), run_dir=tmp / "d", trainer=CPU), "preset"),
+    (lambda tmp: gaq.calibrate(make_tiny_unet(), config(), user_loader(), run_dir=tmp / "e",
+                               trainer={"accelerator": "gpu", "devices": 1}), "trainer.accelerator"),
+    (lambda tmp: gaq.calibrate(make_tiny_unet(), config(), run_dir=tmp / "f", trainer=CPU), "noise schedule"),
+])
+def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path, call, message):
+    with pytest.raises(GaqError, match=message) as info:
+        call(tmp_path)
+    assert "\n" not in str(info.value)
+    assert not any(tmp_path.iterdir())  # no run folder, no run.json
+
+
+def test_a_module_with_its_scheduler_generates_its_own_calibration_set(tmp_path):
+    from gaq.data.calibset import CalibSetConfig
+
+    data = CalibSetConfig(steps=4, interval=2, samples_per_step=8, spacing="uniform", batch_size=8)
+    qmodel = gaq.calibrate(make_tiny_unet(), config(method="rtn", split=SplitConfig(val_fraction=0.25, num_groups=2)),
+                           data, run_dir=tmp_path / "run", trainer=CPU, scheduler=DDPMScheduler(num_train_timesteps=1000),
+                           cache_dir=tmp_path / "sets")
+    assert qmodel.gaq_summary["calibration_set"]["tuples"] == 16
+    assert len(list((tmp_path / "sets").iterdir())) == 1
+    assert type(qmodel).__name__ == "UNet2DModel"  # a diffusers model of the same class, fake-quantized
