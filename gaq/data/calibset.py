@@ -10,9 +10,11 @@ Which steps are kept (exact): ``i = 0, interval, 2*interval, ...`` while ``i < s
 The CIFAR-10 protocol (100 steps, interval 5) keeps the 20 steps 0, 5, ..., 95.
 
 Conditioning: class-conditional models get labels drawn uniformly from ``num_classes`` by the seed;
-text models take prompt embeddings from a safetensors file (``cond`` of shape ``(P, L, D)`` and an
-optional ``uncond`` of shape ``(L, D)`` or ``(1, L, D)``; SDXL-style models also ``text_embeds``,
-see :mod:`gaq.models.conditions`), one prompt drawn uniformly per trajectory. A text model with
+text models take their prompts from a prompt list (``prompts``: a text file, one prompt per line, run
+through the model folder's tokenizer and text encoder, :mod:`gaq.models.prompts`) or from a safetensors
+file of prompt embeddings (``cond`` of shape ``(P, L, D)`` and an optional ``uncond`` of shape ``(L, D)``
+or ``(1, L, D)``; SDXL-style models also ``text_embeds``, see :mod:`gaq.models.conditions`), one prompt
+drawn uniformly per trajectory. A text model with
 class embeddings (``num_class_embeds``) also gets a label per trajectory drawn by the seed; its
 unconditional half has the null class, or the same label where the model has no null class. Under classifier-free guidance the model input is the batch ``cat([cond, null])``;
 ``cond_pairing="cond_uncond"`` keeps both halves (as Q-Diffusion does), ``"cond_only"`` keeps the
@@ -40,8 +42,8 @@ import gaq
 from gaq.atomic import atomic_write
 from gaq.errors import GaqError, check
 from gaq.eval.sampling import SamplerConfig, Spacing, ddim_sample
-from gaq.models.conditions import load_prompt_table
 from gaq.models.loading import Denoiser
+from gaq.models.prompts import text_conditions, text_encoder_digest
 
 CondPairing = Literal["cond_uncond", "cond_only"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
@@ -77,7 +79,11 @@ class CalibSetConfig:
             from the seed. TFMQ-DM's ImageNet protocol: the 32 classes 0, 32, ..., 992.
         cond_embeddings: safetensors file of prompt embeddings for ``text`` models (``cond``:
             ``(P, L, D)``, optional ``uncond``: ``(L, D)`` or ``(1, L, D)``; SDXL-style models also
-            ``text_embeds`` / ``uncond_text_embeds``, see :mod:`gaq.models.conditions`); required for them.
+            ``text_embeds`` / ``uncond_text_embeds``, see :mod:`gaq.models.conditions`). Text models
+            need exactly one of it and ``prompts``.
+        prompts: text file of prompts for ``text`` models, one per line (empty lines skipped), encoded
+            with the model folder's own ``tokenizer/`` and ``text_encoder/`` as diffusers'
+            ``StableDiffusionPipeline`` does (:mod:`gaq.models.prompts`; needs ``pip install 'gaq[text]'``).
     """
 
     steps: int = 100
@@ -95,6 +101,7 @@ class CalibSetConfig:
     dtype: StorageDtype = "float32"
     classes: list[int] | None = None
     cond_embeddings: str | None = None
+    prompts: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -151,7 +158,8 @@ class CalibrationSet:
         kept_steps: the kept sampling-step indices, ascending, LongTensor ``(S,)``.
         timesteps: the timestep of each kept step, same order, LongTensor ``(S,)``.
         meta: ``config`` (the :class:`CalibSetConfig` as a dict), ``fingerprint`` and ``source`` of
-            the model, ``cond_embeddings_sha256``, ``key`` (the cache key: a hash of config, fingerprint
+            the model, ``cond_embeddings_sha256`` (with ``prompts``: ``prompts_sha256`` and
+            ``text_encoder_sha256``), ``key`` (the cache key: a hash of config, fingerprint
             and embeddings; stable across regenerations), ``gaq_version``, ``created`` (ISO time) and more.
     """
 
@@ -271,17 +279,25 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def expected_meta(den: Denoiser, cfg: CalibSetConfig) -> dict[str, Any]:
-    """The meta entries that identify a calibration set: config, model fingerprint, embeddings hash."""
+    """The meta entries that identify a calibration set: config, model fingerprint, embeddings hash; with a
+    prompt list also its hash and that of the model folder's tokenizer and text encoder files."""
     emb = cfg.cond_embeddings
-    return {
-        "config": _jsonable(asdict(cfg)),
+    config = _jsonable(asdict(cfg))
+    if cfg.prompts is None:  # the keys of sets made before prompt lists existed stay the same
+        del config["prompts"]
+    meta = {
+        "config": config,
         "fingerprint": den.fingerprint,
         "cond_embeddings_sha256": file_sha256(emb) if emb and os.path.isfile(emb) else None,
     }
+    if cfg.prompts is not None:
+        meta["prompts_sha256"] = file_sha256(cfg.prompts) if os.path.isfile(cfg.prompts) else None
+        meta["text_encoder_sha256"] = text_encoder_digest(den.source)
+    return meta
 
 
 def cache_key(den: Denoiser, cfg: CalibSetConfig) -> str:
-    """16 hex digits identifying (config, model fingerprint, embeddings file content)."""
+    """16 hex digits identifying (config, model fingerprint, embeddings or prompt file content)."""
     blob = json.dumps(expected_meta(den, cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -296,12 +312,14 @@ def _conditions(den: Denoiser, cfg: CalibSetConfig, n: int, gen: torch.Generator
     """Per-trajectory conditions and null conditions (leading dim n, on CPU; the null ones or None)."""
     if den.cond_kind == "none":
         check(cfg.cond_embeddings is None, "calib.cond_embeddings is set but the model is unconditional: remove it")
+        check(cfg.prompts is None, "calib.prompts is set but the model is unconditional: remove it")
         check(not cfg.guided, "calib.guidance_scale must be 1 for an unconditional model")
         return {}, None
     if den.cond_kind == "class":
         check(den.num_classes is not None and den.num_classes >= 1,
               "the class-conditional model has no num_classes; set it on the Denoiser")
         check(cfg.cond_embeddings is None, "calib.cond_embeddings is for text models; remove it for a class model")
+        check(cfg.prompts is None, "calib.prompts is for text models; remove it for a class model")
         labels = _pick(cfg, den.num_classes, n, gen, "class")
         null = None
         if den.null_label is not None:
@@ -310,7 +328,7 @@ def _conditions(den: Denoiser, cfg: CalibSetConfig, n: int, gen: torch.Generator
               "calib.guidance_scale != 1 needs a null class but the model has none: set guidance_scale: 1")
         return {"class_labels": labels}, null
     if den.cond_kind == "text":
-        table = load_prompt_table(cfg.cond_embeddings, den.model, den.image_shape[1:], "calib.cond_embeddings")
+        table = text_conditions(den, cfg.prompts, cfg.cond_embeddings, "calib.")
         check(not cfg.guided or table.uncond is not None,
               f"calib.guidance_scale != 1 needs an 'uncond' tensor in {cfg.cond_embeddings}: add it or set guidance_scale: 1")
         cond = table.rows(_pick(cfg, table.num_prompts, n, gen, "prompt"))
@@ -427,7 +445,7 @@ def load_or_generate(den: Denoiser, cfg: CalibSetConfig, cache_dir: str | os.Pat
     """Reuse the cached set for (config, model) or generate and cache it.
 
     The file name is ``calib-<fingerprint>-<key>.safetensors`` in ``cache_dir``, where ``key`` hashes
-    the whole config, the model fingerprint and the embeddings file content, so a different config
+    the whole config, the model fingerprint and the embeddings or prompt file content, so a different config
     goes to a different file. Returns ``(set, path, reused)``.
     """
     cfg.validate()

@@ -291,7 +291,7 @@ class SampleGridCallback(Callback):
         rows = self._num_rows(denoiser)
         cond_ids = torch.arange(rows).repeat_interleave(self.per_class) if denoiser.cond_kind == "class" else None
         sampling = SamplingConfig(rows * self.per_class, self.sampling.batch_size, self.sampling.seed,
-                                  self.sampling.sampler, self.sampling.cond_embeddings)
+                                  self.sampling.sampler, self.sampling.cond_embeddings, self.sampling.prompts)
         for index, cond_id, images in generate(qmodel.eval(), denoiser, sampling, cond_ids):
             self.add(images, cond_id, index)
         return self.finish(filename)

@@ -47,7 +47,8 @@ from gaq.eval.sampling import SamplerConfig, ddim_sample
 from gaq.eval.timestep_error import TimestepErrorConfig
 from gaq.models.digits import DigitsData, Upsample, load_digit_images, split_indices
 from gaq.models.photos import PhotoCrops, make_crops
-from gaq.models.conditions import PromptTable, load_prompt_table
+from gaq.models.conditions import PromptTable
+from gaq.models.prompts import text_conditions
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
 
@@ -75,6 +76,9 @@ class SamplingConfig:
         cond_embeddings: text models only: safetensors file with ``cond`` ``(P, L, D)`` prompt
             embeddings (sample ``i`` gets prompt ``i % P``) and, for guidance, ``uncond`` ``(L, D)``;
             SDXL-style models also ``text_embeds`` (:mod:`gaq.models.conditions`).
+        prompts: text models only, instead of ``cond_embeddings``: a text file, one prompt per line
+            (sample ``i`` gets prompt ``i % P``), encoded with the model folder's own tokenizer and text
+            encoder, the empty prompt as the unconditional one (:mod:`gaq.models.prompts`).
     """
 
     num_samples: int = 1000
@@ -82,6 +86,7 @@ class SamplingConfig:
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=_default_sampler)
     cond_embeddings: str | None = None
+    prompts: str | None = None
 
     def __post_init__(self):
         check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
@@ -115,7 +120,7 @@ class Conditioning:
 
     @staticmethod
     def of(den: Denoiser, sampling: SamplingConfig) -> "Conditioning":
-        """The conditioning of ``den`` under ``sampling`` (reads the prompt embeddings of text models)."""
+        """The conditioning of ``den`` under ``sampling`` (reads or encodes the prompts of text models)."""
         guided = sampling.sampler.guidance_scale != 1.0
         if den.cond_kind == "class":
             check(den.num_classes is not None and den.num_classes >= 1, "the class-conditional model has no num_classes")
@@ -123,7 +128,7 @@ class Conditioning:
                   "sampler.guidance_scale != 1 needs a null class but the model has none: set sampler.guidance_scale: 1")
             return Conditioning("class", den.num_classes, den.null_label)
         if den.cond_kind == "text":
-            table = load_prompt_table(sampling.cond_embeddings, den.model, den.image_shape[1:], "cond_embeddings")
+            table = text_conditions(den, sampling.prompts, sampling.cond_embeddings)
             check(not guided or table.uncond is not None,
                   f"sampler.guidance_scale != 1 needs an 'uncond' tensor in {sampling.cond_embeddings}")
             return Conditioning("text", den.num_classes, den.null_label, table)
@@ -470,7 +475,7 @@ class EvaluateConfig:
         run: a ``gaq calibrate`` run folder: evaluate its ``quantized/`` model on top of ``source``.
             Without it, the FP model is evaluated.
         out_dir: output folder; default ``<run>/eval``, or ``runs/eval-fp`` for the FP model.
-        num_samples / batch_size / seed / sampler / cond_embeddings: see :class:`SamplingConfig`.
+        num_samples / batch_size / seed / sampler / cond_embeddings / prompts: see :class:`SamplingConfig`.
         features: the default model's classifier folder (FID / sFID / precision / recall / accuracy
             features), e.g. ``checkpoints/default/classifier``; None: no classifier metrics.
         reference: the real images of the reference statistics and their cache.
@@ -489,6 +494,7 @@ class EvaluateConfig:
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=_default_sampler)
     cond_embeddings: str | None = None
+    prompts: str | None = None
     features: str | None = None
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -497,7 +503,8 @@ class EvaluateConfig:
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.num_samples, self.batch_size, self.seed, self.sampler, self.cond_embeddings)
+        return SamplingConfig(self.num_samples, self.batch_size, self.seed, self.sampler, self.cond_embeddings,
+                              self.prompts)
 
     def output_dir(self) -> Path:
         if self.out_dir:

@@ -27,6 +27,7 @@ from gaq.errors import check
 from gaq.eval.evaluate import SamplingConfig, generate, same_json
 from gaq.eval.metrics import load_tensors, save_tensors, stats_digest
 from gaq.models.loading import Denoiser, model_fingerprint
+from gaq.models.prompts import text_encoder_digest
 from gaq.provenance import device_name
 
 FP_SAMPLES_FORMAT = 1  # bump when the sampling code changes what the FP samples are
@@ -47,14 +48,17 @@ def fp_samples_identity(den: Denoiser, sampling: SamplingConfig, count: int, dev
     if den.decoder is not None:
         decoder = {"fingerprint": model_fingerprint(den.decoder), "scaling_factor": den.decoder.scaling_factor}
     emb = sampling.cond_embeddings
+    conditioning = {"kind": den.cond_kind, "num_classes": den.num_classes, "null_label": den.null_label,
+                    "cond_embeddings_sha256": file_sha256(emb) if den.cond_kind == "text" and emb else None}
+    if den.cond_kind == "text" and sampling.prompts:  # a prompt list: its content and the text encoder's files
+        conditioning.update(prompts_sha256=file_sha256(sampling.prompts), text_encoder_sha256=text_encoder_digest(den.source))
     return {
         "format": FP_SAMPLES_FORMAT,
         "model": den.fingerprint,
         "decoder": decoder,
         "schedule": stats_digest({"alphas_cumprod": den.alphas_cumprod.double().tolist()}),
         "sample_shape": list(den.sample_shape),
-        "conditioning": {"kind": den.cond_kind, "num_classes": den.num_classes, "null_label": den.null_label,
-                         "cond_embeddings_sha256": file_sha256(emb) if den.cond_kind == "text" and emb else None},
+        "conditioning": conditioning,
         "sampler": asdict(sampling.sampler),
         "seed": sampling.seed,
         "batch_size": sampling.batch_size,

@@ -1,4 +1,5 @@
-"""Prompt conditions of text models: a table of per-prompt model inputs, read from an embeddings file.
+"""Prompt conditions of text models: a table of per-prompt model inputs, read from an embeddings file
+or made by the pipeline's text encoder from a prompt list (:mod:`gaq.models.prompts`).
 
 A text model (``cond_kind == "text"``) is called with ``encoder_hidden_states``; an SDXL-style UNet
 (``addition_embed_type="text_time"``) also with ``added_cond_kwargs={"text_embeds", "time_ids"}``, and
@@ -111,20 +112,35 @@ def load_prompt_table(path: str | None, model: nn.Module, image_hw: tuple[int, i
         tensors = load_file(path)
     except Exception as err:
         raise GaqError(f"{setting} file {path} is not a readable safetensors file ({type(err).__name__})") from None
-    check("cond" in tensors, f"{setting} file {path} has no 'cond' tensor (keys: {sorted(tensors)})")
+    return prompt_table(tensors, model, image_hw, f"{setting} file {path}")
+
+
+def prompt_table(tensors: Mapping[str, Tensor], model: nn.Module, image_hw: tuple[int, int], where: str) -> PromptTable:
+    """The :class:`PromptTable` of ``model`` from tensors keyed as in the embeddings file (module docstring).
+
+    Both ways of giving prompts end here: an embeddings file (:func:`load_prompt_table`) and a prompt
+    list run through the pipeline's text encoder (:mod:`gaq.models.prompts`).
+
+    Args:
+        tensors: ``cond`` and optionally ``uncond``, ``text_embeds``, ``uncond_text_embeds``, ``time_ids``.
+        model: the text model (its ``cross_attention_dim`` and ``text_time`` widths are checked).
+        image_hw: ``(H, W)`` of the model's images, for the default ``time_ids``.
+        where: what the tensors came from, for messages (``calib.cond_embeddings file emb.safetensors``).
+    """
+    check("cond" in tensors, f"{where} has no 'cond' tensor (keys: {sorted(tensors)})")
     cond = _rows(tensors["cond"], 3)
     check(cond.ndim == 3 and cond.shape[0] >= 1,
-          f"'cond' in {path} must have shape (P, L, D) or (L, D), got {tuple(tensors['cond'].shape)}")
+          f"'cond' of {where} must have shape (P, L, D) or (L, D), got {tuple(tensors['cond'].shape)}")
     p = cond.shape[0]
     uncond = tensors.get("uncond")
     if uncond is not None:
         uncond = _rows(uncond, 3)
         check(uncond.shape == (1,) + tuple(cond.shape[1:]),
-              f"'uncond' in {path} must have shape {tuple(cond.shape[1:])}, got {tuple(tensors['uncond'].shape)}")
+              f"'uncond' of {where} must have shape {tuple(cond.shape[1:])}, got {tuple(tensors['uncond'].shape)}")
     config = getattr(model, "config", None) or {}
     want_d = config.get("caption_channels") or config.get("cross_attention_dim")  # PixArt projects its captions
     check(want_d is None or not isinstance(want_d, int) or cond.shape[-1] == want_d,
-          f"prompt embeddings in {path} have width {cond.shape[-1]} but the model expects {want_d}")
+          f"prompt embeddings of {where} have width {cond.shape[-1]} but the model expects {want_d}")
     table = PromptTable({ENCODER_STATES: cond}, None if uncond is None else {ENCODER_STATES: uncond})
     for key, value in size_conditions(model, image_hw).items():  # PixArt-alpha at 1024 px: from the image size
         table.cond[key] = value.expand(p, -1).clone()
@@ -133,17 +149,17 @@ def load_prompt_table(path: str | None, model: nn.Module, image_hw: tuple[int, i
     width = text_time_width(model)
     if width is None:
         extra = sorted({"text_embeds", "uncond_text_embeds", "time_ids"} & tensors.keys())
-        check(not extra, f"{setting} file {path} holds {extra}, but the model takes no added_cond_kwargs "
+        check(not extra, f"{where} holds {extra}, but the model takes no added_cond_kwargs "
                          "(addition_embed_type is not text_time): remove them")
         return table
     check("text_embeds" in tensors, f"the model is SDXL-style (addition_embed_type text_time): add a 'text_embeds' "
-                                    f"tensor (P, E) of pooled prompt embeddings to {setting} file {path}")
+                                    f"tensor (P, E) of pooled prompt embeddings to {where}")
     text = _rows(tensors["text_embeds"], 2)
     check(text.ndim == 2 and text.shape[0] == p,
-          f"'text_embeds' in {path} must have shape ({p}, E), one row per prompt, got {tuple(tensors['text_embeds'].shape)}")
+          f"'text_embeds' of {where} must have shape ({p}, E), one row per prompt, got {tuple(tensors['text_embeds'].shape)}")
     ids = _rows(tensors["time_ids"], 2) if "time_ids" in tensors else default_time_ids(image_hw)
     check(ids.ndim == 2 and ids.shape[0] in (1, p),
-          f"'time_ids' in {path} must have shape (K,) or ({p}, K), got {tuple(ids.shape)}")
+          f"'time_ids' of {where} must have shape (K,) or ({p}, K), got {tuple(ids.shape)}")
     time_dim = int(model.config["addition_time_embed_dim"])
     check(text.shape[1] + ids.shape[1] * time_dim == width,
           f"'text_embeds' ({text.shape[1]} wide) and {ids.shape[1]} time ids of {time_dim} channels make "
@@ -151,11 +167,10 @@ def load_prompt_table(path: str | None, model: nn.Module, image_hw: tuple[int, i
     ids = ids.float()
     table.cond[TEXT_EMBEDS], table.cond[TIME_IDS] = text, ids.expand(p, -1).clone()
     if table.uncond is not None:
-        check("uncond_text_embeds" in tensors, f"{setting} file {path} has 'uncond' but no 'uncond_text_embeds' "
+        check("uncond_text_embeds" in tensors, f"{where} has 'uncond' but no 'uncond_text_embeds' "
                                                f"({text.shape[1]},): add the empty prompt's pooled embedding")
         u_text = _rows(tensors["uncond_text_embeds"], 2)
         check(u_text.shape == (1, text.shape[1]),
-              f"'uncond_text_embeds' in {path} must have shape ({text.shape[1]},), got {tuple(tensors['uncond_text_embeds'].shape)}")
+              f"'uncond_text_embeds' of {where} must have shape ({text.shape[1]},), got {tuple(tensors['uncond_text_embeds'].shape)}")
         table.uncond[TEXT_EMBEDS], table.uncond[TIME_IDS] = u_text, ids[:1].clone()
     return table
-
