@@ -12,15 +12,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
     The temporary name carries the process id, so processes writing the same file (DDP ranks,
     parallel runs sharing a cache) do not clobber each other's half-written file; it is removed if
-    ``write`` fails.
+    ``write`` fails. The file gets the mode the user's umask gives a new file (some writers, such as
+    safetensors, create theirs private, 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it: set, then restore
+    os.umask(mask)
+    return mask

@@ -4,6 +4,7 @@ in one line before anything is written."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -73,6 +74,14 @@ def test_calibrate_a_module_on_a_user_dataloader_returns_the_quantized_model(tmp
                           trainer=CPU)
     assert {u["resumed_from"] for u in again.gaq_summary["units"] if u["reconstructed"]} == {"unit-checkpoint"}
     assert torch.equal(probe_output(again), probe_output(qmodel))
+    # the summary stays true across the rerun: each unit keeps the figures of the run that computed it,
+    # and the time is that of both runs added up
+    for first, second in zip(summary["units"], again.gaq_summary["units"]):
+        if first["reconstructed"]:
+            assert (second["error_after"], second["seconds"]) == (first["error_after"], first["seconds"])
+    assert summary["units"][1]["error_after"] is not None
+    assert again.gaq_summary["calibration_seconds"] > summary["calibration_seconds"]
+    assert again.gaq_summary["calibration_seconds_this_process"] < again.gaq_summary["calibration_seconds"]
 
 
 def test_units_left_out_by_the_filter_keep_nearest_rounding(tmp_path):
@@ -97,7 +106,7 @@ def test_a_failing_unit_is_recorded_and_skipped_on_request(tmp_path):
     assert not bad["reconstructed"] and "not finite" in bad["error"]
     assert units["time_embedding"]["reconstructed"] and units["time_embedding"]["error"] is None
     assert (tmp_path / "run" / "summary.json").is_file()  # the run went on to the end
-    assert [f.name for f in (tmp_path / "run" / "units").iterdir()] == ["000-time_embedding.safetensors"]
+    assert [f.name for f in (tmp_path / "run" / "units").glob("*.safetensors")] == ["000-time_embedding.safetensors"]
     with pytest.raises(GaqError, match="not finite"):
         gaq.calibrate(fp, config(units=["down_blocks.0.resnets.0"]), cs, run_dir=tmp_path / "raise", trainer=CPU)
 
@@ -133,3 +142,25 @@ def test_a_module_with_its_scheduler_generates_its_own_calibration_set(tmp_path)
     assert qmodel.gaq_summary["calibration_set"]["tuples"] == 16
     assert len(list((tmp_path / "sets").iterdir())) == 1
     assert type(qmodel).__name__ == "UNet2DModel"  # a diffusers model of the same class, fake-quantized
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_and_a_corrupt_lightning_checkpoint_is_discarded(tmp_path):
+    from gaq.calib.checkpoints import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):  # another process (here: another lock holder) is writing the folder
+        with pytest.raises(GaqError, match=r"is in use by pid \d+ on "):
+            gaq.calibrate(make_tiny_unet(), config(method="rtn"), user_loader(), run_dir=run, trainer=CPU)
+    # a unit's half-written Lightning checkpoint: discarded with a warning, the unit restarts, the run finishes
+    ckpt = run / "lightning" / "001" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    qmodel = gaq.calibrate(make_tiny_unet(), config(units=["down_blocks.0.resnets.0"]), user_loader(), run_dir=run,
+                           trainer=CPU)
+    unit = next(u for u in qmodel.gaq_summary["units"] if u["name"] == "down_blocks.0.resnets.0")
+    assert unit["reconstructed"] and unit["resumed_from"] == "scratch"
+    # files are written with the user's umask, not safetensors' private 0600
+    mode = (run / "quantized" / "quantized.safetensors").stat().st_mode & 0o777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

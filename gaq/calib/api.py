@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from contextlib import nullcontext
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +36,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from gaq.calib.checkpoints import AtomicCheckpointIO, UnitCheckpoint, config_digest
-from gaq.calib.driver import CalibrationJob, Method, calibrate_model
+from gaq.calib.checkpoints import AtomicCheckpointIO, RunLock, UnitCheckpoint, config_digest
+from gaq.calib.driver import CalibrationJob, Method, calibrate_model, global_rank
 from gaq.calib.gac import GACConfig
 from gaq.calib.gac_driver import DiagnosticsConfig, GACHooks
 from gaq.calib.recon import ReconConfig
@@ -309,7 +310,8 @@ def calibrate(model: Denoiser | str | os.PathLike | nn.Module, config: Calibrati
         make_trainer=unit_trainer_factory(trainer, run_dir, trainer.get("enable_progress_bar", True) is not False),
         device=device, record=record, method_hooks=hooks, end_callbacks=list(end_callbacks or []),
         units=config.units, on_unit_error=config.on_unit_error)
-    qmodel, summary = calibrate_model(job)
+    with RunLock(run_dir) if global_rank() == 0 else nullcontext():  # one writer per run folder
+        qmodel, summary = calibrate_model(job)
     qmodel.gaq_summary, qmodel.gaq_run_dir = summary, run_dir
     return qmodel
 

@@ -30,10 +30,83 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file and renamed, so a kill never leaves half a file."""
+    """Lightning checkpoints written to a temporary file and renamed, so a kill never leaves half a file,
+    and read back with ``weights_only=True`` whatever the environment says (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    cannot turn unpickling of arbitrary objects back on)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True) -> dict:
+        import torch
+
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def readable_checkpoint(path: Path) -> bool:
+    """Whether the Lightning checkpoint ``path`` loads (``weights_only``); a truncated, empty or corrupt one
+    does not."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means: recompute the unit
+        return False
+
+
+class RunLock:
+    """An advisory lock on a run folder (``<run>/.lock``, ``fcntl.flock``): a second process that would write
+    the same run folder is refused in one line naming the holder. The operating system releases the lock
+    when its process ends, ``kill -9`` included, so an interrupted run resumes without cleanup."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._file = None
+        self._created = False
+
+    def acquire(self) -> "RunLock":
+        import os
+        import socket
+
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            return self
+        self._created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise GaqError(f"run folder {self.path.parent} is in use by {holder}; wait for it to finish or use "
+                           "another --run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        """Release the lock; a run folder this lock created and nothing else wrote into is removed again."""
+        if self._file is None:
+            return
+        self._file.close()  # closing the descriptor releases the flock
+        self._file = None
+        folder = self.path.parent
+        if self._created and [p.name for p in folder.iterdir()] == [self.path.name]:
+            self.path.unlink()
+            folder.rmdir()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def config_digest(record: dict) -> str:

@@ -9,6 +9,7 @@ prints all of it.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal, Optional
 
 from lightning.pytorch.cli import LightningCLI
@@ -18,7 +19,7 @@ from gaq.calib.gac import GACConfig
 from gaq.calib.gac_driver import DiagnosticsConfig
 from gaq.calib.recon import UnitReconstruction
 from gaq.data.calibset import cache_key
-from gaq.errors import GaqError
+from gaq.errors import GaqError, check
 from gaq.data.datamodule import CalibrationDataModule
 from gaq.quant import QuantConfig
 
@@ -58,19 +59,74 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+#: Trainer options the engine sets itself for every unit's fit (one epoch of ``recon.iters`` iterations, its own
+#: checkpoints and logs, no validation loop): a user value would be ignored, so it is refused instead.
+ENGINE_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
+                       "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches",
+                       "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps",
+                       "enable_checkpointing", "accumulate_grad_batches", "gradient_clip_val",
+                       "gradient_clip_algorithm", "default_root_dir", "reload_dataloaders_every_n_epochs",
+                       "use_distributed_sampler", "fast_dev_run", "logger")
+
+
+def argument_error_line(err: Exception) -> str:
+    """The one line of a jsonargparse error that says what is wrong (the first check message of a failed
+    instantiation, else the error's first line)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    reasons = [ln[2:] for ln in lines if ln.startswith("- ") and not ln.startswith(("- Expected a", "- Not a valid"))]
+    return (reasons or lines or [type(err).__name__])[0]
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Every ``--config`` file exists and holds a YAML mapping (jsonargparse says only "Unexpected config")."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (arg[9:] if arg.startswith("--config=") else None)
+        if path is None:
+            continue
+        file = Path(path)
+        check(file.is_file(), f"--config {path}: no such file")
+        try:
+            content = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            raise GaqError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        check(isinstance(content, dict) and content, f"--config {path} is empty or not a mapping of sections: "
+              "start from configs/default/calibrate.yaml")
+
+
+def _check_engine_trainer_keys(cli: CalibrateCLI) -> None:
+    defaults = cli.parser.get_defaults().trainer
+    for key in ENGINE_TRAINER_KEYS:
+        given, default = cli.config.trainer.get(key), defaults.get(key)
+        check(given == default, f"trainer.{key} is not used by gaq calibrate (each unit runs model.recon.iters "
+                                f"iterations with its own checkpoints and logs): remove it (got {given!r})")
+
+
 def _build_cli(argv: list[str]) -> CalibrateCLI:
+    from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    _check_config_files(argv)
     try:
-        return CalibrateCLI(
+        cli = CalibrateCLI(
             UnitReconstruction, CalibrationDataModule, args=argv, run=False, save_config_callback=None,
-            seed_everything_default=0,
+            seed_everything_default=0, auto_configure_optimizers=False,
             trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
                               "logger": False, "enable_checkpointing": False},
-            parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC)."},
+            parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC).",
+                           "exit_on_error": False},
         )
+    except ArgumentError as err:  # jsonargparse's usage, traceback and message, as one line
+        raise GaqError(f"{argument_error_line(err)} (gaq calibrate --help lists the options)") from None
+    except ValueError as err:
+        if "Given value" not in str(err):  # not a config value refused while instantiating: a bug, keep its traceback
+            raise
+        raise GaqError(argument_error_line(err)) from None
     except MisconfigurationException as err:  # Lightning's refusal of the trainer section (devices, accelerator)
         raise GaqError(f"trainer: {str(err).splitlines()[0]}; change trainer.accelerator / trainer.devices") from None
+    _check_engine_trainer_keys(cli)
+    return cli
 
 
 def calibration_config(cli: CalibrateCLI) -> CalibrationConfig:

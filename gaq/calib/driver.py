@@ -7,6 +7,7 @@ after each unit. The driver owns the order of work; the per-unit LightningModule
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import time
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from gaq.calib.cache import build_unit_cache
-from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, save_unit_state,
-                                   unit_file)
+from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, readable_checkpoint,
+                                   save_unit_state, unit_file)
 from gaq.calib.recon import ReconConfig, UnitReconstruction, act_phase_config, per_sample_error
 from gaq.calib.units import Unit, find_units, fp_counterpart, unit_parameters
 from gaq.data.datamodule import to_device
@@ -138,10 +139,10 @@ def run_calibration(job: CalibrationJob) -> dict:
 def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
     """Quantize ``job.denoiser.model`` and calibrate it unit by unit; returns the quantized model (on
     ``job.device``, weights and activations quantized) and the summary (also saved)."""
-    t_start = time.time()
+    t_start = t_mark = time.time()
     dm, device, run_dir = job.datamodule, job.device, Path(job.run_dir)
     calib = dm.calib_set
-    is_zero = _global_rank() == 0
+    is_zero = global_rank() == 0
     fp_model = job.denoiser.model.to(device).eval().requires_grad_(False)
     qmodel = quantize(fp_model, job.quant, timesteps=calib.timesteps).to(device).eval()
     if device.type == "cuda":
@@ -173,7 +174,7 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
                 report.reconstructed = False
             elif path.exists():
                 load_unit_state(path, unit.layers)
-                report.resumed_from = "unit-checkpoint"
+                _restore_report(report, path.with_suffix(".json"))
                 if hooks is not None:
                     hooks.unit_loaded(k, unit)
             elif _reconstruct_or_record(job, k, unit, qmodel, fp_model, calib, set_step, report, hooks) and is_zero:
@@ -185,7 +186,13 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
                 from gaq.eval.callbacks import unit_end
                 unit_end(job.end_callbacks, qmodel, job.denoiser, run_dir, k)
             _barrier()
-            report.seconds = time.time() - t0
+            if report.resumed_from != "unit-checkpoint":
+                report.seconds = time.time() - t0
+                if is_zero and report.reconstructed:  # its figures, for the summary of a run that resumes it
+                    atomic_write_json(path.with_suffix(".json"), asdict(report))
+            if is_zero:
+                _add_progress(run_dir, time.time() - t_mark)
+                t_mark = time.time()
             reports.append(report)
             log.info("unit %d/%d %s done in %.1f s", k + 1, len(units), unit.name, report.seconds)
     set_quant_state(qmodel, weight=True, act=False)
@@ -206,7 +213,8 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
         "model": job.denoiser.source, "model_fingerprint": job.denoiser.fingerprint,
         "preset": job.quant.preset, "w_bits": job.quant.w_bits, "a_bits": job.quant.a_bits,
         "method": job.method, "units": [asdict(r) for r in reports], "num_units": len(units),
-        "calibration_seconds": time.time() - t_start, "activation_calibration_seconds": act_seconds,
+        "calibration_seconds": time.time() - t_start,  # rank 0 below: every process's time on the run
+        "calibration_seconds_this_process": time.time() - t_start, "activation_calibration_seconds": act_seconds,
         "activation_step_units": [asdict(r) for r in act_reports],
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "device": device_name(device), "world_size": _world_size(), "git_commit": git_commit(),
@@ -216,6 +224,8 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
     if job.method_hooks is not None:
         summary.update(job.method_hooks.summary())
     if is_zero:
+        _add_progress(run_dir, time.time() - t_mark)
+        summary["calibration_seconds"] = _progress_seconds(run_dir)
         qbytes, fpbytes = stored_weight_bytes(qmodel)
         summary["stored_weight_bytes"] = {"quantized": qbytes, "fp32": fpbytes}
         save_quantized(qmodel, run_dir / "quantized", base_source=job.denoiser.source, config=job.quant,
@@ -226,6 +236,32 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
         atomic_write_json(run_dir / "summary.json", summary)
     _barrier()
     return qmodel, summary
+
+
+PROGRESS_FILE = "progress.json"  # wall seconds every process has spent on the run, added up at each unit's end
+
+
+def _progress_seconds(run_dir: Path) -> float:
+    try:
+        return float(json.loads((Path(run_dir) / PROGRESS_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _add_progress(run_dir: Path, seconds: float) -> None:
+    atomic_write_json(Path(run_dir) / PROGRESS_FILE, {"seconds": _progress_seconds(run_dir) + seconds})
+
+
+def _restore_report(report: UnitReport, path: Path) -> None:
+    """A unit loaded from its checkpoint keeps the figures of the run that computed it (errors, seconds)."""
+    report.resumed_from = "unit-checkpoint"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # a checkpoint of an older gaq: only the resumption is known
+    for key in ("seconds", "cache_seconds", "fit_seconds", "error_before", "error_after", "extra", "error"):
+        if key in saved:
+            setattr(report, key, saved[key])
 
 
 def _reconstruct_or_record(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
@@ -292,6 +328,11 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
 def _fit(job: CalibrationJob, module: UnitReconstruction, unit_dir: Path, name: str, report: UnitReport) -> None:
     """One unit's ``Trainer.fit``, resumed from ``unit_dir/last.ckpt`` when it exists."""
     last = unit_dir / "last.ckpt"
+    if last.exists() and not readable_checkpoint(last):
+        log.warning("unit %s: %s is unreadable (truncated or corrupt); it is discarded and the unit restarts", name, last)
+        if global_rank() == 0:
+            last.unlink()
+        _barrier()
     if last.exists():
         report.resumed_from = "lightning-checkpoint"
     trainer = job.make_trainer(unit_dir, name)
@@ -337,7 +378,7 @@ def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, 
         report.error_after = unit_error(unit, cache, val_index, set_step, cfg.cache_batch)
         for p in steps:
             p.requires_grad_(False)
-        if _global_rank() == 0:
+        if global_rank() == 0:
             save_unit_state(path, quantizers)
     _barrier()
     report.seconds = time.time() - t0
@@ -350,7 +391,7 @@ def _set_soft(unit: Unit, soft: bool) -> None:
         set_adaround_soft(layer, soft)
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     """This process's rank; before the process group exists, the rank Lightning's launcher gave it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()

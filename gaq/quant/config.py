@@ -31,7 +31,7 @@ ROLES: tuple[str, ...] = (
 )
 
 W_BITS_RANGE = (2, 8)  # integer weight codes are stored in (packed) uint8
-A_BITS_RANGE = (2, 8)
+A_BITS_RANGE = (4, 8)  # as documented: below 4 bits no diffusion PTQ protocol (Q-Diffusion, TFMQ-DM, GAC) quantizes activations
 SOFTMAX_BITS_RANGE = (2, 16)  # Q-Diffusion uses 16-bit softmax for Stable Diffusion
 FP_ACT_BITS = 32  # "activations stay in floating point"
 
