@@ -32,3 +32,15 @@ def _umask() -> int:
     mask = os.umask(0o022)  # the only way to read it: set, then restore
     os.umask(mask)
     return mask
+
+
+def check_writable_folder(path: str | os.PathLike, what: str) -> None:
+    """Raise :class:`gaq.errors.GaqError` (one line) unless ``path`` is, or can be created as, a writable
+    folder; called before any work so that nothing computed is lost to an unwritable output location."""
+    from gaq.errors import check
+
+    path = Path(path)
+    check(not path.exists() or path.is_dir(), f"{what} {path} is a file, not a folder: choose a folder path")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    check(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
+          f"{what} {path} is not writable ({existing} is read-only for this user): choose a writable location")

@@ -124,12 +124,14 @@ def test_a_failing_unit_is_recorded_and_skipped_on_request(tmp_path):
     (lambda tmp: gaq.calibrate(make_tiny_unet(), config(), user_loader(), run_dir=tmp / "e",
                                trainer={"accelerator": "gpu", "devices": 1}), "trainer.accelerator"),
     (lambda tmp: gaq.calibrate(make_tiny_unet(), config(), run_dir=tmp / "f", trainer=CPU), "noise schedule"),
+    (lambda tmp: (tmp / "g").write_text("") and None or gaq.calibrate(
+        make_tiny_unet(), config(), user_loader(), run_dir=tmp / "g", trainer=CPU), "is a file, not a folder"),
 ])
 def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path, call, message):
     with pytest.raises(GaqError, match=message) as info:
         call(tmp_path)
     assert "\n" not in str(info.value)
-    assert not any(tmp_path.iterdir())  # no run folder, no run.json
+    assert not any(p.name != "g" for p in tmp_path.iterdir())  # no run folder, no run.json
 
 
 def test_a_module_with_its_scheduler_generates_its_own_calibration_set(tmp_path):

@@ -172,7 +172,7 @@ def test_bad_prompt_input_gets_one_line(sd, tmp_path, monkeypatch):
     bare = tmp_path / "no_encoder"
     shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("text_encoder"))
     message = one_line(lambda: Conditioning.of(load_denoiser(bare), SamplingConfig(prompts=str(prompts))))
-    assert "has no text_encoder/" in message and "add the pipeline's text_encoder/" in message
+    assert "has no text_encoder/" in message and "add the pipeline's tokenizer/ and text_encoder/ folders" in message
 
     memory = Denoiser(den.model, den.alphas_cumprod, den.sample_shape, "text")
     assert "built in memory" in one_line(lambda: Conditioning.of(memory, SamplingConfig(prompts=str(prompts))))

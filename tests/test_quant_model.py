@@ -290,3 +290,26 @@ def test_dit_roles_follow_the_model_structure():
     x, y = torch.randn(2, 4, 8, 8), {"class_labels": torch.tensor([1, 2])}
     with torch.no_grad():
         assert torch.allclose(predict_noise(q, x, TS[:2], y), predict_noise(dit, x, TS[:2], y), atol=1e-5)
+
+
+def test_quantize_and_save_refuse_bad_input_in_one_line(tmp_path):
+    """NaN weights, a non-module, float timesteps and a file where the export folder should go."""
+    from conftest import make_tiny_unet
+
+    from gaq.errors import GaqError
+    from gaq.quant import save_quantized
+
+    cfg = QuantConfig(w_bits=4, a_bits=8)
+    with pytest.raises(GaqError, match="needs a torch module"):
+        quantize("not a model", cfg)
+    bad = make_tiny_unet()
+    with torch.no_grad():
+        next(bad.parameters())[0] = float("nan")
+    with pytest.raises(GaqError, match="holds NaN or Inf values"):
+        quantize(bad, cfg)
+    with pytest.raises(GaqError, match="integer timesteps"):
+        quantize(make_tiny_unet(), cfg, timesteps=torch.tensor([0.5, 1.5]))
+    qmodel = quantize(make_tiny_unet(), QuantConfig(w_bits=4, a_bits=32))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GaqError, match="is a file"):
+        save_quantized(qmodel, tmp_path / "file")

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
+from gaq.atomic import check_writable_folder
 from gaq.calib.checkpoints import AtomicCheckpointIO, RunLock, UnitCheckpoint, config_digest
 from gaq.calib.driver import CalibrationJob, Method, calibrate_model, global_rank
 from gaq.calib.gac import GACConfig
@@ -295,6 +296,10 @@ def calibrate(model: Denoiser | str | os.PathLike | nn.Module, config: Calibrati
         check(den.alphas_cumprod.numel() > 0, "generating a calibration set needs the model's noise schedule: "
                                               "pass scheduler=<its diffusers scheduler> or a model folder")
     resolve_config(config.quant)  # a bad quantization setting fails here, before anything is computed or written
+    if run_dir is not None:
+        check_writable_folder(run_dir, "run_dir")
+    if isinstance(data, CalibSetConfig):
+        check_writable_folder(cache_dir, "the calibration-set cache_dir")
     device, world = _root_device(trainer)
     dm = calibration_data(den, data, config.split, cache_dir, sample_device)
     calib_meta = dm.calib_set.meta

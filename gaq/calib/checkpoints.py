@@ -120,7 +120,8 @@ def check_run_record(run_dir: Path, record: dict) -> None:
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
-            raise GaqError(f"{path} is corrupt; delete the run folder {run_dir} to start over") from None
+            raise GaqError(f"{path} is corrupt: if this is the command that made the run, delete that one file and "
+                           f"rerun to resume from the finished units; otherwise use another --run_dir") from None
         if old.get("digest") != config_digest(record):
             diff = sorted(k for k in set(old.get("config", {})) | set(record)
                           if old.get("config", {}).get(k) != record.get(k))

@@ -173,7 +173,12 @@ def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, base_source: st
     base_source = info.source if base_source is None else base_source
     config = info.config if config is None else config
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check(not folder.exists() or folder.is_dir(), f"{folder} is a file: save the quantized model to a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GaqError(f"cannot create {folder} ({err.strerror}): save the quantized model somewhere writable") from None
+    check(os.access(folder, os.W_OK), f"{folder} is not writable: save the quantized model somewhere writable")
     tensors: dict[str, Tensor] = {}
     with torch.no_grad():
         for path, layer in iter_quant_layers(qmodel):

@@ -12,6 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import torch
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
@@ -211,8 +212,17 @@ def quantize(model: nn.Module, config: QuantConfig, *, timesteps: Tensor | None 
     from gaq.quant.export import architecture_fingerprint
     from gaq.models.loading import model_fingerprint
 
+    check(isinstance(model, nn.Module), f"quantize needs a torch module (a diffusers noise predictor), got {type(model).__name__}")
     settings = resolve_config(config)
     check(not any(isinstance(m, QuantLayer) for m in model.modules()), "the model is already quantized")
+    bad = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    check(bad is None, f"the model's {bad} holds NaN or Inf values: quantize a model with finite weights")
+    if timesteps is not None:
+        ts = torch.as_tensor(timesteps)
+        check(ts.ndim == 1 and ts.numel() > 0 and (not ts.is_floating_point() or bool((ts == ts.round()).all())),
+              "timesteps must be a 1-D list of the calibrated integer timesteps in sampling order, got "
+              f"shape {tuple(ts.shape)} {ts.dtype}")
     qmodel = copy.deepcopy(model)
     plan = plan_quantization(qmodel, settings)
     build_quantized(qmodel, settings, plan, timesteps)
