@@ -164,3 +164,17 @@ def test_sample_grid_callback_runs_after_calibration(tmp_path, model_dir):
     assert per_unit == [f"grid_unit_{k:03d}.png" for k in range(3, units, 4)] and per_unit
     import json
     assert "SampleGridCallback" in json.loads((tmp_path / "run" / "summary.json").read_text())["callbacks"]
+
+
+def test_help_lists_gaqs_own_options_before_the_trainers(capsys):
+    import gaq.cli
+
+    with pytest.raises(SystemExit) as info:
+        gaq.cli.main(["calibrate", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    for key in ("--method", "--quant.w_bits", "--model.recon.iters", "--gac.meta_lr", "--units", "--run_dir"):
+        assert f"\n  {key}" in options, key
+        assert options.index(f"\n  {key}") < options.index("\n  --trainer.accelerator"), key
+    assert "--optimizer" not in text and "trainer.max_steps and the like are refused" in text

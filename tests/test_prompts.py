@@ -39,11 +39,23 @@ def make_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LEN)
 
 
-def make_text_encoder(vocab_size: int) -> CLIPTextModel:
-    torch.manual_seed(2)
-    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1)).eval()
+def make_text_encoder(vocab_size: int, hidden: int = 16, cls: type = CLIPTextModel, seed: int = 2, **extra):
+    torch.manual_seed(seed)
+    return cls(CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=1, **extra)).eval()
+
+
+def make_vae() -> AutoencoderKL:
+    torch.manual_seed(1)
+    return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                         latent_channels=4)
+
+
+def make_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                         clip_sample=False)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +63,8 @@ def sd(tmp_path_factory):
     """The pipeline folder (diffusers' own save_pretrained layout), its loaded Denoiser and a prompt file."""
     root = tmp_path_factory.mktemp("sd")
     tokenizer = make_tokenizer(root / "bpe")
-    torch.manual_seed(1)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                        latent_channels=4)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                              clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=make_text_encoder(len(tokenizer)), tokenizer=tokenizer,
-                                   unet=make_tiny_cond_unet(), scheduler=scheduler, safety_checker=None,
+    pipe = StableDiffusionPipeline(vae=make_vae(), text_encoder=make_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+                                   unet=make_tiny_cond_unet(), scheduler=make_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(root / "pipe")
     prompts = root / "prompts.txt"
@@ -69,7 +75,7 @@ def sd(tmp_path_factory):
 def diffusers_embeddings(folder: Path, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """What diffusers' own pipeline feeds the UNet: ``encode_prompt`` of the saved folder."""
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+    cond, uncond = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
     return cond, uncond[:1]
 
 
@@ -182,7 +188,82 @@ def test_bad_prompt_input_gets_one_line(sd, tmp_path, monkeypatch):
 
 
 def test_prompt_list_is_refused_for_other_models(sd, tiny_unet, ddpm_scheduler):
+    from diffusers import PixArtTransformer2DModel
+
     _, _, prompts = sd
     den = Denoiser(tiny_unet, ddpm_scheduler.alphas_cumprod, (1, 16, 16), "class", 10, 10)
     assert "for text models" in one_line(lambda: generate_calibration_set(
         den, CalibSetConfig(steps=2, interval=1, samples_per_step=1, prompts=str(prompts)), progress=False))
+    torch.manual_seed(0)
+    pixart = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+                                      num_layers=1, cross_attention_dim=24, caption_channels=32, sample_size=8,
+                                      patch_size=2, norm_num_groups=8).eval()
+    den = Denoiser(pixart, ddpm_scheduler.alphas_cumprod, (4, 8, 8), "text")
+    assert "give cond_embeddings instead" in one_line(lambda: Conditioning.of(den, SamplingConfig(prompts=str(prompts))))
+
+
+TEXT_W, TIME_DIM = 12, 4  # SDXL-style: pooled width (text_encoder_2's projection) and time-id channels
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """An SDXL-style pipeline folder: text_time UNet, CLIPTextModel + CLIPTextModelWithProjection (8 + 8 = the
+    UNet's cross_attention_dim 16), two tokenizers; saved by StableDiffusionXLPipeline itself."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("sdxl")
+    tokenizer = make_tokenizer(root / "bpe")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=TEXT_W + 6 * TIME_DIM).eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=make_vae(), text_encoder=make_text_encoder(len(tokenizer), 8), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder_2=make_text_encoder(len(tokenizer), 8, CLIPTextModelWithProjection, 3, projection_dim=TEXT_W),
+        unet=unet, scheduler=make_scheduler(), add_watermarker=False)
+    pipe.save_pretrained(root / "pipe")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return root / "pipe", load_denoiser(root / "pipe"), prompts
+
+
+def sdxl_embeddings(folder: Path) -> tuple[torch.Tensor, ...]:
+    """diffusers' own SDXL ``encode_prompt``: cond, uncond, pooled, uncond pooled."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    return pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+
+
+def test_sdxl_prompts_use_both_text_encoders(sdxl, tmp_path):
+    from gaq.models.conditions import TEXT_EMBEDS, TIME_IDS
+
+    folder, den, prompts = sdxl
+    cs = generate_calibration_set(den, CalibSetConfig(**CALIB, prompts=str(prompts)), progress=False)
+    cond, uncond, pooled, u_pooled = sdxl_embeddings(folder)
+    assert cond.shape == (3, MAX_LEN, 16) and pooled.shape == (3, TEXT_W)
+    ehs, text = cs.cond["encoder_hidden_states"].view(2, 2, 3, MAX_LEN, 16), cs.cond[TEXT_EMBEDS].view(2, 2, 3, TEXT_W)
+    torch.testing.assert_close(ehs[:, 0], cond.expand(2, -1, -1, -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(text[:, 0], pooled.expand(2, -1, -1), rtol=0, atol=1e-6)
+    assert not uncond.any() and not u_pooled.any()  # force_zeros_for_empty_prompt (the pipeline's default) ...
+    assert not ehs[:, 1].any() and not text[:, 1].any()  # ... and gaq's unconditional half
+    assert cs.cond[TIME_IDS][0].tolist() == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]  # the decoded image's size
+
+    # without force_zeros_for_empty_prompt the empty prompt is encoded, as the pipeline does
+    other = tmp_path / "pipe"
+    shutil.copytree(folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    _, uncond, _, u_pooled = sdxl_embeddings(other)
+    table = Conditioning.of(load_denoiser(other), SamplingConfig(prompts=str(prompts))).prompts
+    assert uncond.abs().sum() > 0
+    torch.testing.assert_close(table.uncond["encoder_hidden_states"], uncond[:1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(table.uncond[TEXT_EMBEDS], u_pooled[:1], rtol=0, atol=1e-6)
+
+    shutil.rmtree(other / "text_encoder_2")
+    message = one_line(lambda: Conditioning.of(load_denoiser(other), SamplingConfig(prompts=str(prompts))))
+    assert "has no text_encoder_2/" in message and "SDXL has two text encoders" in message

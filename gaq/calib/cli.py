@@ -44,6 +44,16 @@ class CalibrateCLI(LightningCLI):
         parser.add_argument("--on_unit_error", type=Literal["raise", "skip"], default="raise",
                             help="raise: a failing unit stops the run; skip: it keeps nearest rounding and the run goes on")
 
+    def parse_arguments(self, parser, args) -> None:
+        """``--help`` lists gaq's own options first and the Lightning Trainer's last (most of the list)."""
+        groups = parser._action_groups
+        trainer = [g for g in groups if any(getattr(a, "dest", "").startswith("trainer.") for a in g._group_actions)]
+        parser._action_groups = [g for g in groups if g not in trainer] + trainer
+        if trainer:
+            parser.epilog = ("The Lightning Trainer's options (trainer.*) come last; gaq sets the loop ones itself "
+                             "(trainer.max_steps and the like are refused).")
+        super().parse_arguments(parser, args)
+
 
 def setup_logging() -> None:
     import warnings

@@ -225,7 +225,7 @@ class UnitReconstruction(pl.LightningModule):
     run does exactly the work the straight run would have done next.
     """
 
-    def __init__(self, recon: ReconConfig | None = None):
+    def __init__(self, recon: ReconConfig = ReconConfig()):  # noqa: B008 - a frozen-by-convention default
         super().__init__()
         self.recon = recon or ReconConfig()
         self.automatic_optimization = False
