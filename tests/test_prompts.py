@@ -267,3 +267,28 @@ def test_sdxl_prompts_use_both_text_encoders(sdxl, tmp_path):
     shutil.rmtree(other / "text_encoder_2")
     message = one_line(lambda: Conditioning.of(load_denoiser(other), SamplingConfig(prompts=str(prompts))))
     assert "has no text_encoder_2/" in message and "SDXL has two text encoders" in message
+
+
+@pytest.mark.filterwarnings("ignore::gaq.quant.UncalibratedTimestepWarning")  # the grid samples timesteps it was not calibrated at
+def test_calibrate_cli_with_a_prompt_list_and_its_sample_grid(sd, tmp_path, capsys):
+    """`gaq calibrate --data.calib.prompts`, in process: RTN on the SD-style folder, then the sample grid of the
+    quantized model from the same prompt list (SampleGridCallback's sampling.prompts)."""
+    import gaq.cli
+
+    folder, _, prompts = sd
+    cfg = {"method": "rtn", "quant": {"w_bits": 4, "a_bits": 8},
+           "data": {"source": str(folder), "cache_dir": str(tmp_path / "sets"),
+                    "calib": {"steps": 4, "interval": 2, "samples_per_step": 3, "batch_size": 3, "spacing": "uniform",
+                              "guidance_scale": 2.0},
+                    "split": {"val_fraction": 0.25, "num_groups": 2}},
+           "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "callbacks": [{
+               "class_path": "gaq.eval.callbacks.SampleGridCallback",
+               "init_args": {"per_class": 3, "scale": 1, "sampling": {
+                   "batch_size": 3, "prompts": str(prompts), "sampler": {"steps": 2, "guidance_scale": 2.0}}}}]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    gaq.cli.main(["calibrate", "--config", str(tmp_path / "c.yaml"), "--data.calib.prompts", str(prompts),
+                  "--run_dir", str(tmp_path / "run")])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "rtn" and (tmp_path / "run" / "quantized").is_dir()
+    assert len(list((tmp_path / "run").rglob("samples_grid.png"))) == 1
