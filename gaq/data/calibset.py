@@ -83,7 +83,8 @@ class CalibSetConfig:
             need exactly one of it and ``prompts``.
         prompts: text file of prompts for ``text`` models, one per line (empty lines skipped), encoded
             with the model folder's own ``tokenizer/`` and ``text_encoder/`` as diffusers'
-            ``StableDiffusionPipeline`` does (:mod:`gaq.models.prompts`; needs ``pip install 'gaq[text]'``).
+            ``StableDiffusionPipeline`` does (SDXL-style UNets: also ``tokenizer_2/`` and ``text_encoder_2/``,
+            as ``StableDiffusionXLPipeline``; :mod:`gaq.models.prompts`; needs ``pip install 'gaq[text]'``).
     """
 
     steps: int = 100

@@ -77,8 +77,8 @@ class SamplingConfig:
             embeddings (sample ``i`` gets prompt ``i % P``) and, for guidance, ``uncond`` ``(L, D)``;
             SDXL-style models also ``text_embeds`` (:mod:`gaq.models.conditions`).
         prompts: text models only, instead of ``cond_embeddings``: a text file, one prompt per line
-            (sample ``i`` gets prompt ``i % P``), encoded with the model folder's own tokenizer and text
-            encoder, the empty prompt as the unconditional one (:mod:`gaq.models.prompts`).
+            (sample ``i`` gets prompt ``i % P``), encoded with the model folder's own tokenizer(s) and text
+            encoder(s) as the diffusers pipeline does (:mod:`gaq.models.prompts`).
     """
 
     num_samples: int = 1000

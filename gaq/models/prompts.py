@@ -219,8 +219,9 @@ def prompt_list_table(den, path: str, setting: str = "prompts", embeddings_setti
     key = (den.source, _sha256(Path(path).read_bytes()), text_encoder_digest(den.source))
     if key[2] is None or key not in _TABLES:
         encoders = load_text_encoders(den.source, sdxl, setting, embeddings_setting)
-        table = prompt_table(encode_prompts(encoders, prompts, setting, zero_uncond=sdxl and _force_zeros(den.source)),
-                             den.model, den.image_shape[1:], f"{setting} {path} (through the text encoders of '{den.source}')")
+        tensors = encode_prompts(encoders, prompts, setting, zero_uncond=sdxl and _force_zeros(den.source))
+        table = prompt_table(tensors, den.model, den.image_shape[1:],
+                             f"{setting} {path} (through the text encoders of '{den.source}')")
         if key[2] is None:
             return table
         _TABLES.clear()  # one prompt list at a time: a table is P x L x D floats
