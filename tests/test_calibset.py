@@ -156,6 +156,25 @@ def test_cache_reuse_and_invalidation(class_den, tmp_path):
                                            tmp_path, progress=False)
     assert not reused3 and path3 != path and path.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path3.name])  # no temp files left
+    # a damaged file under the set's name is made again (rerunning the command is the fix the error gives)
+    path.write_bytes(b"not a safetensors file")
+    cs4, path4, reused4 = load_or_generate(class_den, small_cfg(samples_per_step=2, cond_pairing="cond_only"),
+                                           tmp_path, progress=False)
+    assert not reused4 and path4 == path and torch.equal(cs4.x, cs.x)
+    assert load_or_generate(class_den, small_cfg(samples_per_step=2, cond_pairing="cond_only"), tmp_path,
+                            progress=False)[2]
+
+
+def test_non_finite_trajectories_are_refused_and_not_cached(class_den, tmp_path):
+    import copy
+
+    broken = copy.deepcopy(class_den)
+    with torch.no_grad():
+        broken.model.conv_out.bias.fill_(float("inf"))
+    broken.fingerprint = "broken"
+    with pytest.raises(GaqError, match=r"turned non-finite \(NaN or Inf\) in \d+ of \d+ calibration tuples"):
+        load_or_generate(broken, small_cfg(samples_per_step=2), tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("bad", [dict(interval=11), dict(interval=0), dict(samples_per_step=0), dict(steps=0),

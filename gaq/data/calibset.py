@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,8 @@ from gaq.atomic import atomic_write
 from gaq.errors import GaqError, check
 from gaq.eval.sampling import SamplerConfig, Spacing, ddim_sample
 from gaq.models.loading import Denoiser
+
+log = logging.getLogger(__name__)
 from gaq.models.prompts import text_conditions, text_encoder_digest
 
 CondPairing = Literal["cond_uncond", "cond_only"]
@@ -422,6 +425,12 @@ def generate_calibration_set(den: Denoiser, cfg: CalibSetConfig, device: torch.d
     finally:
         model.to(home)
     assert bool((seen == n).all()), "every kept step must have been visited once per trajectory"
+    finite = torch.isfinite(xs.flatten(3)).all(-1)  # (S, halves, n): each tuple's x_t
+    if not bool(finite.all()):
+        raise GaqError(f"the FP model's trajectories turned non-finite (NaN or Inf) in {int((~finite).sum())} of "
+                       f"{finite.numel()} calibration tuples, first at kept step {int(kept[torch.nonzero(~finite)[0, 0]])}: "
+                       f"the model {den.source} or its noise schedule is broken (check its weights and scheduler; "
+                       "the set is not cached)")
 
     step = kept.repeat_interleave(halves * n)
     t = timesteps_all[kept].repeat_interleave(halves * n)
@@ -452,7 +461,10 @@ def load_or_generate(den: Denoiser, cfg: CalibSetConfig, cache_dir: str | os.Pat
     cfg.validate()
     path = cache_path(den, cfg, cache_dir)
     if path.is_file():
-        return CalibrationSet.load(path, expect_meta=expected_meta(den, cfg)), path, True
+        try:
+            return CalibrationSet.load(path, expect_meta=expected_meta(den, cfg)), path, True
+        except GaqError as err:  # a stale, foreign or damaged file under this set's name: make the set again
+            log.warning("%s; it is regenerated", err)
     cs = generate_calibration_set(den, cfg, device=device, progress=progress)
     cs.save(path)
     return cs, path, False
