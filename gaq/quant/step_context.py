@@ -85,8 +85,8 @@ class StepContext:
         """Warn (once per distinct timestep) about timesteps ``t`` that are not calibrated ones;
         ``steps`` are the steps :meth:`steps_for_timesteps` gave them. Skipped during CUDA graph capture and
         while ``torch.compile`` traces (a host read there would break the graph)."""
-        if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return
+        if t.is_meta or torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return  # a meta-device model (shape checks) has no values to compare
         requested = t.detach().reshape(-1).to("cpu", torch.float64)
         steps = steps.reshape(-1).to("cpu")
         nearest = self.timesteps[steps]
