@@ -284,3 +284,21 @@ def test_method_table_rows_include_the_qdiff_preset_for_reconstruction_methods()
     assert len(specs) == 3 * 3 + 2 * 3
     assert ("qdiff_compat", "gac", "W4A8") in rows and ("qdiff_compat", "rtn", "W4A8") not in rows
     assert method_table.parse_bits("W4A32") == (4, 32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_samples", "-3"], "num_samples must be >= 1"),
+    (["--no_such_key", "1"], "unrecognized arguments: --no_such_key"),
+    (["--config", "EMPTY"], "is empty or not a mapping"),
+])
+def test_evaluate_bad_input_gets_one_line(tmp_path, capsys, args, message):
+    import gaq.cli
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    argv = ["evaluate", "--config", "configs/default/evaluate.yaml", *[str(empty) if a == "EMPTY" else a for a in args]]
+    with pytest.raises(SystemExit) as info:
+        gaq.cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err

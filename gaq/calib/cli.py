@@ -9,13 +9,13 @@ prints all of it.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Literal, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
 from gaq.calib.api import CalibrationConfig, calibrate, default_run_dir, run_record
 from gaq.calib.gac import GACConfig
+from gaq.cli_errors import check_config_files, one_line_argument_errors
 from gaq.calib.gac_driver import DiagnosticsConfig
 from gaq.calib.recon import UnitReconstruction
 from gaq.data.calibset import cache_key
@@ -79,32 +79,6 @@ ENGINE_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "ma
                        "use_distributed_sampler", "fast_dev_run", "logger")
 
 
-def argument_error_line(err: Exception) -> str:
-    """The one line of a jsonargparse error that says what is wrong (the first check message of a failed
-    instantiation, else the error's first line)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    reasons = [ln[2:] for ln in lines if ln.startswith("- ") and not ln.startswith(("- Expected a", "- Not a valid"))]
-    return (reasons or lines or [type(err).__name__])[0]
-
-
-def _check_config_files(argv: list[str]) -> None:
-    """Every ``--config`` file exists and holds a YAML mapping (jsonargparse says only "Unexpected config")."""
-    import yaml
-
-    for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (arg[9:] if arg.startswith("--config=") else None)
-        if path is None:
-            continue
-        file = Path(path)
-        check(file.is_file(), f"--config {path}: no such file")
-        try:
-            content = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as err:
-            raise GaqError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-        check(isinstance(content, dict) and content, f"--config {path} is empty or not a mapping of sections: "
-              "start from configs/default/calibrate.yaml")
-
-
 def _check_engine_trainer_keys(cli: CalibrateCLI) -> None:
     defaults = cli.parser.get_defaults().trainer
     for key in ENGINE_TRAINER_KEYS:
@@ -114,25 +88,19 @@ def _check_engine_trainer_keys(cli: CalibrateCLI) -> None:
 
 
 def _build_cli(argv: list[str]) -> CalibrateCLI:
-    from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    _check_config_files(argv)
+    check_config_files(argv, "configs/default/calibrate.yaml")
     try:
-        cli = CalibrateCLI(
-            UnitReconstruction, CalibrationDataModule, args=argv, run=False, save_config_callback=None,
-            seed_everything_default=0, auto_configure_optimizers=False,
-            trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
-                              "logger": False, "enable_checkpointing": False},
-            parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC).",
-                           "exit_on_error": False},
-        )
-    except ArgumentError as err:  # jsonargparse's usage, traceback and message, as one line
-        raise GaqError(f"{argument_error_line(err)} (gaq calibrate --help lists the options)") from None
-    except ValueError as err:
-        if "Given value" not in str(err):  # not a config value refused while instantiating: a bug, keep its traceback
-            raise
-        raise GaqError(argument_error_line(err)) from None
+        with one_line_argument_errors("gaq calibrate"):
+            cli = CalibrateCLI(
+                UnitReconstruction, CalibrationDataModule, args=argv, run=False, save_config_callback=None,
+                seed_everything_default=0, auto_configure_optimizers=False,
+                trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
+                                  "logger": False, "enable_checkpointing": False},
+                parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC).",
+                               "exit_on_error": False},
+            )
     except MisconfigurationException as err:  # Lightning's refusal of the trainer section (devices, accelerator)
         raise GaqError(f"trainer: {str(err).splitlines()[0]}; change trainer.accelerator / trainer.devices") from None
     _check_engine_trainer_keys(cli)

@@ -23,6 +23,7 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
+from gaq.cli_errors import check_config_files, one_line_argument_errors
 from gaq.eval.evaluate import EvaluateConfig
 
 # the evaluation's Trainer defaults: one device, no logger, no checkpoints, no grad-free inference tensors
@@ -35,7 +36,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 def build_parser() -> LightningArgumentParser:
     """The typed parser of ``gaq evaluate`` (top-level EvaluateConfig keys + the ``trainer`` section)."""
     parser = LightningArgumentParser(
-        prog="gaq evaluate",
+        prog="gaq evaluate", exit_on_error=False,
         description="Sample an FP model or a quantized run (gaq calibrate) and compute FID, sFID, precision/recall, "
                     "class accuracy and, for a run, the per-step error and the fidelity (PSNR, SSIM, MSE, FID) "
                     "to the FP model's samples from the same noise.",
@@ -100,9 +101,11 @@ def main(argv: list[str]) -> None:
     from gaq.eval.evaluate import run_evaluation
 
     _setup_logging()
+    check_config_files(argv, "configs/default/evaluate.yaml")
     parser = build_parser()
-    cfg = parser.parse_args(argv)
-    init = _instantiate(parser, cfg)
+    with one_line_argument_errors("gaq evaluate"):
+        cfg = parser.parse_args(argv)
+        init = _instantiate(parser, cfg)
     eval_cfg = EvaluateConfig(**{f.name: init[f.name] for f in fields(EvaluateConfig)})
     trainer_kwargs = dict(init["trainer"])
     result = run_evaluation(eval_cfg, trainer_kwargs, command=shlex.join(["gaq", "evaluate", *argv]))
