@@ -3,7 +3,7 @@
 A UNet with the exact google/ddpm-cifar10-32 architecture (``CIFAR_UNET`` of bench/speed_cifar.py),
 random weights: timing and agreement only (the FID check needs the trained model). The W4A8 model is
 ``tfmq_compat`` round-to-nearest with per-step activation ranges calibrated on a few FP DDIM
-trajectories. For each model, batch size and option set (``gaq.eval.runner``: precision, channels-last,
+trajectories. For each model, batch size and option set (``gaq.models.runner``: precision, channels-last,
 CUDA graphs, torch.compile) it runs DDIM (100 quadratic steps, eta 0) on fixed noise:
 
 - a short warm-up run (builds the CUDA graphs / compiled code; reported as ``setup_s``);
@@ -38,8 +38,8 @@ from rich.table import Table
 from speed_cifar import CIFAR_UNET
 
 from gaq.errors import GaqError
-from gaq.eval.runner import ModelRunner
-from gaq.eval.sampling import SamplerConfig, ddim_sample, sampling_timesteps
+from gaq.models.runner import ModelRunner
+from gaq.models.sampling import SamplerConfig, ddim_sample, sampling_timesteps
 from gaq.provenance import device_name, git_commit
 from gaq.quant import AdaRoundQuantizer, QuantConfig, quantize_rtn
 

@@ -33,7 +33,7 @@ the config's exact architecture with random weights (``bench/paper_archs.py``; n
 2. **Sampling throughput** of the FP model under the config's sampler (DDIM steps, eta, spacing, guidance) at
    ``--sample_batch`` images, in images/s, including the latent decoder for LDM / DiT, for the sampler speed
    options named in ``--sample_options`` (``bench/sampling_throughput.py``'s option sets: ``fp32``,
-   ``bf16``, ``bf16+cl+graph``, ``bf16+cl+compile`` ...; see ``gaq/eval/runner.py``). ``--max_sample_steps``
+   ``bf16``, ``bf16+cl+graph``, ``bf16+cl+compile`` ...; see ``gaq/models/runner.py``). ``--max_sample_steps``
    times fewer DDIM steps and projects the denoising part linearly to the config's steps.
 
 Configs run one after another; results (JSON + markdown beside it) are written after every phase, so a
@@ -86,9 +86,9 @@ from gaq.calib.units import find_units  # noqa: E402
 from gaq.data.calibset import CalibSetConfig, generate_calibration_set  # noqa: E402
 from gaq.data.datamodule import SplitConfig, to_device  # noqa: E402
 from gaq.errors import GaqError  # noqa: E402
-from gaq.eval.evaluate import Conditioning, SamplingConfig, sample_images  # noqa: E402
-from gaq.eval.runner import ModelRunner  # noqa: E402
-from gaq.eval.sampling import SamplerConfig  # noqa: E402
+from gaq.eval.generation import Conditioning, SamplingConfig, sample_images  # noqa: E402
+from gaq.models.runner import ModelRunner  # noqa: E402
+from gaq.models.sampling import SamplerConfig  # noqa: E402
 from gaq.provenance import device_name, git_commit  # noqa: E402
 from gaq.models.denoiser import predict_noise  # noqa: E402
 from gaq.quant import QuantConfig, quantize  # noqa: E402

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from conftest import NUM_CLASSES, make_tiny_cond_unet, make_tiny_unet
 from gaq.data.calibset import CalibrationSet, CalibSetConfig, cache_path, generate_calibration_set, load_or_generate
 from gaq.errors import GaqError
-from gaq.eval.sampling import SamplerConfig, ddim_sample, sampling_timesteps
+from gaq.models.sampling import SamplerConfig, ddim_sample, sampling_timesteps
 from gaq.models.loading import Denoiser
 
 

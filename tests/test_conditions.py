@@ -16,8 +16,8 @@ from gaq.calib.recon import ReconConfig
 from gaq.data.calibset import CalibrationSet, CalibSetConfig, generate_calibration_set
 from gaq.data.datamodule import CalibrationDataModule, SplitConfig
 from gaq.errors import GaqError
-from gaq.eval.evaluate import Conditioning, SamplingConfig, generate
-from gaq.eval.sampling import SamplerConfig
+from gaq.eval.generation import Conditioning, SamplingConfig, generate
+from gaq.models.sampling import SamplerConfig
 from gaq.models.conditions import TEXT_EMBEDS, TIME_IDS
 from gaq.models.denoiser import predict_noise
 from gaq.models.loading import Denoiser, load_denoiser, save_denoiser

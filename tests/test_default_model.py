@@ -221,7 +221,7 @@ def test_train_default_print_config_and_size_mismatch(capsys):
 
 def test_shipped_default_model_draws_the_requested_digits():
     """checkpoints/default (committed) loads offline and its FP samples are read as the asked-for digits."""
-    from gaq.eval.sampling import SamplerConfig
+    from gaq.models.sampling import SamplerConfig
     from gaq.models.train_default import sample_classes
 
     folder = REPO / "checkpoints" / "default"

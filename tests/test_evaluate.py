@@ -15,11 +15,12 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from gaq.cli import main as gaq_main
-from gaq.eval.callbacks import MetricsCallback, SampleGridCallback, calibration_end
-from gaq.eval.evaluate import (Conditioning, ReferenceConfig, SamplingConfig, generate, load_reference_images,
-                               reference_stats)
+from gaq.calib.driver import calibration_end
+from gaq.eval.callbacks import MetricsCallback, SampleGridCallback
+from gaq.eval.generation import Conditioning, SamplingConfig, generate
+from gaq.eval.reference import ReferenceConfig, load_reference_images, reference_stats
 from gaq.eval.metrics import ClassifierExtractor, MetricsConfig, save_stats
-from gaq.eval.sampling import SamplerConfig
+from gaq.models.sampling import SamplerConfig
 from gaq.eval.timestep_error import TimestepErrorConfig, timestep_error
 from gaq.models.classifier import ClassifierConfig, DigitClassifier, save_classifier
 from gaq.models.loading import Denoiser, load_denoiser, save_denoiser

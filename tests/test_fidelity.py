@@ -11,12 +11,12 @@ from diffusers import DDPMScheduler
 from scipy.stats import t as student_t
 
 from gaq.errors import GaqError
-from gaq.eval.evaluate import Conditioning, SamplingConfig, generate
+from gaq.eval.generation import Conditioning, SamplingConfig, generate
 from gaq.eval.fidelity import FidelityMeter, distances_to_fp, per_sample_fidelity, summarize_fidelity
 from gaq.eval.fp_samples import fp_samples, fp_samples_identity
 from gaq.eval.intervals import mean_ci
 from gaq.eval.metrics import ClassifierExtractor, save_tensors
-from gaq.eval.sampling import SamplerConfig
+from gaq.models.sampling import SamplerConfig
 from gaq.eval.timestep_error import TimestepErrorConfig, timestep_error
 from gaq.models.classifier import ClassifierConfig, DigitClassifier
 from gaq.models.loading import Denoiser

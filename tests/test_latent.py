@@ -6,8 +6,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 
 from gaq.errors import GaqError
-from gaq.eval.evaluate import Conditioning, SamplingConfig, sample_images
-from gaq.eval.sampling import SamplerConfig
+from gaq.eval.generation import Conditioning, SamplingConfig, sample_images
+from gaq.models.sampling import SamplerConfig
 from gaq.models.latent import LatentDecoder
 from gaq.models.loading import Denoiser, load_denoiser, save_denoiser
 

@@ -18,8 +18,8 @@ from test_calibrate_cli import gaq
 
 from gaq.calib.units import find_units
 from gaq.eval.callbacks import SampleGridCallback
-from gaq.eval.evaluate import SamplingConfig
-from gaq.eval.sampling import SamplerConfig
+from gaq.eval.generation import SamplingConfig
+from gaq.models.sampling import SamplerConfig
 from gaq.models.denoiser import predict_noise
 from gaq.models.latent import LatentDecoder
 from gaq.models.loading import Denoiser, load_denoiser, save_denoiser

@@ -16,8 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gaq.data.calibset import CalibrationSet, CalibSetConfig, cache_key, expected_meta, generate_calibration_set, load_or_generate
 from gaq.errors import GaqError
-from gaq.eval.evaluate import Conditioning, SamplingConfig, generate
-from gaq.eval.sampling import SamplerConfig
+from gaq.eval.generation import Conditioning, SamplingConfig, generate
+from gaq.models.sampling import SamplerConfig
 from gaq.models import prompts as prompt_lists
 from gaq.models.loading import Denoiser, load_denoiser
 

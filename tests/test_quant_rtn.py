@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gaq.errors import GaqError
-from gaq.eval.sampling import SamplerConfig, ddim_sample
+from gaq.models.sampling import SamplerConfig, ddim_sample
 from gaq.models.denoiser import predict_noise
 from gaq.quant import QuantConfig, iter_act_quantizers, iter_quant_layers, quant_info, quantize_rtn
 from gaq.quant.rtn import timesteps_from_batches

@@ -173,9 +173,9 @@ def test_shipped_testbed_is_the_reported_model_and_samples_photographs():
     storage, is the model bench/testbed/report.json describes, and its FP samples are natural-image
     crops that its classifier reads as several different photographs; the classifier tells held-out
     crops apart."""
-    from gaq.eval.evaluate import SamplingConfig, generate
+    from gaq.eval.generation import SamplingConfig, generate
     from gaq.eval.features import class_accuracy, load_digit_features
-    from gaq.eval.sampling import SamplerConfig
+    from gaq.models.sampling import SamplerConfig
 
     folder = REPO / "checkpoints" / "testbed"
     report = json.loads((REPO / "bench" / "testbed" / "report.json").read_text())

@@ -17,8 +17,8 @@ from gaq.calib.recon import ReconConfig
 from gaq.data.calibset import CalibSetConfig, generate_calibration_set
 from gaq.data.datamodule import CalibrationDataModule, SplitConfig
 from gaq.errors import GaqError
-from gaq.eval.evaluate import SamplingConfig, generate
-from gaq.eval.sampling import SamplerConfig
+from gaq.eval.generation import SamplingConfig, generate
+from gaq.models.sampling import SamplerConfig
 from gaq.models.conditions import ASPECT_RATIO, RESOLUTION
 from gaq.models.loading import Denoiser, load_denoiser, save_denoiser
 from gaq.quant import QuantConfig, load_quantized, quant_info, quantize

@@ -183,7 +183,6 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
                 layer.set_quant_state(weight=True, act=False)
             _set_soft(unit, False)
             if is_zero and job.end_callbacks:
-                from gaq.eval.callbacks import unit_end
                 unit_end(job.end_callbacks, qmodel, job.denoiser, run_dir, k)
             _barrier()
             if report.resumed_from != "unit-checkpoint":
@@ -231,7 +230,6 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
         save_quantized(qmodel, run_dir / "quantized", base_source=job.denoiser.source, config=job.quant,
                        extra_meta={"method": job.method, "git_commit": summary["git_commit"]})
         if job.end_callbacks:
-            from gaq.eval.callbacks import calibration_end
             summary["callbacks"] = calibration_end(job.end_callbacks, qmodel, job.denoiser, run_dir)
         atomic_write_json(run_dir / "summary.json", summary)
     _barrier()
@@ -262,6 +260,28 @@ def _restore_report(report: UnitReport, path: Path) -> None:
     for key in ("seconds", "cache_seconds", "fit_seconds", "error_before", "error_after", "extra", "error"):
         if key in saved:
             setattr(report, key, saved[key])
+
+
+def unit_end(callbacks, qmodel: nn.Module, denoiser: Denoiser, run_dir: Path, k: int) -> None:
+    """Call ``on_unit_end(qmodel, denoiser, run_dir, k)`` on every callback that defines it (after unit ``k``
+    is final, rank 0 only): the calibration's hook for sample grids of the partly calibrated model."""
+    for cb in callbacks or []:
+        hook = getattr(cb, "on_unit_end", None)
+        if callable(hook):
+            with torch.no_grad():
+                hook(qmodel, denoiser, run_dir, k)
+
+
+def calibration_end(callbacks, qmodel: nn.Module, denoiser: Denoiser, run_dir: Path) -> dict[str, Any]:
+    """Call ``on_calibration_end(qmodel, denoiser, run_dir)`` on every callback that defines it, once the
+    quantized model is final (rank 0 only); returns ``{callback class name: what it returned}``."""
+    results: dict[str, Any] = {}
+    for cb in callbacks or []:
+        hook = getattr(cb, "on_calibration_end", None)
+        if callable(hook):
+            with torch.no_grad():
+                results[type(cb).__name__] = hook(qmodel, denoiser, run_dir)
+    return results
 
 
 def _reconstruct_or_record(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,

@@ -42,7 +42,7 @@ from torch import Tensor
 import gaq
 from gaq.atomic import atomic_write
 from gaq.errors import GaqError, check
-from gaq.eval.sampling import SamplerConfig, Spacing, ddim_sample
+from gaq.models.sampling import SamplerConfig, Spacing, ddim_sample
 from gaq.models.loading import Denoiser
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,10 @@ class CalibSetConfig:
     Attributes:
         steps: DDIM sampling steps of the trajectories.
         eta: DDIM stochasticity (0 = deterministic).
-        spacing: timestep spacing, as in :class:`gaq.eval.sampling.SamplerConfig`.
+        spacing: timestep spacing, as in :class:`gaq.models.sampling.SamplerConfig`.
         clip_sample: clip the predicted x0 to [-1, 1] while sampling (the original DDIM / Q-Diffusion
             CIFAR-10 code does not clip; match what your evaluation sampler does).
-        steps_offset / set_alpha_to_one: as in :class:`gaq.eval.sampling.SamplerConfig` (CompVis'
+        steps_offset / set_alpha_to_one: as in :class:`gaq.models.sampling.SamplerConfig` (CompVis'
             LDM sampler: 1 / False).
         interval: keep sampling steps ``0, interval, 2*interval, ...`` (``range(0, steps, interval)``).
         samples_per_step: trajectories sampled; each kept step holds this many tuples per CFG half.

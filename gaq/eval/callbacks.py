@@ -2,14 +2,14 @@
 
 Both callbacks work in two places:
 
-- ``gaq evaluate``: ``Trainer.predict`` over a :class:`~gaq.eval.evaluate.SamplingModule`; the
+- ``gaq evaluate``: ``Trainer.predict`` over a :class:`~gaq.eval.generation.SamplingModule`; the
   callbacks consume each batch of samples in ``on_predict_batch_end`` and write their files into the
   module's ``out_dir`` in ``on_predict_end``.
 - ``gaq calibrate``: listed in ``trainer.callbacks`` (``class_path: gaq.eval.callbacks.MetricsCallback``),
   they do nothing during the per-unit fits; the calibration driver calls
   ``on_calibration_end(qmodel, denoiser, run_dir)`` once the quantized model is final (rank 0 only),
   and they sample the quantized model themselves (``sampling``) and write into
-  ``<run_dir>/<subdir>``. :func:`calibration_end` calls that hook on every callback that has it.
+  ``<run_dir>/<subdir>``. :func:`gaq.calib.driver.calibration_end` calls that hook on every callback that has it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -28,8 +28,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from gaq.errors import check
-from gaq.eval.evaluate import (Conditioning, ReferenceConfig, SamplingConfig, SamplingModule, generate, module_device,
-                               reference_stats)
+from gaq.eval.generation import Conditioning, SamplingConfig, SamplingModule, generate, module_device
+from gaq.eval.reference import ReferenceConfig, reference_stats
 from gaq.eval.fidelity import FidelityMeter, distances_to_fp
 from gaq.eval.grid import save_grid
 from gaq.eval.metrics import FeatureStats, MetricsConfig, build_extractors, compute_metrics, extract_all
@@ -295,28 +295,3 @@ class SampleGridCallback(Callback):
         for index, cond_id, images in generate(qmodel.eval(), denoiser, sampling, cond_ids):
             self.add(images, cond_id, index)
         return self.finish(filename)
-
-
-def unit_end(callbacks: Iterable[Any], qmodel: nn.Module, denoiser: Denoiser, run_dir: str | Path, k: int) -> None:
-    """Call ``on_unit_end(qmodel, denoiser, run_dir, k)`` on every callback that defines it: for the
-    calibration driver, after unit ``k`` is final, on rank 0 only."""
-    for cb in callbacks or []:
-        hook = getattr(cb, "on_unit_end", None)
-        if callable(hook):
-            with torch.no_grad():
-                hook(qmodel, denoiser, run_dir, k)
-
-
-def calibration_end(callbacks: Iterable[Any], qmodel: nn.Module, denoiser: Denoiser, run_dir: str | Path) -> dict[str, Any]:
-    """Call ``on_calibration_end(qmodel, denoiser, run_dir)`` on every callback that defines it.
-
-    For the calibration driver, once the quantized model is final (weights and activation ranges),
-    on rank 0 only. Returns ``{callback class name: what it returned}``.
-    """
-    results: dict[str, Any] = {}
-    for cb in callbacks or []:
-        hook = getattr(cb, "on_calibration_end", None)
-        if callable(hook):
-            with torch.no_grad():
-                results[type(cb).__name__] = hook(qmodel, denoiser, run_dir)
-    return results

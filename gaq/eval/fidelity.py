@@ -1,6 +1,6 @@
 """Fidelity to the FP model: how far a quantized model's samples are from the FP model's own samples.
 
-A quantized run and its FP model sampled with one :class:`~gaq.eval.evaluate.SamplingConfig` start
+A quantized run and its FP model sampled with one :class:`~gaq.eval.generation.SamplingConfig` start
 sample ``i`` from the same noise (seeded by ``(seed, i)``), under the same condition and sampler, so
 the FP sample ``i`` is the quantized sample ``i``'s target and their difference is what quantization
 changed. Metrics against real data (FID & co.) cannot see this once they saturate.

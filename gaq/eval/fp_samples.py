@@ -1,6 +1,6 @@
 """The FP model's samples a quantized run is compared with: drawn once per setting, cached with their identity.
 
-The FP samples use the evaluation's own :class:`~gaq.eval.evaluate.SamplingConfig` (the identical
+The FP samples use the evaluation's own :class:`~gaq.eval.generation.SamplingConfig` (the identical
 sampler, speed options included, the same batches) and are drawn under the same numerics context
 as the quantized samples (the Trainer's precision plugin), so sample ``i`` of both models starts
 from the same noise, condition and sampler. The cache file
@@ -24,7 +24,8 @@ from torch import Tensor
 import gaq
 from gaq.data.calibset import file_sha256
 from gaq.errors import check
-from gaq.eval.evaluate import SamplingConfig, generate, same_json
+from gaq.eval.generation import SamplingConfig, generate
+from gaq.eval.reference import same_json
 from gaq.eval.metrics import load_tensors, save_tensors, stats_digest
 from gaq.models.loading import Denoiser, model_fingerprint
 from gaq.models.prompts import text_encoder_digest

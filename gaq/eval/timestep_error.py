@@ -1,7 +1,7 @@
 """Per-step noise-prediction error of a quantized model against its FP model.
 
 Both models see exactly the same inputs: the FP model's DDIM trajectories. At every sampling step
-the hook of :func:`gaq.eval.sampling.ddim_sample` hands over the FP model's input ``(x_t, t,
+the hook of :func:`gaq.models.sampling.ddim_sample` hands over the FP model's input ``(x_t, t,
 cond)`` (under classifier-free guidance the doubled batch ``[cond, null]``), and both models
 predict the noise on it. The result is, per sampling step, the mean squared difference
 ``mean((eps_Q - eps_FP)^2)`` over samples and pixels, and the same relative to the FP prediction's
@@ -17,19 +17,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from gaq.calib.grouping import contiguous_groups
 from gaq.errors import check
-from gaq.eval.sampling import SamplerConfig, ddim_sample
+from gaq.eval.generation import Conditioning, module_device, sample_noise
+from gaq.models.sampling import SamplerConfig, ddim_sample
 from gaq.models.denoiser import predict_noise
 from gaq.models.loading import Denoiser
-
-if TYPE_CHECKING:
-    from gaq.eval.evaluate import Conditioning
 
 JSON_FILE = "timestep_error.json"
 PNG_FILE = "timestep_error.png"
@@ -76,8 +74,6 @@ def timestep_error(fp_model: nn.Module, q_model: nn.Module, den: Denoiser, sampl
         model call (pure noise); ``group_mse[g]`` is the mean MSE of group ``g``'s steps
         ``group_steps[g] = [first, last]``.
     """
-    from gaq.eval.evaluate import module_device, sample_noise
-
     check(cfg.num_samples >= 1 and cfg.batch_size >= 1, "timestep_error.num_samples and batch_size must be >= 1")
     sampler = sampler.eager()  # the error of the models, not of the runtime: both run plainly in fp32
     device = module_device(fp_model)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from gaq.errors import check
 from gaq.eval.features import CLASSIFIER_SUBFOLDER, DigitFeatures, class_accuracy, fid_with_features
 from gaq.eval.grid import save_grid
-from gaq.eval.sampling import SamplerConfig, ddim_sample
+from gaq.models.sampling import SamplerConfig, ddim_sample
 from gaq.models.classifier import ClassifierModule, ClassifierTraining, DigitClassifier, save_classifier
 from gaq.models.default_model import DigitsDDPM
 from gaq.models.digits import DigitsDataModule

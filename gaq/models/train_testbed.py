@@ -39,10 +39,10 @@ import lightning.pytorch as pl
 import torch
 
 from gaq.errors import check
-from gaq.eval.evaluate import SamplingConfig, generate
+from gaq.eval.generation import SamplingConfig, generate
 from gaq.eval.features import CLASSIFIER_SUBFOLDER, class_accuracy, fid_with_features, load_digit_features
 from gaq.eval.grid import save_grid
-from gaq.eval.sampling import SamplerConfig
+from gaq.models.sampling import SamplerConfig
 from gaq.models.classifier import save_classifier
 from gaq.models.default_model import DigitsDDPM
 from gaq.models.loading import load_denoiser, save_denoiser

@@ -1,7 +1,7 @@
 """How the sampler calls the noise predictor: precision, memory format, CUDA graphs, torch.compile.
 
 :class:`ModelRunner` computes exactly what :func:`gaq.models.denoiser.predict_noise` computes, with
-the speed options of :class:`~gaq.eval.sampling.SamplerConfig`:
+the speed options of :class:`~gaq.models.sampling.SamplerConfig`:
 
 - ``precision``: ``fp32`` calls the model as it is (PyTorch's global TF32 settings untouched: by
   default cuDNN convolutions may use TF32, matmuls do not); ``tf32`` lets CUDA matmuls and
@@ -174,7 +174,7 @@ class ModelRunner:
 
     @classmethod
     def for_sampler(cls, model: nn.Module, cfg) -> "ModelRunner":
-        """The runner of ``model`` under a :class:`~gaq.eval.sampling.SamplerConfig`'s speed options."""
+        """The runner of ``model`` under a :class:`~gaq.models.sampling.SamplerConfig`'s speed options."""
         return cls(model, precision=cfg.precision, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
                    compile=cfg.compile, compile_mode=cfg.compile_mode)
 

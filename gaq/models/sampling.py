@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gaq.errors import check
-from gaq.eval.runner import COMPILE_MODES, PRECISIONS, CompileMode, ModelRunner, Precision
+from gaq.models.runner import COMPILE_MODES, PRECISIONS, CompileMode, ModelRunner, Precision
 from gaq.models.denoiser import concat_cond
 
 Spacing = Literal["uniform", "quadratic", "linspace", "trailing"]
@@ -49,9 +49,9 @@ class SamplerConfig:
         compile_mode: ``torch.compile``'s ``mode`` with ``compile`` (``default``,
             ``max-autotune-no-cudagraphs``: also benchmarks Triton templates for the convolutions and
             matmuls, minutes of compilation; CUDA graphs come from ``cuda_graph``, not from the mode).
-        See :mod:`gaq.eval.runner` for what each speed option does; all off, the model is called plainly.
+        See :mod:`gaq.models.runner` for what each speed option does; all off, the model is called plainly.
         ``cuda_graph`` and ``compile`` pay off with a runner kept across batches (``gaq evaluate`` and
-        :func:`gaq.eval.evaluate.generate` keep one per job); :func:`ddim_sample` given a plain module
+        :func:`gaq.eval.generation.generate` keep one per job); :func:`ddim_sample` given a plain module
         builds them for that call alone.
     """
 
@@ -125,7 +125,7 @@ def ddim_sample(
     """Run DDIM from ``noise`` (x_T) and return x_0.
 
     Args:
-        model: the noise predictor, or a :class:`~gaq.eval.runner.ModelRunner` of it (reused across
+        model: the noise predictor, or a :class:`~gaq.models.runner.ModelRunner` of it (reused across
             calls, so CUDA graphs and compiled code are built once); a plain module is run with
             ``cfg``'s speed options through a runner made for this call.
         alphas_cumprod: the training schedule's cumulative alphas, shape ``(T,)``.
