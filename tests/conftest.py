@@ -53,3 +53,13 @@ def tiny_cond_unet() -> UNet2DConditionModel:
 @pytest.fixture
 def ddpm_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def one_line(call) -> str:
+    """The message of the :class:`gaq.errors.GaqError` that ``call()`` raises, checked to be one line."""
+    from gaq.errors import GaqError
+
+    with pytest.raises(GaqError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)

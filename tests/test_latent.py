@@ -71,7 +71,7 @@ def test_pixel_models_have_no_decoder(tmp_path):
     assert "latent_scaling_factor" not in json.loads((tmp_path / "px" / "gaq.json").read_text())
 
 
-def test_decoder_errors_are_one_line():
+def test_decoder_errors_areone_line():
     with pytest.raises(GaqError, match="must be one of VQModel, AutoencoderKL"):
         LatentDecoder(_tiny_unet(), 1.0)
     with pytest.raises(GaqError, match="must be > 0"):
@@ -87,7 +87,7 @@ def test_latents_without_an_autoencoder_from_a_bare_folder_are_evaluated(tmp_pat
     """A 4-channel UNet2DConditionModel saved as bare unet/ + scheduler/ (no model_index.json, no vae/):
     `gaq evaluate` loads it and writes metrics and a grid of the latents' first 3 channels."""
     import yaml
-    from conftest import make_tiny_cond_unet
+    from conftest import make_tiny_cond_unet, one_line
     from PIL import Image
     from safetensors.torch import save_file
 
@@ -95,7 +95,7 @@ def test_latents_without_an_autoencoder_from_a_bare_folder_are_evaluated(tmp_pat
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     make_tiny_cond_unet().save_pretrained(tmp_path / "bare" / "unet")
-    assert "scheduler/scheduler_config.json" in _one_line(lambda: load_denoiser(tmp_path / "bare"))
+    assert "scheduler/scheduler_config.json" in one_line(lambda: load_denoiser(tmp_path / "bare"))
     sched.save_pretrained(tmp_path / "bare" / "scheduler")
     den = load_denoiser(tmp_path / "bare")
     assert (den.cond_kind, den.sample_shape, den.decoder) == ("text", (4, 8, 8), None)
@@ -112,12 +112,6 @@ def test_latents_without_an_autoencoder_from_a_bare_folder_are_evaluated(tmp_pat
     assert any("4-channel latents" in note for note in metrics["notes"])
     assert Image.open(tmp_path / "out" / "samples_grid.png").mode == "RGB"
 
-
-def _one_line(call) -> str:
-    with pytest.raises(GaqError) as info:
-        call()
-    assert "\n" not in str(info.value)
-    return str(info.value)
 
 
 def test_bare_pipeline_folder_keeps_its_autoencoder(ldm_folder):

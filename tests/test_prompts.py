@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_cond_unet
+from conftest import make_tiny_cond_unet, one_line
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gaq.data.calibset import CalibrationSet, CalibSetConfig, cache_key, expected_meta, generate_calibration_set, load_or_generate
-from gaq.errors import GaqError
 from gaq.eval.generation import Conditioning, SamplingConfig, generate
 from gaq.models.sampling import SamplerConfig
 from gaq.models import prompts as prompt_lists
@@ -78,12 +77,6 @@ def diffusers_embeddings(folder: Path, prompts: list[str]) -> tuple[torch.Tensor
     cond, uncond = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
     return cond, uncond[:1]
 
-
-def one_line(call) -> str:
-    with pytest.raises(GaqError) as info:
-        call()
-    assert "\n" not in str(info.value)
-    return str(info.value)
 
 
 def test_calibration_set_holds_the_text_encoders_output(sd):
@@ -165,7 +158,7 @@ def test_calib_data_cli_takes_a_prompt_list(sd, tmp_path, capsys):
     assert cs.cond["encoder_hidden_states"].shape == (2 * 2 * 3, MAX_LEN, 16)
 
 
-def test_bad_prompt_input_gets_one_line(sd, tmp_path, monkeypatch):
+def test_bad_prompt_input_getsone_line(sd, tmp_path, monkeypatch):
     folder, den, prompts = sd
     both = CalibSetConfig(**CALIB, prompts=str(prompts), cond_embeddings=str(tmp_path / "e.safetensors"))
     assert "keep one" in one_line(lambda: generate_calibration_set(den, both, progress=False))
