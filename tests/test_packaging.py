@@ -30,6 +30,18 @@ SMOKE = textwrap.dedent("""
     with torch.no_grad():
         back = gaq.from_pretrained("q")(x, t, class_labels=labels).sample
     assert out.shape == x.shape and bool(torch.isfinite(out).all()) and torch.equal(back, out)
+    # a smoke calibration through the verb: uniform reconstruction of the ResBlocks on batches made here
+    from gaq.calib.recon import ReconConfig
+    from gaq.data.datamodule import SplitConfig
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, *den.sample_shape, generator=g), torch.full((8,), step), {"class_labels": torch.arange(8)})
+               for step in (900, 500)]
+    cfg = gaq.CalibrationConfig(method="uniform", quant=gaq.QuantConfig(w_bits=4, a_bits=8), units=["kind:resnet"],
+                                split=SplitConfig(val_fraction=0.25, num_groups=2),
+                                recon=ReconConfig(iters=2, batch_size=4, ckpt_every=0, cache_batch=16))
+    calibrated = gaq.calibrate(den, cfg, batches, run_dir="run",
+                               trainer={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    assert Path("run/summary.json").is_file() and calibrated.gaq_summary["method"] == "uniform"
     print("smoke ok")
 """)
 

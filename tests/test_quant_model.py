@@ -229,7 +229,8 @@ def test_bad_inputs_give_one_line_gaq_errors(tiny_unet, tmp_path):
     cases = [
         (QuantConfig(w_bits=1), "w_bits must be an integer in 2..8"),
         (QuantConfig(w_bits=9), "w_bits"),
-        (QuantConfig(a_bits=16), "a_bits must be an integer in 2..8 or 32"),
+        (QuantConfig(a_bits=16), "a_bits must be an integer in 4..8 or 32"),
+        (QuantConfig(a_bits=3), "a_bits must be an integer in 4..8 or 32"),
         (QuantConfig(preset="no_such_preset"), "unknown quant preset 'no_such_preset'; available: .*tfmq_compat"),
         (QuantConfig(overrides=[LayerOverride(pattern="nothing.*", w_bits=8)]), "matches no convolution"),
         (QuantConfig(overrides=[LayerOverride(module_class="NoSuchBlock", keep_fp=True)]), "matches no convolution"),
