@@ -223,10 +223,11 @@ def default_run_dir(runs_root: str | os.PathLike, name: str, config: Calibration
     return Path(runs_root) / f"{safe}-{config.method}-w{q.w_bits}a{q.a_bits}-{config_digest(record)[:8]}"
 
 
-def unit_trainer_factory(trainer: Mapping[str, Any], run_dir: Path, progress_bar: bool = True):
+def unit_trainer_factory(trainer: Mapping[str, Any], run_dir: Path):
     """``make_trainer(unit_dir, unit_name)``: one Lightning ``Trainer`` per unit from the user's Trainer
     arguments, with the flags the engine needs (one epoch, no sampler re-injection or validation loop,
     atomic checkpoints through :class:`UnitCheckpoint`, a CSV log per unit)."""
+    progress_bar = trainer.get("enable_progress_bar", True) is not False
     base = {"enable_model_summary": False, **trainer}
     user_callbacks = [cb for cb in (base.pop("callbacks", None) or [])
                       if not isinstance(cb, (RichProgressBar, ModelCheckpoint))]
@@ -295,11 +296,10 @@ def calibrate(model: Denoiser | str | os.PathLike | nn.Module, config: Calibrati
     if isinstance(data, CalibSetConfig):
         check(den.alphas_cumprod.numel() > 0, "generating a calibration set needs the model's noise schedule: "
                                               "pass scheduler=<its diffusers scheduler> or a model folder")
+        check_writable_folder(cache_dir, "the calibration-set cache_dir")
     resolve_config(config.quant)  # a bad quantization setting fails here, before anything is computed or written
     if run_dir is not None:
         check_writable_folder(run_dir, "run_dir")
-    if isinstance(data, CalibSetConfig):
-        check_writable_folder(cache_dir, "the calibration-set cache_dir")
     device, world = _root_device(trainer)
     dm = calibration_data(den, data, config.split, cache_dir, sample_device)
     calib_meta = dm.calib_set.meta
@@ -312,7 +312,7 @@ def calibrate(model: Denoiser | str | os.PathLike | nn.Module, config: Calibrati
     hooks = GACHooks(config.gac, dm, run_dir, config.diagnostics) if config.method == "gac" else None
     job = CalibrationJob(
         denoiser=den, datamodule=dm, quant=config.quant, method=config.method, recon=config.recon, run_dir=run_dir,
-        make_trainer=unit_trainer_factory(trainer, run_dir, trainer.get("enable_progress_bar", True) is not False),
+        make_trainer=unit_trainer_factory(trainer, run_dir),
         device=device, record=record, method_hooks=hooks, end_callbacks=list(end_callbacks or []),
         units=config.units, on_unit_error=config.on_unit_error)
     with RunLock(run_dir) if global_rank() == 0 else nullcontext():  # one writer per run folder
