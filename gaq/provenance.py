@@ -27,3 +27,13 @@ def git_commit() -> str:
 def device_name(device: torch.device) -> str:
     """GPU name, or the device type (``cpu``)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def json_digest(obj, length: int | None = 16) -> str:
+    """The sha256 of ``obj`` as canonical JSON (sorted keys, non-JSON values as ``str``), its first ``length``
+    hex digits (None: all 64): the one identity hash of configs, run records and cache keys."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return digest if length is None else digest[:length]

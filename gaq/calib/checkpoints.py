@@ -8,7 +8,6 @@ different configuration.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gaq.atomic import atomic_write
+from gaq.provenance import json_digest
 from gaq.errors import GaqError
 
 
@@ -110,7 +110,7 @@ class RunLock:
 
 
 def config_digest(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(record)
 
 
 def check_run_record(run_dir: Path, record: dict) -> None:

@@ -41,6 +41,7 @@ from torch import Tensor
 
 import gaq
 from gaq.atomic import atomic_write
+from gaq.provenance import json_digest
 from gaq.errors import GaqError, check
 from gaq.models.sampling import SamplerConfig, Spacing, ddim_sample
 from gaq.models.loading import Denoiser
@@ -302,8 +303,7 @@ def expected_meta(den: Denoiser, cfg: CalibSetConfig) -> dict[str, Any]:
 
 def cache_key(den: Denoiser, cfg: CalibSetConfig) -> str:
     """16 hex digits identifying (config, model fingerprint, embeddings or prompt file content)."""
-    blob = json.dumps(expected_meta(den, cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(expected_meta(den, cfg))
 
 
 def cache_path(den: Denoiser, cfg: CalibSetConfig, cache_dir: str | os.PathLike) -> Path:

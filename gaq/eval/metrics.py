@@ -33,6 +33,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from gaq.atomic import atomic_write
+from gaq.provenance import json_digest
 from gaq.errors import check
 from gaq.models.classifier import DigitClassifier, load_classifier
 
@@ -487,7 +488,7 @@ def compute_metrics(
 
 def stats_digest(identity: dict) -> str:
     """16 hex digits of a JSON-able dict (cache keys)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(identity)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Path:

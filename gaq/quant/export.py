@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 import gaq
 from gaq.atomic import atomic_write
+from gaq.provenance import json_digest
 from gaq.errors import GaqError, check
 from gaq.quant.adaround import AdaRoundQuantizer
 from gaq.quant.config import QuantConfig, QuantSettings
@@ -141,7 +142,7 @@ def _expected_entries(qmodel: nn.Module) -> dict[str, tuple[tuple[int, ...], tor
 
 
 def _plan_hash(settings: dict, plan: dict) -> str:
-    return hashlib.sha256(json.dumps({"settings": settings, "plan": plan}, sort_keys=True).encode()).hexdigest()
+    return json_digest({"settings": settings, "plan": plan}, length=None)
 
 
 def _fp_parts(qmodel: nn.Module) -> dict[str, Tensor]:
