@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cuda_graph", default="auto", choices=["auto", "on"], help="of the graph variant")
     ap.add_argument("--devices", type=int, default=1, help="GPUs per run (DDP when > 1; the global batch stays 32)")
-    ap.add_argument("--gac_forms", nargs="+", default=["nested"],
+    ap.add_argument("--gac_forms", nargs="+", default=["factored"],
                     help="GAC runs: gac.hypergradient, optionally ':N' for gac.val_per_group N (e.g. factored:8)")
     args = ap.parse_args()
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set in the ranks Lightning's DDP launcher starts
@@ -125,7 +125,7 @@ def main() -> None:
     runs = [(m, v, f) for m in args.methods for v in args.variants
             for f in (args.gac_forms if m == "gac" else [None])]
     for method, variant, form in runs:
-        key = f"{method}-{variant}" + (f"-{form.replace(':', '-vpg')}" if form and form != "nested" else "")
+        key = f"{method}-{variant}" + (f"-{form.replace(':', '-vpg')}" if form and form != "factored" else "")
         timer = StepTimer()
         run_dir = Path(f"/tmp/gaq_speed_{key}")
         if rank == 0:

@@ -308,7 +308,7 @@ class UnitSubset(pl.Callback):
         paper_place = self.paper_placement.get(name, "device")
         moved = False
         if self.emulate and paper_place == "host" and cache.target.device.type == "cuda":
-            _move_cache_to_host(cache)
+            cache.place("cpu")
             moved = True
         self.caches[name] = {"tuples": len(cache), "gib": cache.nbytes / 2**30,
                              "paper_gib": cache.nbytes / max(len(cache), 1) * self.paper_tuples / 2**30,
@@ -323,15 +323,6 @@ def failed_units(summary: dict) -> dict[str, str]:
             kind = "out of memory" if "OutOfMemoryError" in u["error"] or "out of memory" in u["error"] else "error"
             out[u["name"]] = f"{kind}: {u['error']}"
     return out
-
-
-def _move_cache_to_host(cache) -> None:
-    for slot in cache.args + list(cache.kwargs.values()):
-        if slot.batched is not None:
-            slot.batched = slot.batched.cpu().pin_memory()
-    cache.target = cache.target.cpu().pin_memory()
-    cache.step = cache.step.cpu()
-    torch.cuda.empty_cache()
 
 
 class UnitTimer(StepTimer):

@@ -188,7 +188,7 @@ def test_weights_state_dict_reset_spread_and_adam_on_the_buffer():
 @pytest.mark.parametrize("backend", ["higher", "functional"])
 @pytest.mark.parametrize("alignment", ["cosine", "dot"])
 def test_hypergradient_matches_finite_differences_on_a_resnet_block(resnet_problem, backend, alignment):
-    cfg = GACConfig(inner_lr=0.5, alignment=alignment, backend=backend,
+    cfg = GACConfig(hypergradient="nested", inner_lr=0.5, alignment=alignment, backend=backend,
                     gm_coef=1.0 if alignment == "cosine" else 1e4)
     grad, stats = hypergrad(resnet_problem, cfg)
     fd = fd_gradient(resnet_problem, cfg)
@@ -201,7 +201,7 @@ def test_hypergradient_matches_finite_differences_on_a_resnet_block(resnet_probl
 @pytest.mark.parametrize("backend", ["higher", "functional"])
 def test_hypergradient_matches_finite_differences_with_adaround_logits_and_regulariser(adaround_problem, backend):
     p = adaround_problem
-    cfg = GACConfig(inner_lr=50.0, backend=backend)
+    cfg = GACConfig(hypergradient="nested", inner_lr=50.0, backend=backend)
     grad, _ = hypergrad(p, cfg, extra=p["extra"])
     fd = fd_gradient(p, cfg, extra=p["extra"])
     assert float(grad.norm()) > 1e-6
@@ -214,8 +214,8 @@ def test_hypergradient_matches_finite_differences_with_adaround_logits_and_regul
 def test_backends_agree(resnet_problem, adaround_problem):
     for p, cfg_kw, extra in [(resnet_problem, dict(inner_lr=0.5), None),
                              (adaround_problem, dict(inner_lr=50.0), adaround_problem["extra"])]:
-        g_h, st_h = hypergrad(p, GACConfig(backend="higher", **cfg_kw), extra)
-        g_f, st_f = hypergrad(p, GACConfig(backend="functional", **cfg_kw), extra)
+        g_h, st_h = hypergrad(p, GACConfig(hypergradient="nested", backend="higher", **cfg_kw), extra)
+        g_f, st_f = hypergrad(p, GACConfig(hypergradient="nested", backend="functional", **cfg_kw), extra)
         assert torch.allclose(g_h, g_f, rtol=1e-10, atol=1e-14)
         for k in st_h:
             assert torch.allclose(st_h[k], st_f[k], rtol=1e-10, atol=1e-14), k
@@ -229,13 +229,13 @@ def test_auto_backend_falls_back_to_functional_where_higher_cannot_patch():
     p = make_problem(fp, [x, temb], 6, 2, 2, [0, 1, 3, 5],
                      lambda q: [q.resnets[0].conv1.weight, q.attentions[0].to_q.weight])
     with pytest.raises(GaqError, match="gac.backend"):
-        hypergrad(p, GACConfig(backend="higher"))
-    g_auto, _ = hypergrad(p, GACConfig(backend="auto"))
-    g_func, _ = hypergrad(p, GACConfig(backend="functional"))
+        hypergrad(p, GACConfig(hypergradient="nested", backend="higher"))
+    g_auto, _ = hypergrad(p, GACConfig(hypergradient="nested", backend="auto"))
+    g_func, _ = hypergrad(p, GACConfig(hypergradient="nested", backend="functional"))
     assert float(g_func.norm()) > 1e-6
     assert torch.equal(g_auto, g_func)
     # attention runs on the math kernel inside the meta step: the fused ones have no double backward
-    fd = fd_gradient(p, GACConfig(backend="functional"))
+    fd = fd_gradient(p, GACConfig(hypergradient="nested", backend="functional"))
     assert float((g_func - fd).norm() / g_func.norm()) < 1e-5
 
 

@@ -109,6 +109,15 @@ def test_cached_inputs_equal_partly_quantized_activations(setup):
     torch.testing.assert_close(args[0], seen[0], rtol=0, atol=1e-6)
     # and the targets are the FP unit's outputs on the FP model's inputs: non-zero error vs quantized input
     assert target.shape[0] == len(idx)
+    # recon.cache_dtype bfloat16: half the bytes, handed out in the captured dtype, values rounded to bf16
+    half = build_unit_cache(qmodel, unit, den.model, fp_counterpart(unit, den.model),
+                            calibration_batches(calib, 32), torch.device("cpu"), store_dtype=torch.bfloat16)
+    assert half.nbytes * 2 == cache.nbytes
+    args_h, _, target_h, step_h = half.batch(idx)
+    assert args_h[0].dtype == args[0].dtype == torch.float32 and target_h.dtype == torch.float32
+    torch.testing.assert_close(args_h[0], args[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(target_h, target, rtol=1e-2, atol=1e-2)
+    assert torch.equal(step_h, cache.batch(idx)[3])
 
 
 def test_reconstruction_beats_nearest_rounding_and_saves_a_loadable_model(setup, tmp_path):
@@ -116,6 +125,7 @@ def test_reconstruction_beats_nearest_rounding_and_saves_a_loadable_model(setup,
     summary = run_calibration(_job(den, calib, tmp_path, iters=40, warmup=0.2))
     units = summary["units"]
     assert summary["num_units"] == len(units) > 5
+    assert all(u["cache_bytes"] > 0 and u["cache_on"] == "device" and u["peak_memory_bytes"] is None for u in units)
     better = [u["error_after"] < u["error_before"] for u in units]
     assert sum(better) >= 0.8 * len(units), units
     total_before = sum(u["error_before"] for u in units)

@@ -166,9 +166,7 @@ def test_quantized_model_traces_as_one_graph_for_torch_compile(ddpm_scheduler):
         return predict_noise(q, x, t, cond)
 
     torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(call)(x, t)
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    with torch.no_grad():  # fullgraph=True raises at the first graph break: one trace checks both
         eager = call(x, t)
         compiled = torch.compile(call, backend="aot_eager", fullgraph=True)(x, t)
     torch._dynamo.reset()

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from gaq.calib.cache import build_unit_cache
 from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, readable_checkpoint,
                                    save_unit_state, unit_file)
-from gaq.calib.recon import ReconConfig, UnitReconstruction, act_phase_config, per_sample_error
+from gaq.calib.recon import (ReconConfig, UnitReconstruction, act_phase_config, cache_store_dtype,
+                              per_sample_error)
 from gaq.calib.units import Unit, find_units, fp_counterpart, unit_parameters
 from gaq.data.datamodule import to_device
 from gaq.errors import check
@@ -57,6 +58,9 @@ class UnitReport:
     error: str | None = None    # why the unit failed, with ``on_unit_error: skip``
     error_before: float | None = None  # validation error with nearest rounding (RTN)
     error_after: float | None = None   # validation error after reconstruction (hard rounding)
+    cache_bytes: int | None = None     # the unit's input/target cache
+    cache_on: str | None = None        # where that cache lived: ``device`` or ``host``
+    peak_memory_bytes: int | None = None  # the largest CUDA memory allocated while the unit ran (None off CUDA)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,8 +149,7 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
     is_zero = global_rank() == 0
     fp_model = job.denoiser.model.to(device).eval().requires_grad_(False)
     qmodel = quantize(fp_model, job.quant, timesteps=calib.timesteps).to(device).eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    peak = PeakMemory(device)
     set_quant_state(qmodel, weight=False, act=False)
     qmodel.requires_grad_(False)
     set_step = lambda step: set_step_index(qmodel, step)  # noqa: E731
@@ -169,6 +172,7 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
         for k, unit in enumerate(units):
             report = UnitReport(k, unit.name, unit.kind, len(unit.layers))
             t0 = time.time()
+            peak.start_part()
             path = unit_file(run_dir, k, unit.name)
             if not selected[k]:
                 report.reconstructed = False
@@ -187,13 +191,14 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
             _barrier()
             if report.resumed_from != "unit-checkpoint":
                 report.seconds = time.time() - t0
+                report.peak_memory_bytes = peak.part()
                 if is_zero and report.reconstructed:  # its figures, for the summary of a run that resumes it
                     atomic_write_json(path.with_suffix(".json"), asdict(report))
             if is_zero:
                 _add_progress(run_dir, time.time() - t_mark)
                 t_mark = time.time()
             reports.append(report)
-            log.info("unit %d/%d %s done in %.1f s", k + 1, len(units), unit.name, report.seconds)
+            log.info("unit %d/%d %s done in %.1f s%s", k + 1, len(units), unit.name, report.seconds, _memory_note(report))
     set_quant_state(qmodel, weight=True, act=False)
     act_seconds, act_reports = 0.0, []
     if job.quant.a_bits < 32:
@@ -215,7 +220,7 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
         "calibration_seconds": time.time() - t_start,  # rank 0 below: every process's time on the run
         "calibration_seconds_this_process": time.time() - t_start, "activation_calibration_seconds": act_seconds,
         "activation_step_units": [asdict(r) for r in act_reports],
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_memory_bytes": peak.overall(),
         "device": device_name(device), "world_size": _world_size(), "git_commit": git_commit(),
         "calibration_set": {"tuples": len(calib), "train": int(len(dm.train_indices)), "val": int(len(dm.val_indices))},
         "recon": asdict(job.recon),
@@ -257,7 +262,8 @@ def _restore_report(report: UnitReport, path: Path) -> None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return  # a checkpoint of an older gaq: only the resumption is known
-    for key in ("seconds", "cache_seconds", "fit_seconds", "error_before", "error_after", "extra", "error"):
+    for key in ("seconds", "cache_seconds", "fit_seconds", "error_before", "error_after", "cache_bytes", "cache_on",
+                "peak_memory_bytes", "extra", "error"):
         if key in saved:
             setattr(report, key, saved[key])
 
@@ -282,6 +288,50 @@ def calibration_end(callbacks, qmodel: nn.Module, denoiser: Denoiser, run_dir: P
             with torch.no_grad():
                 results[type(cb).__name__] = hook(qmodel, denoiser, run_dir)
     return results
+
+
+def _unit_cache(cfg: ReconConfig, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib, device: torch.device,
+                report: UnitReport):
+    """The unit's input/target cache; its build time, size and place go into ``report``."""
+    t0 = time.time()
+    cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
+                             calibration_batches(calib, cfg.cache_batch), device, cfg.cache_placement,
+                             cache_store_dtype(cfg))
+    report.cache_seconds = time.time() - t0
+    report.cache_bytes = cache.nbytes
+    report.cache_on = "host" if cache.placement.type == "cpu" and device.type != "cpu" else "device"
+    return cache
+
+
+def _memory_note(report: UnitReport) -> str:
+    """`` (cache 2.0 GiB on the device, peak 5.1 GiB)`` for the log line of a unit computed in this process."""
+    bits = []
+    if report.cache_bytes is not None:
+        bits.append(f"cache {report.cache_bytes / 2**30:.2f} GiB on the {report.cache_on}")
+    if report.peak_memory_bytes is not None and report.resumed_from != "unit-checkpoint":
+        bits.append(f"peak {report.peak_memory_bytes / 2**30:.2f} GiB")
+    return f" ({', '.join(bits)})" if bits else ""
+
+
+class PeakMemory:
+    """The largest CUDA memory allocated over the run and within each part of it (a unit): CUDA keeps one
+    peak counter, so each part's start folds the counter into the run's peak and resets it. None off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device, self._before = device, 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def start_part(self) -> None:
+        if self.device.type == "cuda":
+            self._before = max(self._before, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def part(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+    def overall(self) -> int | None:
+        return max(self._before, self.part()) if self.device.type == "cuda" else None
 
 
 def _reconstruct_or_record(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
@@ -313,10 +363,7 @@ def _reconstruct_or_record(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.M
 def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
                       set_step, report: UnitReport, hooks) -> None:
     dm, device = job.datamodule, job.device
-    t0 = time.time()
-    cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
-                             calibration_batches(calib, job.recon.cache_batch), device, job.recon.cache_placement)
-    report.cache_seconds = time.time() - t0
+    cache = _unit_cache(job.recon, unit, qmodel, fp_model, calib, device, report)
     rounding = unit_parameters(unit, rounding_parameters)
     qmodel.requires_grad_(False)
     for p in rounding:
@@ -381,10 +428,7 @@ def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, 
         report.resumed_from = "unit-checkpoint"
     else:
         dm, device = job.datamodule, job.device
-        t1 = time.time()
-        cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
-                                 calibration_batches(calib, cfg.cache_batch), device, cfg.cache_placement)
-        report.cache_seconds = time.time() - t1
+        cache = _unit_cache(cfg, unit, qmodel, fp_model, calib, device, report)
         steps = act_step_parameters(unit.module)
         qmodel.requires_grad_(False)
         for p in steps:

@@ -51,6 +51,9 @@ class ReconConfig:
         seed: data-order seed.
         cache_batch: batch size used to capture unit inputs and targets.
         cache_placement: ``auto`` (device if it fits in half of the free memory), ``device`` or ``host``.
+        cache_dtype: the dtype the unit caches store floating-point inputs and FP targets in:
+            ``float32`` (exact), or ``bfloat16`` / ``float16`` (half the memory; batches are handed to
+            the unit in the dtype they were captured in, so only the stored values are rounded) *(ours)*.
         time_unit: reconstruct the time-embedding path jointly (TFMQ-DM); else layer by layer.
         log_every: log losses every this many iterations.
         act_iters: iterations per unit of the activation step-size phase, which runs where the
@@ -74,6 +77,7 @@ class ReconConfig:
     seed: int = 0
     cache_batch: int = 256
     cache_placement: Placement = "auto"
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     time_unit: bool = True
     log_every: int = 50
     act_iters: int | None = None
@@ -88,8 +92,17 @@ class ReconConfig:
         check(self.ckpt_every >= 0, f"recon.ckpt_every must be >= 0, got {self.ckpt_every}")
         check(self.act_iters is None or self.act_iters >= 0, f"recon.act_iters must be >= 0, got {self.act_iters}")
         check(self.act_lr > 0, f"recon.act_lr must be > 0, got {self.act_lr}")
+        check(self.cache_dtype in ("float32", "bfloat16", "float16"),
+              f"recon.cache_dtype must be 'float32', 'bfloat16' or 'float16', got {self.cache_dtype!r}")
+        check(self.cache_placement in ("auto", "device", "host"),
+              f"recon.cache_placement must be 'auto', 'device' or 'host', got {self.cache_placement!r}")
         check(self.cuda_graph in ("auto", "on", "off"),
               f"recon.cuda_graph must be 'auto', 'on' or 'off', got {self.cuda_graph!r}")
+
+
+def cache_store_dtype(cfg: ReconConfig) -> torch.dtype | None:
+    """The dtype of ``recon.cache_dtype`` for :func:`gaq.calib.cache.build_unit_cache` (None: as captured)."""
+    return None if cfg.cache_dtype == "float32" else getattr(torch, cfg.cache_dtype)
 
 
 def act_phase_config(cfg: ReconConfig) -> ReconConfig:
