@@ -198,6 +198,14 @@ def calibration_data(den: Denoiser, data: Any, split: SplitConfig, cache_dir: st
     return dm
 
 
+def check_cache_dir(den: Denoiser, cfg: CalibSetConfig, cache_dir: str | os.PathLike) -> None:
+    """The calibration-set cache is a writable folder, unless the set is already cached there (then it is only read)."""
+    from gaq.data.calibset import cache_path
+
+    if not cache_path(den, cfg, cache_dir).is_file():
+        check_writable_folder(cache_dir, "the calibration-set cache_dir")
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def run_record(den: Denoiser, calib_key: Any, config: CalibrationConfig) -> dict[str, Any]:
     """What a run's results depend on (written to ``run.json`` and compared on resume; devices excluded).
@@ -246,6 +254,67 @@ def unit_trainer_factory(trainer: Mapping[str, Any], run_dir: Path):
     return make
 
 
+#: Trainer options the engine sets itself for every unit's fit (one epoch of ``recon.iters`` iterations, its own
+#: checkpoints, logs and checkpoint plugin, no validation loop): a user value would be ignored, so it is refused.
+ENGINE_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
+                       "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches",
+                       "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps",
+                       "enable_checkpointing", "accumulate_grad_batches", "gradient_clip_val",
+                       "gradient_clip_algorithm", "default_root_dir", "reload_dataloaders_every_n_epochs",
+                       "use_distributed_sampler", "fast_dev_run", "logger", "plugins")
+
+
+def check_trainer_arguments(trainer: Mapping[str, Any]) -> None:
+    """Every key of ``trainer`` is a Lightning ``Trainer`` argument that the engine honours (one line otherwise)."""
+    import inspect
+
+    known = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in trainer if k not in known)
+    check(not unknown, f"trainer: {', '.join(map(repr, unknown))} is not a Lightning Trainer argument: fix the name "
+                       "(see lightning.pytorch.Trainer)")
+    engine = [k for k in ENGINE_TRAINER_KEYS if k in trainer]
+    if engine:
+        raise GaqError(f"trainer {engine[0]!r} is set by gaq itself (each unit runs recon.iters iterations with its "
+                       "own checkpoints and logs): remove it")
+
+
+def check_sample_device(device: str) -> None:
+    """``device`` (where a calibration set is sampled: ``auto`` or a torch device) exists on this machine."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GaqError(f"data.device (sample_device) {device!r} is not a torch device: use auto, cpu or "
+                       "cuda[:N]") from None
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(dev.type, True)
+    check(available, f"data.device (sample_device) {device!r}: this machine has no {dev.type} device; use auto or cpu")
+
+
+def check_calibration_set(den: Denoiser, cs: CalibrationSet, path: str | os.PathLike | None = None) -> None:
+    """The set fits the model: channels, timesteps inside its schedule, the condition the model needs, and (for a
+    set read from a file ``path``, whose generation refused non-finite trajectories) finite ``x_t``."""
+    where = f"calibration set file {path}" if path else "the calibration data"
+    if path is not None:
+        bad = int((~torch.isfinite(cs.x.reshape(len(cs), -1))).any(1).sum()) if len(cs) else 0
+        check(bad == 0, f"{where} holds NaN or Inf values in {bad} of {len(cs)} tuples (x_t): it is damaged; delete it "
+                        "and rerun `gaq calib-data` (or this command) to regenerate it")
+    channels = dict(getattr(den.model, "config", None) or {}).get("in_channels")
+    check(channels is None or cs.x.ndim < 2 or cs.x.shape[1] == channels,
+          f"{where}: x_t has {cs.x.shape[1] if cs.x.ndim > 1 else '?'} channels but the model takes {channels} "
+          f"(x_t is (N, {channels}, H, W))")
+    steps = den.alphas_cumprod.numel()
+    if len(cs):
+        lo, hi = int(cs.t.min()), int(cs.t.max())
+        check(lo >= 0 and (steps == 0 or hi < steps),
+              f"{where}: timesteps {lo}..{hi} lie outside the model's training timesteps 0..{steps - 1}"
+              if steps else f"{where}: timesteps must be >= 0, got {lo}")
+    need = {"class": "class_labels", "text": "encoder_hidden_states"}.get(den.cond_kind)
+    check(need is None or need in cs.cond,
+          f"{where}: the {den.cond_kind}-conditional model needs cond {need!r} with every batch, as (x_t, t, "
+          f"{{'{need}': ...}}); got cond keys {sorted(cs.cond)}")
+
+
 def _root_device(trainer: Mapping[str, Any]) -> tuple[torch.device, int]:
     """The device this process calibrates on, and the number of processes, from the Trainer arguments."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -289,19 +358,24 @@ def calibrate(model: Denoiser | str | os.PathLike | nn.Module, config: Calibrati
     """
     config = config if config is not None else CalibrationConfig()
     check(isinstance(config, CalibrationConfig), f"config must be a gaq.CalibrationConfig, got {type(config).__name__}")
+    check(trainer is None or isinstance(trainer, Mapping),
+          f"trainer must be a mapping of Lightning Trainer arguments, got {type(trainer).__name__}")
     trainer = dict(trainer or {"accelerator": "auto", "devices": 1})
+    check_trainer_arguments(trainer)
+    check_sample_device(sample_device)
     data = CalibSetConfig() if data is None else data
     shape = tuple(data.x.shape[1:]) if isinstance(data, CalibrationSet) else None
     den = as_denoiser(model, scheduler, shape)
     if isinstance(data, CalibSetConfig):
         check(den.alphas_cumprod.numel() > 0, "generating a calibration set needs the model's noise schedule: "
                                               "pass scheduler=<its diffusers scheduler> or a model folder")
-        check_writable_folder(cache_dir, "the calibration-set cache_dir")
+        check_cache_dir(den, data, cache_dir)
     resolve_config(config.quant)  # a bad quantization setting fails here, before anything is computed or written
     if run_dir is not None:
         check_writable_folder(run_dir, "run_dir")
     device, world = _root_device(trainer)
     dm = calibration_data(den, data, config.split, cache_dir, sample_device)
+    check_calibration_set(den, dm.calib_set, dm.calib_path)
     calib_meta = dm.calib_set.meta
     record = {**run_record(den, calib_meta.get("key", calib_meta), config), **(record_extra or {})}
     if run_dir is None:

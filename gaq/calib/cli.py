@@ -13,9 +13,10 @@ from typing import Literal, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
-from gaq.calib.api import CalibrationConfig, calibrate, default_run_dir, run_record
+from gaq.calib.api import (ENGINE_TRAINER_KEYS, CalibrationConfig, calibrate, check_cache_dir, check_sample_device,
+                           default_run_dir, run_record)
 from gaq.calib.gac import GACConfig
-from gaq.cli_errors import check_config_files, one_line_argument_errors
+from gaq.cli_errors import check_config_files, one_line_argument_errors, trainer_error_line
 from gaq.calib.gac_driver import DiagnosticsConfig
 from gaq.calib.recon import UnitReconstruction
 from gaq.data.calibset import cache_key
@@ -69,16 +70,6 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-#: Trainer options the engine sets itself for every unit's fit (one epoch of ``recon.iters`` iterations, its own
-#: checkpoints and logs, no validation loop): a user value would be ignored, so it is refused instead.
-ENGINE_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
-                       "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches",
-                       "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps",
-                       "enable_checkpointing", "accumulate_grad_batches", "gradient_clip_val",
-                       "gradient_clip_algorithm", "default_root_dir", "reload_dataloaders_every_n_epochs",
-                       "use_distributed_sampler", "fast_dev_run", "logger")
-
-
 def _check_engine_trainer_keys(cli: CalibrateCLI) -> None:
     defaults = cli.parser.get_defaults().trainer
     for key in ENGINE_TRAINER_KEYS:
@@ -88,8 +79,6 @@ def _check_engine_trainer_keys(cli: CalibrateCLI) -> None:
 
 
 def _build_cli(argv: list[str]) -> CalibrateCLI:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     check_config_files(argv, "configs/default/calibrate.yaml")
     try:
         with one_line_argument_errors("gaq calibrate"):
@@ -101,9 +90,13 @@ def _build_cli(argv: list[str]) -> CalibrateCLI:
                 parser_kwargs={"description": "Quantize a diffusion model (RTN, uniform reconstruction or GAC).",
                                "exit_on_error": False},
             )
-    except MisconfigurationException as err:  # Lightning's refusal of the trainer section (devices, accelerator)
-        raise GaqError(f"trainer: {str(err).splitlines()[0]}; change trainer.accelerator / trainer.devices") from None
+    except Exception as err:  # Lightning's refusal of the trainer section (devices, accelerator, strategy)
+        line = trainer_error_line(err)
+        if line is None:
+            raise
+        raise GaqError(f"trainer: {line}; change trainer.accelerator / trainer.devices / trainer.strategy") from None
     _check_engine_trainer_keys(cli)
+    check_sample_device(cli.datamodule.device)
     return cli
 
 
@@ -124,7 +117,8 @@ def main(argv: list[str]) -> None:
     if not run_dir:  # named after the run's record, as the verb will write it
         run_dir = default_run_dir(cli.config.runs_root, cli.config.name, config,
                                   run_record(dm.denoiser, cache_key(dm.denoiser, dm.calib), config))
-    qmodel = calibrate(dm.denoiser, config, dm.calib, run_dir=run_dir, trainer={**cli.config_init.trainer},
+    trainer = {k: v for k, v in cli.config_init.trainer.items() if k not in ENGINE_TRAINER_KEYS}  # checked: defaults
+    qmodel = calibrate(dm.denoiser, config, dm.calib, run_dir=run_dir, trainer=trainer,
                        cache_dir=dm.cache_dir, sample_device=dm.device,
                        end_callbacks=list(cli.config_init.trainer.get("callbacks") or []))
     summary = qmodel.gaq_summary
@@ -143,8 +137,12 @@ def _prepare_data(cli: CalibrateCLI) -> CalibrationDataModule:
 
 def main_calib_data(argv: list[str]) -> None:
     """``gaq calib-data``: generate (or reuse) the calibration set of a calibrate config, and nothing else."""
+    from gaq.quant.config import resolve_config
+
     setup_logging()
     cli = _build_cli(argv)
+    resolve_config(cli.config_init.quant)  # the config's other settings are refused here too, before any work
+    check_cache_dir(cli.datamodule.denoiser, cli.datamodule.calib, cli.datamodule.cache_dir)
     dm = _prepare_data(cli)
     log.info("calibration set: %d tuples (%d train, %d validation)", len(dm.calib_set), len(dm.train_indices),
              len(dm.val_indices))

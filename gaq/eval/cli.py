@@ -23,7 +23,8 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-from gaq.cli_errors import check_config_files, one_line_argument_errors
+from gaq.cli_errors import check_config_files, check_trainer_placement, one_line_argument_errors
+from gaq.errors import check
 from gaq.eval.evaluate import EvaluateConfig
 
 # the evaluation's Trainer defaults: one device, no logger, no checkpoints, no grad-free inference tensors
@@ -31,6 +32,35 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "trainer.devices": 1, "trainer.logger": False, "trainer.enable_checkpointing": False,
     "trainer.enable_model_summary": False, "trainer.inference_mode": False,
 }
+
+
+#: Trainer options that would change or be ignored by the evaluation's one predict pass over ``num_samples``
+#: samples in batches of ``batch_size`` (``limit_predict_batches`` would silently drop samples): refused
+LOOP_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
+                     "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches",
+                     "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
+                     "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "fast_dev_run",
+                     "reload_dataloaders_every_n_epochs")
+
+
+def check_trainer_section(parser: LightningArgumentParser, trainer: dict[str, Any]) -> None:
+    """The loop options keep their defaults and the placement (accelerator, devices, strategy) exists here."""
+    defaults = parser.get_defaults().trainer
+    for key in LOOP_TRAINER_KEYS:
+        given, default = trainer.get(key), defaults.get(key)
+        check(given == default, f"trainer.{key} is not used by gaq evaluate (it samples num_samples in batches of "
+                                f"batch_size; lower num_samples for fewer): remove it (got {given!r})")
+    check_trainer_placement(trainer)
+
+
+def check_output_folder(cfg: EvaluateConfig) -> None:
+    """The output folder can be written, before any sampling (a missing run folder is reported by the loading)."""
+    from pathlib import Path
+
+    from gaq.atomic import check_writable_folder
+
+    if cfg.out_dir or not cfg.run or Path(cfg.run).is_dir():
+        check_writable_folder(cfg.output_dir(), "out_dir")
 
 
 def build_parser() -> LightningArgumentParser:
@@ -108,6 +138,8 @@ def main(argv: list[str]) -> None:
         init = _instantiate(parser, cfg)
     eval_cfg = EvaluateConfig(**{f.name: init[f.name] for f in fields(EvaluateConfig)})
     trainer_kwargs = dict(init["trainer"])
+    check_trainer_section(parser, trainer_kwargs)
+    check_output_folder(eval_cfg)
     result = run_evaluation(eval_cfg, trainer_kwargs, command=shlex.join(["gaq", "evaluate", *argv]))
     print_table(result)
     print(eval_cfg.output_dir())
