@@ -1554,7 +1554,8 @@ def write_report(out: Path, rows: list[dict], trials: list[dict] | None, meta: d
               f"- command: `{meta['command']}`",
               f"- machine: {meta['machine']}",
               f"- date: {meta['date']}",
-              f"- git commit: {meta['git_commit']}{' (with uncommitted changes)' if meta['dirty'] else ''}",
+              f"- git commit: {meta['git_commit']}" + (f" (uncommitted changes in the working tree: "
+                                                       f"{', '.join(meta['dirty'])})" if meta["dirty"] else ""),
               f"- wall time: {meta['wall_seconds']:.0f} s", "",
               "The tiny calibrate config (`$W/calibrate.yaml`):", "", "```yaml",
               world.cfg.read_text().replace(str(world.work), "$W").rstrip(), "```", "",
@@ -1608,8 +1609,8 @@ def main(argv: list[str] | None = None) -> int:
         trials = None if args.quick else kill_trials(world, args.trials, args.seed)
         meta = {"command": shlex.join(["python", "bench/reliability.py", *(argv if argv is not None else sys.argv[1:])]),
                 "machine": machine(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "git_commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--",
-                                                                                     "gaq")),
+                "git_commit": git("rev-parse", "--short", "HEAD"), "dirty": [ln[3:] for ln in git("status", "--porcelain", "--",
+                                                                                              "gaq").splitlines()],
                 "wall_seconds": time.time() - t0, "seed": args.seed}
         write_report(Path(args.out), rows, trials, meta, world)
     finally:
