@@ -455,6 +455,14 @@ class Ctx:
 CASES: list[Case] = []
 
 
+class _ById(dict):
+    def __missing__(self, key):
+        return next(c for c in CASES if c.id == key)
+
+
+CASES_BY_ID = _ById()
+
+
 def case(id: str, area: str, what: str, expect: str = "error", hint: str | None = None, check=None):
     def deco(fn):
         CASES.append(Case(id, area, what, fn, expect, hint, check))
@@ -800,6 +808,20 @@ def _(ctx):
     torch.manual_seed(0)
     ctx.arm(ctx.run_dir, cache)
     return ctx.calibrate("--data.cache_dir", cache)
+
+
+@case("calibrate.calib_set_nan_advice", "calibrate", "the advice for a cached set with NaN: delete it and rerun",
+      expect="accept")
+def _(ctx):
+    cache = ctx.dir / "sets"
+    CASES_BY_ID["calibrate.calib_set_nan"].run(ctx)
+    [path] = cache.glob("calib-*.safetensors")
+    path.unlink()
+    ctx.before = ctx.watch = None
+    return ctx.calibrate("--data.cache_dir", cache, arm=False)
+
+
+CASES[-1].check = same_as_baseline
 
 
 def _tamper_meta(ctx) -> Path:
@@ -1400,7 +1422,9 @@ def run_cases(world: World, only: list[str] | None) -> list[dict]:
         stdout = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
         message = (f"{type(res.exc).__name__}: {str(res.exc).splitlines()[0] if str(res.exc) else ''}"
                    if is_api and res.exc is not None else "(returned)" if is_api else
-                   f"(stdout: {stdout[-1] if stdout else ''})" if res.code == 0 and not res.traceback else res.last_line)
+                   f"(stdout: {stdout[-1] if stdout else ''})" if res.code == 0 and not res.traceback else
+                   f"(crashed; last output: {(res.stderr_lines or stdout or [''])[-1].strip()})"
+                   if isinstance(res.code, int) and res.code < 0 else res.last_line)
         rows.append({
             "id": c.id, "area": c.area, "what": c.what, "command": c.command, "expect": c.expect,
             "exit": res.code, "message": ctx.short(message), "stderr_lines": len(res.stderr_lines) if not is_api else
@@ -1534,7 +1558,7 @@ def write_report(out: Path, rows: list[dict], trials: list[dict] | None, meta: d
                   "3 units]), then "
                   "the same command again; the export is compared tensor by tensor with an uninterrupted run of the "
                   "same config.", "",
-                  "| trial | method | killed after first unit ckpt (s) | units finished at kill | last.ckpt of units | "
+                  "| trial | method | killed after first unit ckpt (s) | units finished at kill | units with a last.ckpt at kill | "
                   "resume exit | reconstructed units resumed from | export bit-identical |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in trials:
@@ -1609,8 +1633,8 @@ def main(argv: list[str] | None = None) -> int:
         trials = None if args.quick else kill_trials(world, args.trials, args.seed)
         meta = {"command": shlex.join(["python", "bench/reliability.py", *(argv if argv is not None else sys.argv[1:])]),
                 "machine": machine(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "git_commit": git("rev-parse", "--short", "HEAD"), "dirty": [ln[3:] for ln in git("status", "--porcelain", "--",
-                                                                                              "gaq").splitlines()],
+                "git_commit": git("rev-parse", "--short", "HEAD"), "dirty": [ln.split(maxsplit=1)[-1] for ln in git(
+                    "status", "--porcelain", "--", "gaq").splitlines() if ln.strip()],
                 "wall_seconds": time.time() - t0, "seed": args.seed}
         write_report(Path(args.out), rows, trials, meta, world)
     finally:
