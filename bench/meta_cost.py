@@ -51,8 +51,13 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=5)
     ap.add_argument("--per_group", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hypergradient", nargs="+", default=["nested", "factored"], choices=["nested", "factored"])
+    ap.add_argument("--hypergradient", nargs="+", default=["nested", "factored"],
+                    choices=["nested", "factored", "factored+batched"],
+                    help="gac.hypergradient; +batched: gac.batched_products")
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (as the engine runs them)")
+    ap.add_argument("--cudnn_benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -91,18 +96,35 @@ def main() -> None:
         torch.autograd.grad(loss, theta)
 
     def meta(val_batches, form):
-        c = replace(cfg, hypergradient=form)
-        return lambda: meta_hypergradient_parts(weights, batch, block, theta, per_sample_loss, batch, val_batches, c)
+        hyper, _, batched = form.partition("+")
+        c = replace(cfg, hypergradient=hyper, batched_products=bool(batched))
+        fn = lambda: meta_hypergradient_parts(weights, batch, block, theta, per_sample_loss, batch, val_batches, c)  # noqa: E731
+        grads[(form, len(val_batches[0]))] = fn()[0].detach().clone()
+        if not args.graph:
+            return fn
+        from gaq.calib.graphed import capture_graph
+        graph, _ = capture_graph(fn, device)
+        return graph.replay
 
+    grads: dict = {}
     rows = {"recon_iteration": _time(recon_iteration, args.repeats, sync)}
+    if args.graph:
+        from gaq.calib.graphed import capture_graph
+        g_iter, _ = capture_graph(recon_iteration, device)
+        rows["recon_iteration"] = _time(g_iter.replay, args.repeats, sync)
     for form in args.hypergradient:
         rows[f"{form}_meta_step_val_{args.val}"] = _time(meta(groups, form), args.repeats, sync)
         for k in args.per_group:
             rows[f"{form}_meta_step_val_per_group_{k}"] = _time(meta([g[:k] for g in groups], form), args.repeats, sync)
+    # every form's hypergradient against the first form's, at the same validation tuples
+    ref = args.hypergradient[0]
+    agreement = {f"{form} vs {ref}, {n} per group": float((g - grads[(ref, n)]).norm() / grads[(ref, n)].norm())
+                 for (form, n), g in grads.items() if form != ref}
     base = rows["recon_iteration"]
     result = {"device": device_name(device), "torch": torch.__version__, "git_commit": git_commit(),
               "command": "python bench/meta_cost.py " + " ".join(sys.argv[1:]), "block": args.block,
-              "seconds": rows, "in_recon_iterations": {k: v / base for k, v in rows.items()}}
+              "graph": args.graph, "cudnn_benchmark": args.cudnn_benchmark, "seconds": rows, "in_recon_iterations": {k: v / base for k, v in rows.items()},
+              "relative_difference_of_the_hypergradient": agreement}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

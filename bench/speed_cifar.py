@@ -101,7 +101,11 @@ def main() -> None:
     ap.add_argument("--cuda_graph", default="auto", choices=["auto", "on"], help="of the graph variant")
     ap.add_argument("--devices", type=int, default=1, help="GPUs per run (DDP when > 1; the global batch stays 32)")
     ap.add_argument("--gac_forms", nargs="+", default=["factored"],
-                    help="GAC runs: gac.hypergradient, optionally ':N' for gac.val_per_group N (e.g. factored:8)")
+                    help="GAC runs: gac.hypergradient, '+batched' for gac.batched_products, ':N' for gac.val_per_group N "
+                         "(e.g. factored+batched:8)")
+    ap.add_argument("--cache_dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                    help="recon.cache_dtype of each run (a run per value)")
+    ap.add_argument("--cudnn_benchmark", action="store_true", help="Trainer(benchmark=True): cuDNN times its algorithms")
     args = ap.parse_args()
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set in the ranks Lightning's DDP launcher starts
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device(args.device)
@@ -122,10 +126,11 @@ def main() -> None:
                "params": sum(p.numel() for p in model.parameters()), "calibration_set": len(calib),
                "calibration_set_seconds": gen_s, "runs": {}}
     codes: dict[str, dict[str, torch.Tensor]] = {}
-    runs = [(m, v, f) for m in args.methods for v in args.variants
-            for f in (args.gac_forms if m == "gac" else [None])]
-    for method, variant, form in runs:
-        key = f"{method}-{variant}" + (f"-{form.replace(':', '-vpg')}" if form and form != "factored" else "")
+    runs = [(m, v, f, c) for m in args.methods for v in args.variants
+            for f in (args.gac_forms if m == "gac" else [None]) for c in args.cache_dtypes]
+    for method, variant, form, cache_dtype in runs:
+        key = f"{method}-{variant}" + (f"-{form.replace(':', '-vpg').replace('+', '-')}" if form and form != "factored" else "") \
+            + (f"-cache_{cache_dtype}" if cache_dtype != "float32" else "")
         timer = StepTimer()
         run_dir = Path(f"/tmp/gaq_speed_{key}")
         if rank == 0:
@@ -133,12 +138,13 @@ def main() -> None:
         graph = variant == "graph"
         k = (args.iters_per_step if method == "uniform" else 10) if graph else 1
         recon = ReconConfig(iters=args.iters, batch_size=32, ckpt_every=0, cache_batch=256, iters_per_step=k,
-                            cuda_graph=args.cuda_graph if graph else "off")
+                            cuda_graph=args.cuda_graph if graph else "off", cache_dtype=cache_dtype)
         cfg = CalibrationConfig(method=method, quant=QuantConfig(w_bits=4, a_bits=8), recon=recon,
                                 gac=gac_config(args.meta_iters, form) if method == "gac" else GACConfig(),
                                 diagnostics=DiagnosticsConfig(enabled=False), split=SplitConfig())
         trainer = {"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": args.devices,
-                   "strategy": "ddp" if args.devices > 1 else "auto", "enable_progress_bar": False, "callbacks": [timer]}
+                   "strategy": "ddp" if args.devices > 1 else "auto", "enable_progress_bar": False, "callbacks": [timer],
+                   "benchmark": args.cudnn_benchmark}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
@@ -154,15 +160,18 @@ def main() -> None:
             per_unit.append({
                 "name": u["name"], "kind": u["kind"], "sec_per_iter": per_iter, "sec_per_meta_step": per_meta,
                 "fixed_seconds": fixed, "meta_graphed": timer.meta_graphed.get(u["name"]), "cache_seconds": u["cache_seconds"], "error_after": u["error_after"],
+                "cache_gib": (u.get("cache_bytes") or 0) / 2**30, "cache_on": u.get("cache_on"),
+                "peak_memory_gib": (u.get("peak_memory_bytes") or 0) / 2**30,
                 "projected_seconds": fixed + per_iter * args.paper_iters
                 + per_meta * (args.paper_meta_iters if metas else 0)})
         setup_s = summary["calibration_seconds"] - sum(u["seconds"] for u in summary["units"]) \
             - summary["activation_calibration_seconds"]
         results["runs"][key] = {
-            "method": method, "variant": variant, "gac_form": form, "iters_per_step": k, "wall_seconds_measured_run": wall,
+            "method": method, "variant": variant, "gac_form": form, "cache_dtype": cache_dtype, "iters_per_step": k, "wall_seconds_measured_run": wall,
             "units": per_unit, "num_units": len(per_unit), "setup_seconds": setup_s,
             "activation_calibration_seconds": summary["activation_calibration_seconds"],
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+            # the run's peak as the driver measured it (it resets CUDA's peak counter at each unit)
+            "peak_memory_gib": (summary.get("peak_memory_bytes") or float("nan")) / 2**30,
             "projected_total_minutes": (sum(p["projected_seconds"] for p in per_unit) + setup_s
                                         + summary["activation_calibration_seconds"] + gen_s) / 60,
         }
@@ -177,25 +186,31 @@ def main() -> None:
 def gac_config(meta_iters: int, form: str) -> GACConfig:
     """The GAC settings of a ``--gac_forms`` entry: ``hypergradient[:val_per_group]``."""
     hypergradient, _, per_group = form.partition(":")
-    return GACConfig(meta_iters=meta_iters, hypergradient=hypergradient,
+    hypergradient, _, batched = hypergradient.partition("+")
+    return GACConfig(meta_iters=meta_iters, hypergradient=hypergradient, batched_products=batched == "batched",
                      val_per_group=int(per_group) if per_group else None)
 
 
 def _agreement(codes: dict, runs: dict) -> dict:
-    """Graph vs eager per method: share of identical packed weight-code bytes, largest relative
+    """Against a reference run of the same method: eager against graph, and a float32 cache against a
+    narrower one (same variant and form): share of identical packed weight-code bytes, largest relative
     difference of the per-unit validation errors."""
     out = {}
-    for method in {r["method"] for r in runs.values()}:
-        a, b = codes.get(f"{method}-eager"), codes.get(f"{method}-graph")
+    pairs = [(f"{r['method']}-eager", f"{r['method']}-graph", f"{r['method']}: graph vs eager")
+             for r in runs.values()]
+    pairs += [(key.removesuffix(f"-cache_{r['cache_dtype']}"), key, f"{key}: {r['cache_dtype']} cache vs float32")
+              for key, r in runs.items() if r.get("cache_dtype", "float32") != "float32"]
+    for ref, other, label in dict.fromkeys(pairs):
+        a, b = codes.get(ref), codes.get(other)
         if a is None or b is None:
             continue
         keys = [k for k in a if a[k].dtype == torch.uint8]
         same = sum(int((a[k] == b[k]).sum()) for k in keys)
         total = sum(a[k].numel() for k in keys)
-        ea = [u["error_after"] for u in runs[f"{method}-eager"]["units"]]
-        eb = [u["error_after"] for u in runs[f"{method}-graph"]["units"]]
+        ea = [u["error_after"] for u in runs[ref]["units"]]
+        eb = [u["error_after"] for u in runs[other]["units"]]
         rel = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(ea, eb))
-        out[method] = {"identical_code_bytes": same / max(total, 1), "max_rel_error_after_diff": rel}
+        out[label] = {"identical_code_bytes": same / max(total, 1), "max_rel_error_after_diff": rel}
     return out
 
 
@@ -209,7 +224,8 @@ def _write(results: dict, out: Path, args) -> None:
              f"W4A8 tfmq_compat, batch 32, fp32; {args.iters} iterations per unit measured, projected to "
              f"{args.paper_iters} (+{args.paper_meta_iters} meta steps for GAC).", "",
              "| method | variant | units | ms/iter by unit kind (median) | ms/meta step | fixed s/unit (median) "
-             "| projected total | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+             "| projected total | peak GiB | largest unit peak GiB | largest cache GiB (where) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"].values():
         kinds: dict[str, list[float]] = {}
         for p in r["units"]:
@@ -222,10 +238,14 @@ def _write(results: dict, out: Path, args) -> None:
             meta += f" ({sum(graphed)}/{len(graphed)} units graphed)"
         fixed = _median([p["fixed_seconds"] for p in r["units"]])
         form = f", {r['gac_form']}" if r.get("gac_form") else ""
+        form += f", {r['cache_dtype']} cache" if r.get("cache_dtype", "float32") != "float32" else ""
+        big = max(r["units"], key=lambda p: p.get("cache_gib", 0.0))
+        unit_peak = max(p.get("peak_memory_gib", 0.0) for p in r["units"])
         lines.append(f"| {r['method']}{form} | {r['variant']} (K={r['iters_per_step']}) | {r['num_units']} | {per_kind} | "
-                     f"{meta} | {fixed:.1f} | {r['projected_total_minutes']:.1f} min | {r['peak_memory_gib']:.1f} |")
+                     f"{meta} | {fixed:.1f} | {r['projected_total_minutes']:.1f} min | {r['peak_memory_gib']:.1f} | "
+                     f"{unit_peak:.1f} | {big.get('cache_gib', 0.0):.2f} ({big.get('cache_on')}, {big['name']}) |")
     if results.get("agreement"):
-        lines += ["", "Graph vs eager (same seed and data): "
+        lines += ["", "Agreement (same seed and data): "
                   + "; ".join(f"{m}: {100 * a['identical_code_bytes']:.3f}% identical packed code bytes, per-unit "
                               f"validation error within {100 * a['max_rel_error_after_diff']:.3f}%"
                               for m, a in results["agreement"].items())]

@@ -323,6 +323,19 @@ def test_factored_hypergradient_equals_the_nested_one(resnet_problem, adaround_p
             torch.testing.assert_close(st_f[k], st_n[k], rtol=1e-9, atol=1e-13, msg=k)
 
 
+def test_batched_products_give_the_factored_hypergradient_or_one_clear_error(resnet_problem, adaround_problem):
+    """gac.batched_products: the per-group products as one vmapped backward each give the looped numbers
+    where PyTorch can batch the unit's backward (CUDA); where it cannot (some CPU ops), one GaqError."""
+    for p, inner_lr, extra in [(resnet_problem, 0.5, None), (adaround_problem, 50.0, adaround_problem["extra"])]:
+        g_loop, _ = hypergrad(p, GACConfig(inner_lr=inner_lr), extra)
+        try:
+            g_batched, _ = hypergrad(p, GACConfig(inner_lr=inner_lr, batched_products=True), extra)
+        except GaqError as err:
+            assert "gac.batched_products: false" in str(err) and "\n" not in str(err)
+            continue
+        torch.testing.assert_close(g_batched, g_loop, rtol=1e-9, atol=1e-13)
+
+
 # ---------------------------------------------------------------------------------------------- tied weights
 
 def test_tied_logits_share_weights_and_pool_their_gradients():

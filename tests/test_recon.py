@@ -304,3 +304,31 @@ def test_gac_with_one_weight_per_timestep_group(setup, tmp_path):
         assert stats["max_min_ratio"] > 1.0  # the group weights moved
         for g in range(dm.num_groups):
             assert torch.allclose(per_step[groups == g], per_step[groups == g][0].expand(int((groups == g).sum())))
+
+
+def test_each_units_cache_is_freed_when_the_unit_ends(setup, tmp_path, monkeypatch):
+    """The unit's module and its Trainer refer to each other; the driver unbinds the module, so a finished
+    unit's cache is gone before the next one is built (without waiting for Python's cycle collector)."""
+    import gc
+    import weakref
+
+    import gaq.calib.driver as driver
+
+    den, calib = setup
+    built, alive_at_build = [], []
+
+    def tracked(*args, **kwargs):
+        alive_at_build.append(sum(r() is not None for r in built))
+        cache = build_unit_cache(*args, **kwargs)
+        built.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(driver, "build_unit_cache", tracked)
+    gc.collect()
+    gc.disable()
+    try:
+        run_calibration(_job(den, calib, tmp_path, iters=2, units=GAC_UNITS))
+        assert len(built) == 2 and alive_at_build == [0, 0]
+        assert all(r() is None for r in built)
+    finally:
+        gc.enable()

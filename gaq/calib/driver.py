@@ -7,6 +7,7 @@ after each unit. The driver owns the order of work; the per-unit LightningModule
 from __future__ import annotations
 
 import fnmatch
+import gc
 import json
 import logging
 import os
@@ -313,6 +314,14 @@ def _memory_note(report: UnitReport) -> str:
     return f" ({', '.join(bits)})" if bits else ""
 
 
+def free_memory(device: torch.device) -> None:
+    """Collect what reference cycles still hold (a unit's Trainer and module) and, on CUDA, hand the cached
+    blocks back, so that the next unit's cache finds the memory the last one used."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class PeakMemory:
     """The largest CUDA memory allocated over the run and within each part of it (a unit): CUDA keeps one
     peak counter, so each part's start folds the counter into the run's peak and resets it. None off CUDA."""
@@ -355,9 +364,8 @@ def _reconstruct_or_record(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.M
                 p.copy_(p0)
                 p.requires_grad_(False)
                 p.grad = None
-        if job.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return False
+    free_memory(job.device)  # after the except block: the exception's frames hold the failed unit's cache
+    return False
 
 
 def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
@@ -390,6 +398,9 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
         report.extra.update(hooks.finish_unit(module, k, unit, cache))
     for p in rounding:
         p.requires_grad_(False)
+    module.unbind()
+    del cache
+    free_memory(device)
 
 
 def _fit(job: CalibrationJob, module: UnitReconstruction, unit_dir: Path, name: str, report: UnitReport) -> None:
@@ -442,6 +453,9 @@ def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, 
         report.error_after = unit_error(unit, cache, val_index, set_step, cfg.cache_batch)
         for p in steps:
             p.requires_grad_(False)
+        module.unbind()
+        del cache
+        free_memory(device)
         if global_rank() == 0:
             save_unit_state(path, quantizers)
     _barrier()

@@ -429,6 +429,14 @@ class UnitReconstruction(pl.LightningModule):
                 graph.release()
         self._graph = self._meta_graph_state = None
 
+    def unbind(self) -> None:
+        """Drop the unit's cache, streams and graphs once the driver is done with the unit: the module and
+        its Trainer refer to each other, so without this the cache (gigabytes on the device) lives on until
+        Python's cycle collector runs, and the caches of several units pile up."""
+        self.on_train_end()
+        self.cache = self._recon_stream = self._meta_stream = None
+        self._weights = self._call = self._regulariser = self._set_step = None
+
     def _meta_step(self, opt, m: int, rank: int, world: int) -> None:
         from gaq.calib.gac import check_meta_parts, meta_stats, meta_step
         index = self._meta_stream.rank_batch(m, rank, world)
