@@ -28,6 +28,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` the mode the user's umask gives a new file (diffusers' ``save_pretrained``
+    writes its safetensors private, 0600)."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            os.chmod(f, mode)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # the only way to read it: set, then restore
     os.umask(mask)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import make_tiny_unet
@@ -94,21 +95,39 @@ def test_units_left_out_by_the_filter_keep_nearest_rounding(tmp_path):
     assert changed and all(n.startswith("up_blocks.") for n in changed)
 
 
+class FailOn(pl.Callback):
+    """A user's Lightning callback that breaks one unit's fit (as an out-of-memory error would)."""
+
+    def __init__(self, unit_name: str):
+        self.unit_name = unit_name
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.unit_name == self.unit_name:
+            raise RuntimeError("injected failure of this unit")
+
+
 def test_a_failing_unit_is_recorded_and_skipped_on_request(tmp_path):
     fp = make_tiny_unet()
-    batches = [(x.clone(), t, c) for x, t, c in user_loader()]
-    cs = calibration_set_from_batches(batches)
-    cs.x[0] = float("nan")  # the time unit never sees x; the first ResBlock does (its loss turns NaN)
+    cs = calibration_set_from_batches(list(user_loader()))
     cfg = config(on_unit_error="skip", units=["time_embedding", "down_blocks.0.resnets.0"])
-    qmodel = gaq.calibrate(fp, cfg, cs, run_dir=tmp_path / "run", trainer=CPU)
+    trainer = {**CPU, "callbacks": [FailOn("down_blocks.0.resnets.0")]}
+    qmodel = gaq.calibrate(fp, cfg, cs, run_dir=tmp_path / "run", trainer=trainer)
     units = {u["name"]: u for u in qmodel.gaq_summary["units"]}
     bad = units["down_blocks.0.resnets.0"]
-    assert not bad["reconstructed"] and "not finite" in bad["error"]
+    assert not bad["reconstructed"] and "injected failure" in bad["error"]
     assert units["time_embedding"]["reconstructed"] and units["time_embedding"]["error"] is None
     assert (tmp_path / "run" / "summary.json").is_file()  # the run went on to the end
     assert [f.name for f in (tmp_path / "run" / "units").glob("*.safetensors")] == ["000-time_embedding.safetensors"]
-    with pytest.raises(GaqError, match="not finite"):
-        gaq.calibrate(fp, config(units=["down_blocks.0.resnets.0"]), cs, run_dir=tmp_path / "raise", trainer=CPU)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        gaq.calibrate(fp, config(units=["down_blocks.0.resnets.0"]), cs, run_dir=tmp_path / "raise", trainer=trainer)
+
+
+def test_calibration_data_with_nan_is_refused_before_anything_is_written(tmp_path):
+    cs = calibration_set_from_batches([(x.clone(), t, c) for x, t, c in user_loader()])
+    cs.x[0] = float("nan")
+    with pytest.raises(GaqError, match=r"NaN or Inf values in 1 of \d+ tuples") as info:
+        gaq.calibrate(make_tiny_unet(), config(), cs, run_dir=tmp_path / "run", trainer=CPU)
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("call, message", [

@@ -16,6 +16,7 @@ from PIL import Image
 
 from gaq.cli import main as gaq_main
 from gaq.calib.driver import calibration_end
+from gaq.errors import GaqError
 from gaq.eval.callbacks import MetricsCallback, SampleGridCallback
 from gaq.eval.generation import Conditioning, SamplingConfig, generate
 from gaq.eval.reference import ReferenceConfig, load_reference_images, reference_stats
@@ -129,6 +130,23 @@ def test_callbacks_write_their_files_after_calibration(tmp_path, model_dir, den)
     png = Image.open(out / "samples_grid.png")                   # 10 rows of 3 images of 16 px, 1 px padding
     assert png.size == (3 * 17 + 1, 10 * 17 + 1)
     assert results["SampleGridCallback"]["grid"] == str(out / "samples_grid.png")
+
+
+def test_non_finite_samples_and_prompts_for_a_class_model_get_one_line(tmp_path, model_dir, den):
+    """NaN samples stop before any metric (NaN features crash LAPACK inside the Frechet distance), and a
+    prompt file given to a class-conditional model is refused instead of ignored."""
+    qmodel = quantize_rtn(den.model, QuantConfig(w_bits=8, a_bits=32), [])
+    with torch.no_grad():
+        next(p for p in qmodel.parameters() if p.ndim == 4).fill_(float("nan"))
+    sampling = SamplingConfig(num_samples=10, batch_size=10, sampler=SAMPLER)
+    metrics = MetricsCallback(features=str(model_dir / "classifier"),
+                              reference=ReferenceConfig(cache_dir=str(tmp_path / "cache"), max_images=100),
+                              metrics=MetricsConfig(inception="off"), sampling=sampling)
+    with pytest.raises(GaqError, match="hold NaN or Inf") as info:
+        calibration_end([metrics], qmodel, den, tmp_path / "run")
+    assert "\n" not in str(info.value) and not (tmp_path / "run" / "calibration_eval" / "metrics.json").exists()
+    with pytest.raises(GaqError, match="prompts is for text-conditional models and this model is class-conditional"):
+        Conditioning.of(den, SamplingConfig(prompts=str(tmp_path / "prompts.txt")))
 
 
 def write_eval_config(tmp: Path, model_dir: Path) -> Path:

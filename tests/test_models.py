@@ -1,5 +1,6 @@
 """Loading and saving noise predictors: local layouts, hub ids without network, condition inference."""
 import json
+import os
 import socket
 
 import huggingface_hub.constants
@@ -37,6 +38,10 @@ def test_unet_pipeline_layout_round_trip(tiny_unet, ddpm_scheduler, tmp_path):
     save_denoiser(den, tmp_path / "m", ddpm_scheduler)
     assert {p.name for p in (tmp_path / "m").iterdir()} == {"model_index.json", "unet", "scheduler", "gaq.json"}
     assert json.loads((tmp_path / "m" / "gaq.json").read_text()) == {"num_classes": 10, "null_label": 10}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {f.stat().st_mode & 0o777 for f in (tmp_path / "m").rglob("*") if f.is_file()}
+    assert modes == {0o666 & ~umask}  # the user's umask, not diffusers' private 0600 safetensors
 
     back = load_denoiser(tmp_path / "m")
     assert (back.cond_kind, back.num_classes, back.null_label) == ("class", 10, 10)

@@ -292,13 +292,13 @@ def check_sample_device(device: str) -> None:
 
 
 def check_calibration_set(den: Denoiser, cs: CalibrationSet, path: str | os.PathLike | None = None) -> None:
-    """The set fits the model: channels, timesteps inside its schedule, the condition the model needs, and (for a
-    set read from a file ``path``, whose generation refused non-finite trajectories) finite ``x_t``."""
+    """The set fits the model: finite ``x_t``, channels, timesteps inside its schedule, the condition the model
+    needs (``path``: the file the set was read from, named in the errors)."""
     where = f"calibration set file {path}" if path else "the calibration data"
-    if path is not None:
-        bad = int((~torch.isfinite(cs.x.reshape(len(cs), -1))).any(1).sum()) if len(cs) else 0
-        check(bad == 0, f"{where} holds NaN or Inf values in {bad} of {len(cs)} tuples (x_t): it is damaged; delete it "
-                        "and rerun `gaq calib-data` (or this command) to regenerate it")
+    bad = int((~torch.isfinite(cs.x.reshape(len(cs), -1))).any(1).sum()) if len(cs) else 0
+    advice = ("it is damaged; delete it and rerun `gaq calib-data` (or this command) to regenerate it" if path
+              else "drop or fix those tuples")
+    check(bad == 0, f"{where} holds NaN or Inf values in {bad} of {len(cs)} tuples (x_t): {advice}")
     channels = dict(getattr(den.model, "config", None) or {}).get("in_channels")
     check(channels is None or cs.x.ndim < 2 or cs.x.shape[1] == channels,
           f"{where}: x_t has {cs.x.shape[1] if cs.x.ndim > 1 else '?'} channels but the model takes {channels} "

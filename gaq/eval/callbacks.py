@@ -110,6 +110,10 @@ class MetricsCallback(Callback):
     def add(self, images: Tensor, cond_id: Tensor, index: Tensor) -> None:
         """Accumulate the extractors' outputs on a batch of samples ``(B, C, H, W)`` in [-1, 1] with
         conditions ``cond_id`` ``(B,)``, sample indices ``index`` ``(B,)``."""
+        # before any metric: NaN features crash LAPACK inside the Frechet distance (a segfault, not an error)
+        check(bool(torch.isfinite(images).all()),
+              f"samples {int(index.min())}..{int(index.max())} hold NaN or Inf: the model's noise predictions are "
+              "not finite; check its weights (gaq.quantize refuses non-finite ones)")
         for ex in self.extractors:
             for s in range(0, len(images), self.metrics.batch_size):
                 self._parts[ex.name].append(ex.extract(images[s:s + self.metrics.batch_size]))

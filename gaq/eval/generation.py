@@ -89,6 +89,10 @@ class Conditioning:
     def of(den: Denoiser, sampling: SamplingConfig) -> "Conditioning":
         """The conditioning of ``den`` under ``sampling`` (reads or encodes the prompts of text models)."""
         guided = sampling.sampler.guidance_scale != 1.0
+        kind = "unconditional" if den.cond_kind == "none" else f"{den.cond_kind}-conditional"
+        for key in ("prompts", "cond_embeddings"):  # ignored without a word before
+            check(den.cond_kind == "text" or getattr(sampling, key) is None,
+                  f"{key} is for text-conditional models and this model is {kind}: remove {key}")
         if den.cond_kind == "class":
             check(den.num_classes is not None and den.num_classes >= 1, "the class-conditional model has no num_classes")
             check(not guided or den.null_label is not None,

@@ -26,6 +26,7 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
+from gaq.atomic import apply_umask
 from gaq.errors import GaqError, check
 from gaq.models.latent import AUTOENCODER_CLASSES, AUTOENCODER_COMPONENTS, SCALING_FACTOR_KEY, LatentDecoder
 
@@ -495,4 +496,5 @@ def save_denoiser(den: Denoiser, folder: str | os.PathLike, scheduler: Scheduler
         meta[SCALING_FACTOR_KEY] = den.decoder.scaling_factor
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / GAQ_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    apply_umask(out)
     return out

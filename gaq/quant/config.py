@@ -106,7 +106,7 @@ class QuantConfig:
 
     Attributes:
         w_bits: weight bits (2..8), per output channel, asymmetric.
-        a_bits: activation bits (2..8), per tensor; 32 keeps activations in floating point.
+        a_bits: activation bits (4..8), per tensor; 32 keeps activations in floating point.
         preset: a preset name (a YAML file in ``gaq/quant/preset_files/``) or a path to a preset YAML.
         overrides: per-layer exceptions, applied in order after the preset.
         keep_fp_roles: layer roles left in floating point (e.g. ``[first_layer, last_layer]``).
