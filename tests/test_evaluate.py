@@ -184,7 +184,10 @@ def last_line(capsys) -> str:
 def test_evaluate_fp_and_a_calibrated_run_end_to_end(tmp_path, model_dir, capsys):
     cfg = write_eval_config(tmp_path, model_dir)
     gaq_main(["evaluate", "--config", str(cfg), "--out_dir", str(tmp_path / "fp")])
-    assert last_line(capsys) == str(tmp_path / "fp")
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1] == str(tmp_path / "fp")
+    # a log line per sampled batch (batch_size 10 of 20), for runs whose output goes to a file
+    assert "sampled 10 of 20 images" in out.out + out.err and "sampled 20 of 20 images" in out.out + out.err
     fp = json.loads((tmp_path / "fp" / "metrics.json").read_text())
     assert fp["model"]["model"] == "fp" and fp["samples"]["count"] == 20 and fp["samples"]["per_class"] == [2] * 10
     assert fp["timestep_error"] is None and any("timestep error skipped" in n for n in fp["notes"])

@@ -175,6 +175,10 @@ class MetricsCallback(Callback):
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._den is not None:
             self.add(outputs["images"], outputs["cond_id"], outputs["index"])
+            # a line per batch in the log: with the output redirected, the progress bar shows nothing
+            done = sum(len(i) for i in self._index)
+            log.info("sampled %d of %d images (%.0f s)", done, self.sampling.num_samples,
+                     time.perf_counter() - self._t0)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._den is not None:

@@ -84,6 +84,9 @@ def _instantiate(parser: LightningArgumentParser, cfg):
 
 
 def _setup_logging() -> None:
+    from gaq.calib.cli import setup_logging  # gaq's log lines (one per sampled batch) through rich, as calibrate's
+
+    setup_logging()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`instantiate_classes` was deprecated.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")  # inside lightning
