@@ -7,7 +7,6 @@ after each unit. The driver owns the order of work; the per-unit LightningModule
 from __future__ import annotations
 
 import fnmatch
-import gc
 import json
 import logging
 import os
@@ -315,9 +314,9 @@ def _memory_note(report: UnitReport) -> str:
 
 
 def free_memory(device: torch.device) -> None:
-    """Collect what reference cycles still hold (a unit's Trainer and module) and, on CUDA, hand the cached
-    blocks back, so that the next unit's cache finds the memory the last one used."""
-    gc.collect()
+    """On CUDA, hand the cached blocks back, so that the next unit's cache finds the memory the last one used.
+    (No ``gc.collect()``: it takes about 0.4 s with diffusers and transformers loaded; the unbound module
+    holds nothing large, so reference counting frees the cache.)"""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
