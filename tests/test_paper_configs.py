@@ -54,7 +54,7 @@ def test_cifar10_paper_config_runs_end_to_end_on_its_architecture(tmp_path):
         "--data.calib.batch_size", "8", "--data.split.num_groups", "2", "--model.recon.iters", "2",
         "--model.recon.batch_size", "4", "--gac.meta_iters", "1", "--gac.meta_batch", "4",
         "--diagnostics.enabled", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        "--run_dir", str(run), timeout=600)
+        *SOME_OF_EVERY_KIND, "--run_dir", str(run), timeout=600)
     summary = json.loads((run / "summary.json").read_text())
     kinds = [u["kind"] for u in summary["units"]]
     assert (kinds.count("time"), kinds.count("resnet"), kinds.count("attention"), kinds.count("sampler")) == (1, 22, 6, 3)
@@ -68,8 +68,11 @@ def test_cifar10_paper_config_runs_end_to_end_on_its_architecture(tmp_path):
 # conditioning at scaled-down widths and resolutions, with a tiny autoencoder of the same kind.
 # --------------------------------------------------------------------------------------------
 
-# The tiny runs: few samples, two kept steps, two reconstruction iterations per unit.
-TINY_RUN = ("--data.calib.samples_per_step", "4", "--data.calib.batch_size", "4", "--data.split.num_groups", "2",
+# The tiny runs: few samples, two kept steps, two reconstruction iterations per unit, and a unit of every kind
+# reconstructed (time path, mid block's ResBlocks and attention, samplers, loose layers; the rest keep nearest
+# rounding, and every unit is still counted in the summary).
+SOME_OF_EVERY_KIND = ("--units", '["time_embedding", "mid_block.*", "kind:sampler", "kind:layer"]')
+TINY_RUN = (*SOME_OF_EVERY_KIND, "--data.calib.samples_per_step", "4", "--data.calib.batch_size", "4", "--data.split.num_groups", "2",
             "--model.recon.iters", "2", "--model.recon.batch_size", "4", "--model.recon.cache_batch", "16",
             "--gac.meta_iters", "1", "--gac.meta_batch", "4", "--diagnostics.enabled", "false",
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false")
