@@ -293,31 +293,22 @@ def _outer_parts(
     return parts
 
 
-def _vjp_then_jvp(losses: Tensor, theta: Sequence[Tensor]) -> Callable[[Sequence[Sequence[Tensor]]], Tensor]:
+def _vjp_then_jvp(losses: Tensor, theta: Sequence[Tensor],
+                  batched: bool = False) -> Callable[[Sequence[Sequence[Tensor]]], Tensor]:
     """``[z_1, ..., z_n] -> [J z_1, ..., J z_n]`` (``(n, B)``) for the per-sample Jacobian
     ``J = d losses / d theta`` (``(B, P)``), by the double-VJP trick: ``J^T v`` is linear in ``v``, so
-    ``J z`` is the gradient of ``<J^T v, z>`` with respect to ``v``. (One backward per direction: a
-    vmapped backward, ``is_grads_batched``, has no batching rule for some ops of real units.)"""
+    ``J z`` is the gradient of ``<J^T v, z>`` with respect to ``v``. One backward per direction, or with
+    ``batched`` all directions in one vmapped backward (``is_grads_batched``; PyTorch has no batching rule
+    for some ops of real units on the CPU)."""
     v = torch.zeros_like(losses, requires_grad=True)
     jt_v = torch.autograd.grad(losses, list(theta), grad_outputs=v, create_graph=True, allow_unused=True,
                                materialize_grads=True)
 
     def jvp(zs: Sequence[Sequence[Tensor]]) -> Tensor:
+        if batched:
+            return _batched_grad(jt_v, [v], [torch.stack([z[i] for z in zs]) for i in range(len(jt_v))])[0]
         return torch.stack([torch.autograd.grad(sum((a * b).sum() for a, b in zip(jt_v, z)), v, retain_graph=True)[0]
                             for z in zs])
-
-    return jvp
-
-
-def _batched_jvp(losses: Tensor, theta: Sequence[Tensor]) -> Callable[[Sequence[Sequence[Tensor]]], Tensor]:
-    """:func:`_vjp_then_jvp` with the directions in one vmapped backward (``is_grads_batched``)."""
-    v = torch.zeros_like(losses, requires_grad=True)
-    jt_v = torch.autograd.grad(losses, list(theta), grad_outputs=v, create_graph=True, allow_unused=True,
-                               materialize_grads=True)
-
-    def jvp(zs: Sequence[Sequence[Tensor]]) -> Tensor:
-        stacked = [torch.stack([z[i] for z in zs]) for i in range(len(jt_v))]
-        return _batched_grad(jt_v, [v], stacked)[0]
 
     return jvp
 
@@ -370,7 +361,7 @@ def _factored_grad_w(
         u.append(torch.autograd.grad(L_g, theta_star, create_graph=True, allow_unused=True, materialize_grads=True))
         val.append(L_g.detach())
     val = torch.stack(val)
-    jvp = (_batched_jvp if cfg.batched_products else _vjp_then_jvp)(losses, theta)
+    jvp = _vjp_then_jvp(losses, theta, batched=cfg.batched_products)
     G = -k * jvp([[x.detach() for x in u_g] for u_g in u])  # (num_groups, B)
     parts = {"inner": inner.detach(), "val": val}
     grad_w = cfg.val_coef * G.mean(0)
