@@ -47,6 +47,7 @@ class StepContext:
         self.step_index: Tensor | None = None
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._warned: set[float] = set()  # uncalibrated timesteps already warned about
+        self.check_device_timesteps = True  # False: skip the check for timesteps on a device (a host sync per call)
         if timesteps is not None:
             ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1)
             check(ts.numel() >= 1, "timesteps must hold at least one calibrated sampling timestep")
@@ -72,6 +73,7 @@ class StepContext:
         new.step_index = None if self.step_index is None else self.step_index.clone()
         new._device_cache = {}
         new._warned = set(self._warned)
+        new.check_device_timesteps = self.check_device_timesteps
         return new
 
     def steps_for_timesteps(self, t: Tensor) -> Tensor:
@@ -84,9 +86,12 @@ class StepContext:
     def warn_uncalibrated(self, t: Tensor, steps: Tensor) -> None:
         """Warn (once per distinct timestep) about timesteps ``t`` that are not calibrated ones;
         ``steps`` are the steps :meth:`steps_for_timesteps` gave them. Skipped during CUDA graph capture and
-        while ``torch.compile`` traces (a host read there would break the graph)."""
+        while ``torch.compile`` traces (a host read there would break the graph), and for device timesteps when
+        :attr:`check_device_timesteps` is off (a deployed model: the read would synchronise every call)."""
         if t.is_meta or torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # a meta-device model (shape checks) has no values to compare
+        if t.device.type != "cpu" and not self.check_device_timesteps:
+            return
         requested = t.detach().reshape(-1).to("cpu", torch.float64)
         steps = steps.reshape(-1).to("cpu")
         nearest = self.timesteps[steps]

@@ -1,0 +1,58 @@
+"""How a calibrated model is deployed: compute dtype and the kernel of each layer kind."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from gaq.errors import check
+
+#: Compute dtypes a deployed model can run its FP parts (norms, attention, activations) in.
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class DeployConfig:
+    """Settings of :func:`gaq.deploy.deploy`.
+
+    Attributes:
+        dtype: the dtype of everything that is not an integer GEMM (norms, attention, the non-quantized
+            layers, the layer outputs); ``float32`` gives a model that matches the fake-quantized one to
+            float32 rounding, ``bfloat16`` the fast one.
+        linear_kernel: integer GEMM of quantized linear layers: ``triton`` (gaq's int8 kernel with the
+            4-bit weights unpacked in registers and the zero-point corrections fused), ``int_mm``
+            (``torch._int_mm``, cuBLAS' int8 GEMM, with the 4-bit weights unpacked per call and the
+            corrections as separate ops), or ``auto``: ``triton`` on a CUDA device where Triton is
+            installed, else ``int_mm`` (which also runs on the CPU).
+        conv_kernel: integer convolution: ``triton`` (gaq's implicit-GEMM int8 kernel, channels-last),
+            ``im2col`` (an explicit int8 im2col and ``torch._int_mm``), or ``auto`` (as above).
+        weight_only_kernel: the layers whose input stays FP (W4A32 / W8A32, or a_bits 32 for a role):
+            ``dequantize``: the packed weight is dequantized to ``dtype`` per call and run through
+            PyTorch's own conv / linear (only the packed codes stay resident).
+        check_device_timesteps: warn about uncalibrated timesteps also when the timestep arrives as a
+            device tensor (that check reads it back to the host, a synchronisation per model call);
+            timesteps on the host, as diffusers pipelines pass them, are always checked.
+    """
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    linear_kernel: Literal["auto", "triton", "int_mm"] = "auto"
+    conv_kernel: Literal["auto", "triton", "im2col"] = "auto"
+    weight_only_kernel: Literal["dequantize"] = "dequantize"
+    check_device_timesteps: bool = False
+
+    def __post_init__(self):
+        check(self.dtype in DTYPES, f"deploy.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(self.linear_kernel in ("auto", "triton", "int_mm"),
+              f"deploy.linear_kernel must be 'auto', 'triton' or 'int_mm', got {self.linear_kernel!r}")
+        check(self.conv_kernel in ("auto", "triton", "im2col"),
+              f"deploy.conv_kernel must be 'auto', 'triton' or 'im2col', got {self.conv_kernel!r}")
+        check(self.weight_only_kernel == "dequantize",
+              f"deploy.weight_only_kernel must be 'dequantize', got {self.weight_only_kernel!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+__all__ = ["DTYPES", "DeployConfig"]
