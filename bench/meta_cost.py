@@ -25,7 +25,7 @@ from diffusers import UNet2DModel
 sys.path.insert(0, str(Path(__file__).parent))
 from speed_cifar import CIFAR_UNET  # noqa: E402
 
-from gaq.calib.gac import GACConfig, meta_hypergradient_parts  # noqa: E402
+from gaq.calib.gac import GACConfig, MetaStepInputs, meta_hypergradient_parts  # noqa: E402
 from gaq.calib.recon import per_sample_error  # noqa: E402
 from gaq.calib.weights import LearnedSampleWeights  # noqa: E402
 from gaq.provenance import device_name, git_commit  # noqa: E402
@@ -98,7 +98,9 @@ def main() -> None:
     def meta(val_batches, form):
         hyper, _, batched = form.partition("+")
         c = replace(cfg, hypergradient=hyper, batched_products=bool(batched))
-        fn = lambda: meta_hypergradient_parts(weights, batch, block, theta, per_sample_loss, batch, val_batches, c)  # noqa: E731
+        inputs = MetaStepInputs(unit=block, theta=theta, per_sample_loss=per_sample_loss, train_batch=batch,
+                                val_batches=val_batches, cfg=c)
+        fn = lambda: meta_hypergradient_parts(inputs, weights, batch)  # noqa: E731
         grads[(form, len(val_batches[0]))] = fn()[0].detach().clone()
         if not args.graph:
             return fn

@@ -10,7 +10,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from torch import nn
 
-from gaq.calib.gac import GACConfig, meta_outer_loss, meta_step, meta_steps_before
+from gaq.calib.gac import GACConfig, MetaStepInputs, meta_outer_loss, meta_step, meta_steps_before
 from gaq.calib.weights import LearnedSampleWeights, UniformWeights
 from gaq.errors import GaqError
 
@@ -112,9 +112,15 @@ def adaround_problem():
                 weights=weights, extra=lambda: 0.01 * (q[0].regulariser() + q[2].regulariser()))
 
 
+def inputs_of(p, cfg, extra=None, val=None, **names):
+    """The meta step's inputs of a test problem ``p`` (its own validation batches unless ``val``)."""
+    return MetaStepInputs(unit=p["unit"], theta=p["theta"], per_sample_loss=mse_per_sample, train_batch=p["train"],
+                          val_batches=p["val"] if val is None else val, cfg=cfg, extra_loss=extra, **names)
+
+
 def outer_of_s(p, cfg, s, extra=None):
     w = p["weights"].weights(p["idx"], s=s.detach().clone().requires_grad_(True))
-    outer, _ = meta_outer_loss(p["unit"], p["theta"], mse_per_sample, p["train"], w, p["val"], cfg, extra_loss=extra)
+    outer, _ = meta_outer_loss(inputs_of(p, cfg, extra), w)
     return float(outer.detach())
 
 
@@ -129,8 +135,7 @@ def fd_gradient(p, cfg, extra=None, h=1e-5):
 
 
 def hypergrad(p, cfg, extra=None):
-    return meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], p["val"], cfg,
-                     extra_loss=extra)
+    return meta_step(inputs_of(p, cfg, extra), p["weights"], p["idx"])
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -282,8 +287,7 @@ def test_non_finite_loss_names_the_unit_and_the_meta_step(resnet_problem):
     x, temb, y = p["val"][1]
     p["val"][1] = (x, temb, torch.full_like(y, float("nan")))
     with pytest.raises(GaqError, match=r"non-finite validation loss in GAC meta step 7 of unit 'down_blocks.0.resnets.0'"):
-        meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], p["val"],
-                  GACConfig(), unit_name="down_blocks.0.resnets.0", step=7)
+        meta_step(inputs_of(p, GACConfig(), unit_name="down_blocks.0.resnets.0", step=7), p["weights"], p["idx"])
 
 
 @pytest.mark.parametrize("kwargs, key", [
@@ -302,9 +306,8 @@ def test_one_validation_group_needs_the_gradient_matching_term_off(resnet_proble
     p = resnet_problem
     one = [p["val"][0]]
     with pytest.raises(GaqError, match="gac.gm_coef"):
-        meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], one, GACConfig())
-    grad, stats = meta_step(p["weights"], p["idx"], p["unit"], p["theta"], mse_per_sample, p["train"], one,
-                            GACConfig(gm_coef=0.0, inner_lr=0.5))
+        meta_step(inputs_of(p, GACConfig(), val=one), p["weights"], p["idx"])
+    grad, stats = meta_step(inputs_of(p, GACConfig(gm_coef=0.0, inner_lr=0.5), val=one), p["weights"], p["idx"])
     assert "alignment" not in stats and float(stats["outer"]) == float(stats["val_loss_group0"])
     assert float(grad.norm()) > 0
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from gaq.calib.cache import build_unit_cache
 from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, readable_checkpoint,
                                    save_unit_state, unit_file)
-from gaq.calib.recon import (ReconConfig, UnitReconstruction, act_phase_config, cache_store_dtype,
+from gaq.calib.recon import (ReconConfig, ReconUnit, UnitReconstruction, act_phase_config, cache_store_dtype,
                               per_sample_error)
 from gaq.calib.units import Unit, find_units, fp_counterpart, unit_parameters
 from gaq.data.datamodule import to_device
@@ -385,9 +385,9 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
     def regulariser(beta: float) -> Tensor:
         return sum(layer.weight_quantizer.round_loss(beta) for _, layer in unit.layers)
 
-    module = UnitReconstruction(job.recon).bind(
-        unit.name, unit.module, unit, rounding, regulariser, cache, torch.as_tensor(dm.train_indices),
-        set_step=set_step)
+    module = UnitReconstruction(job.recon).bind(ReconUnit(
+        name=unit.name, module=unit.module, call=unit, learned=rounding, regulariser=regulariser, cache=cache,
+        train_indices=torch.as_tensor(dm.train_indices), set_step=set_step))
     if hooks is not None:
         hooks.prepare_unit(module, k, unit, cache)
     _fit(job, module, Path(job.run_dir) / "lightning" / f"{k:03d}", unit.name, report)
@@ -445,9 +445,10 @@ def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, 
             p.requires_grad_(True)
         val_index = torch.as_tensor(dm.val_indices)
         report.error_before = unit_error(unit, cache, val_index, set_step, cfg.cache_batch)
-        module = UnitReconstruction(cfg).bind(
-            unit.name, unit.module, unit, steps, lambda beta: torch.zeros((), device=device), cache,
-            torch.as_tensor(dm.train_indices), set_step=set_step)
+        module = UnitReconstruction(cfg).bind(ReconUnit(
+            name=unit.name, module=unit.module, call=unit, learned=steps,
+            regulariser=lambda beta: torch.zeros((), device=device), cache=cache,
+            train_indices=torch.as_tensor(dm.train_indices), set_step=set_step))
         _fit(job, module, Path(job.run_dir) / "lightning" / f"act-{k:03d}", unit.name, report)
         report.error_after = unit_error(unit, cache, val_index, set_step, cfg.cache_batch)
         for p in steps:

@@ -2,6 +2,8 @@
 
 The reconstruction LightningModule owns the loop; this module gives it the maths of one meta step:
 
+* :class:`MetaStepInputs` holds what one meta step is computed on (the unit, what it learns, its loss,
+  the batches, the settings);
 * :func:`meta_outer_loss` builds the outer loss ``L_VAL = gm_coef * L_GM2 + val_coef * mean_g L_g``
   as a differentiable function of the batch weights ``w`` (and thus of the logits ``s``);
 * :func:`meta_step` turns it into the hypergradient ``d L_VAL / d s`` for the engine's Adam on ``s``;
@@ -61,6 +63,9 @@ PerSampleLoss = Callable[[Callable[..., Any], Any], Tensor]
 # extra_loss() -> scalar term of the inner objective that does not depend on the weights
 # (e.g. the AdaRound rounding regulariser), evaluated at the current theta.
 ExtraLoss = Callable[[], Tensor]
+# at(unit, theta, theta_star) -> fmodel: the unit evaluated with theta replaced by theta_star
+# (the look-ahead of one backend, see the module docstring).
+LookAhead = Callable[[nn.Module, Sequence[Tensor], Sequence[Tensor]], Callable[..., Any]]
 
 
 @dataclass
@@ -156,6 +161,36 @@ class GACConfig:
               f"gac.backend must be 'auto', 'higher' or 'functional', got {self.backend!r}")
 
 
+@dataclass(frozen=True, eq=False)
+class MetaStepInputs:
+    """What one GAC meta step is computed on: everything but the sample weights being differentiated.
+
+    Attributes:
+        unit: the reconstruction unit (quantized block) in its current state.
+        theta: the parameters the reconstruction learns (AdaRound rounding logits, step sizes), a
+            subset of ``unit.parameters()``; the unit may hold other frozen parameters and buffers.
+            Left unchanged: the look-ahead ``theta*`` exists only inside the graph.
+        per_sample_loss: ``per_sample_loss(fmodel, batch) -> (B,)``, see the module docstring.
+        train_batch: the B training tuples of the meta batch.
+        val_batches: one batch of validation tuples per timestep group, in group order.
+        cfg: the GAC settings (``inner_lr``, ``alignment``, coefficients, ``backend``, ``hypergradient``).
+        extra_loss: a term of the inner objective that does not depend on the weights (the AdaRound
+            regulariser), evaluated at ``theta``; None: no such term.
+        unit_name: names the unit in error messages.
+        step: the meta step's number, for error messages.
+    """
+
+    unit: nn.Module
+    theta: Sequence[Tensor]
+    per_sample_loss: PerSampleLoss
+    train_batch: Any
+    val_batches: Sequence[Any]
+    cfg: GACConfig
+    extra_loss: ExtraLoss | None = None
+    unit_name: str = "unit"
+    step: int = 0
+
+
 def meta_steps_before(cfg: GACConfig, recon_iter: int) -> int:
     """How many meta steps the engine runs just before reconstruction iteration ``recon_iter`` (0-based).
 
@@ -246,25 +281,18 @@ def _train_losses(unit: nn.Module, per_sample_loss: PerSampleLoss, train_batch: 
     return losses
 
 
-def _check_val_batches(val_batches: Sequence[Any], cfg: GACConfig) -> None:
+def _check_val_batches(inputs: MetaStepInputs) -> None:
     """One validation batch per group, and at least two groups when the gradient-matching term is on."""
+    val_batches, cfg = inputs.val_batches, inputs.cfg
     check(len(val_batches) >= 1, "GAC needs at least one validation batch per meta step; enlarge the validation split")
     check(len(val_batches) >= 2 or cfg.gm_coef == 0,
           "GAC's gradient-matching term needs validation batches of at least 2 timestep groups (or set gac.gm_coef: 0)")
 
 
-def _outer_parts(
-    unit: nn.Module,
-    theta: Sequence[Tensor],
-    per_sample_loss: PerSampleLoss,
-    train_batch: Any,
-    w: Tensor,
-    val_batches: Sequence[Any],
-    cfg: GACConfig,
-    extra_loss: ExtraLoss | None,
-    at: Callable[[nn.Module, Sequence[Tensor], Sequence[Tensor]], Callable[..., Any]],
-) -> dict[str, Tensor]:
-    """Every differentiable piece of the outer loss, evaluated with the look-ahead builder ``at``."""
+def _outer_parts(inputs: MetaStepInputs, w: Tensor, at: LookAhead) -> dict[str, Tensor]:
+    """Every differentiable piece of the outer loss at the weights ``w``, evaluated with the look-ahead builder ``at``."""
+    unit, theta, per_sample_loss, cfg = inputs.unit, inputs.theta, inputs.per_sample_loss, inputs.cfg
+    train_batch, val_batches, extra_loss = inputs.train_batch, inputs.val_batches, inputs.extra_loss
     # 1. inner step: theta* = theta - eta * grad_theta (sum_i w_i l_i / B + extra)
     losses = _train_losses(unit, per_sample_loss, train_batch, w)
     inner = (w * losses).sum() / w.numel()
@@ -323,17 +351,9 @@ def _batched_grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outp
                        f"({str(err).splitlines()[0][:120]}); set gac.batched_products: false") from err
 
 
-def _factored_grad_w(
-    unit: nn.Module,
-    theta: Sequence[Tensor],
-    per_sample_loss: PerSampleLoss,
-    train_batch: Any,
-    w: Tensor,
-    val_batches: Sequence[Any],
-    cfg: GACConfig,
-    extra_loss: ExtraLoss | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``d L_VAL / d w`` and the outer loss's pieces, without differentiating through the look-ahead step.
+def _factored_grad_w(inputs: MetaStepInputs, w: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """``d L_VAL / d w`` and the outer loss's pieces at the weights ``w``, without differentiating through
+    the look-ahead step.
 
     With ``theta* = theta - eta (sum_i w_i grad l_i(theta) / B + grad extra)``, ``J`` the per-sample
     Jacobian of the training losses at ``theta``, ``u_g = grad L_g(theta*)`` and ``H_g`` its Hessian:
@@ -347,6 +367,8 @@ def _factored_grad_w(
     validation losses. Equals the nested autograd of :func:`_outer_parts` (tested), at a fraction of
     its cost: no third-order graph over the validation set.
     """
+    unit, theta, per_sample_loss, cfg = inputs.unit, inputs.theta, inputs.per_sample_loss, inputs.cfg
+    train_batch, val_batches, extra_loss = inputs.train_batch, inputs.val_batches, inputs.extra_loss
     w_ = w.detach()
     k = cfg.inner_lr / w_.numel()
     losses = _train_losses(unit, per_sample_loss, train_batch, w_)
@@ -389,25 +411,15 @@ def _factored_grad_w(
     return grad_w, parts
 
 
-def _outer_parts_by_backend(
-    unit: nn.Module,
-    theta: Sequence[Tensor],
-    per_sample_loss: PerSampleLoss,
-    train_batch: Any,
-    w: Tensor,
-    val_batches: Sequence[Any],
-    cfg: GACConfig,
-    extra_loss: ExtraLoss | None,
-    unit_name: str,
-) -> dict[str, Tensor]:
+def _outer_parts_by_backend(inputs: MetaStepInputs, w: Tensor) -> dict[str, Tensor]:
     """:func:`_outer_parts` with the look-ahead of ``cfg.backend`` (``auto``: higher, else functional)."""
-    args = (unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss)
+    unit, unit_name, cfg = inputs.unit, inputs.unit_name, inputs.cfg
     if cfg.backend == "functional":
-        return _outer_parts(*args, at=_functional_at)
+        return _outer_parts(inputs, w, at=_functional_at)
     if cfg.backend == "higher":
         check(_higher_available(), "the 'higher' package is not installed: install it or set gac.backend: functional")
         try:
-            return _outer_parts(*args, at=_higher_at)
+            return _outer_parts(inputs, w, at=_higher_at)
         except TypeError as err:
             if _is_higher_patch_failure(err):
                 raise GaqError(f"higher cannot patch unit {unit_name!r} ({type(unit).__name__}): "
@@ -415,7 +427,7 @@ def _outer_parts_by_backend(
             raise
     if _higher_available() and unit not in _HIGHER_UNSUPPORTED:
         try:
-            return _outer_parts(*args, at=_higher_at)
+            return _outer_parts(inputs, w, at=_higher_at)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # higher cannot run this unit: remember it, use functional from now on
@@ -423,7 +435,7 @@ def _outer_parts_by_backend(
             log.log(level, "higher cannot run unit %r (%s: %s); using torch.func.functional_call for it",
                     unit_name, type(err).__name__, err)
             _HIGHER_UNSUPPORTED.add(unit)
-    return _outer_parts(*args, at=_functional_at)
+    return _outer_parts(inputs, w, at=_functional_at)
 
 
 def _check_finite(parts: dict[str, Tensor], unit_name: str, step: int) -> None:
@@ -437,33 +449,14 @@ def _check_finite(parts: dict[str, Tensor], unit_name: str, step: int) -> None:
                    "lower gac.inner_lr or gac.meta_lr, or check this unit's calibration data")
 
 
-def meta_outer_loss(
-    unit: nn.Module,
-    theta: Sequence[Tensor],
-    per_sample_loss: PerSampleLoss,
-    train_batch: Any,
-    w: Tensor,
-    val_batches: Sequence[Any],
-    cfg: GACConfig,
-    extra_loss: ExtraLoss | None = None,
-    unit_name: str = "unit",
-    step: int = 0,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def meta_outer_loss(inputs: MetaStepInputs, w: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """The outer loss of one GAC meta step, differentiable with respect to ``w``.
 
     Args:
-        unit: the reconstruction unit (quantized block) in its current state.
-        theta: the parameters the reconstruction learns (AdaRound rounding logits, step sizes), a
-            subset of ``unit.parameters()``; the unit may hold other frozen parameters and buffers.
-            Left unchanged: the look-ahead ``theta*`` exists only inside the graph.
-        per_sample_loss: ``per_sample_loss(fmodel, batch) -> (B,)``, see the module docstring.
-        train_batch: the B training tuples of the meta batch.
-        w: their mean-one weights ``N * omega[idx]``, ``(B,)``, attached to the graph of ``s``.
-        val_batches: one batch of validation tuples per timestep group, in group order.
-        cfg: the GAC settings (``inner_lr``, ``alignment``, coefficients, ``backend``).
-        extra_loss: a term of the inner objective that does not depend on ``w`` (the AdaRound
-            regulariser), evaluated at ``theta``.
-        unit_name, step: name the unit and meta step in error messages.
+        inputs: the unit, its learned parameters ``theta``, the per-sample loss, the meta batch, the
+            validation batches, the settings and the names for errors (:class:`MetaStepInputs`).
+        w: the mean-one weights ``N * omega[idx]`` of the training tuples, ``(B,)``, attached to the
+            graph of ``s``.
 
     Returns:
         ``outer`` (scalar) ``= gm_coef * L_GM2 + val_coef * mean_g L_g`` with
@@ -473,18 +466,17 @@ def meta_outer_loss(
         ``weight_grad_norm`` (mean ``||G_g||``).
 
     Raises:
-        GaqError: a loss or the alignment is NaN or infinite (names ``unit_name`` and ``step``),
-            or ``backend='higher'`` on a unit higher cannot patch.
+        GaqError: a loss or the alignment is NaN or infinite (names ``inputs.unit_name`` and
+            ``inputs.step``), or ``backend='higher'`` on a unit higher cannot patch.
     """
-    _check_val_batches(val_batches, cfg)
+    _check_val_batches(inputs)
     if not w.requires_grad:
         raise ValueError("w must be attached to the graph of the logits s (use LearnedSampleWeights.weights(index, s=s_leaf))")
     # The fused attention kernels (flash, memory-efficient, CPU flash) have no double backward; the
     # math kernel of scaled_dot_product_attention does, so units with attention run it here.
     with sdpa_kernel([SDPBackend.MATH]):
-        parts = _outer_parts_by_backend(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss,
-                                        unit_name)
-    _check_finite(parts, unit_name, step)
+        parts = _outer_parts_by_backend(inputs, w)
+    _check_finite(parts, inputs.unit_name, inputs.step)
     return parts["outer"], meta_stats(parts)
 
 
@@ -499,26 +491,14 @@ def meta_stats(parts: dict[str, Tensor]) -> dict[str, Tensor]:
     return stats
 
 
-def meta_step(
-    weights: LearnedSampleWeights,
-    index: Tensor,
-    unit: nn.Module,
-    theta: Sequence[Tensor],
-    per_sample_loss: PerSampleLoss,
-    train_batch: Any,
-    val_batches: Sequence[Any],
-    cfg: GACConfig,
-    extra_loss: ExtraLoss | None = None,
-    unit_name: str = "unit",
-    step: int = 0,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def meta_step(inputs: MetaStepInputs, weights: LearnedSampleWeights,
+              index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """The hypergradient ``d L_VAL / d s`` of one meta step; commits nothing.
 
     Args:
+        inputs: what the meta step is computed on (:class:`MetaStepInputs`).
         weights: the learned weights; ``weights.s`` is read, never written.
-        index: global indices ``(B,)`` of the tuples in ``train_batch``.
-        unit, theta, per_sample_loss, train_batch, val_batches, cfg, extra_loss, unit_name, step:
-            as in :func:`meta_outer_loss`.
+        index: global indices ``(B,)`` of the tuples in ``inputs.train_batch``.
 
     Returns:
         ``grad_s``, shape ``(N,)`` like ``weights.s``, and the stats of :func:`meta_outer_loss`.
@@ -526,21 +506,19 @@ def meta_step(
         ``weights.s.grad = grad_s; adam_on_s.step()`` (Adam over ``[weights.s]``, lr ``cfg.meta_lr``).
 
     Raises:
-        GaqError: non-finite losses or hypergradient (names ``unit_name`` and ``step``).
+        GaqError: non-finite losses or hypergradient (names ``inputs.unit_name`` and ``inputs.step``).
     """
-    if cfg.hypergradient == "factored":
-        _check_val_batches(val_batches, cfg)
+    if inputs.cfg.hypergradient == "factored":
+        _check_val_batches(inputs)
         weights.slots(index)  # every index must be a training tuple (the check weights(index) makes below)
-        grad_s, parts = meta_hypergradient_parts(weights, index, unit, theta, per_sample_loss, train_batch,
-                                                 val_batches, cfg, extra_loss)
-        check_meta_parts(grad_s, parts, unit_name, step)
+        grad_s, parts = meta_hypergradient_parts(inputs, weights, index)
+        check_meta_parts(grad_s, parts, inputs.unit_name, inputs.step)
         return grad_s, meta_stats(parts)
     s = weights.s.detach().clone().requires_grad_(True)
     w = weights.weights(index, s=s)
-    outer, stats = meta_outer_loss(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg,
-                                   extra_loss=extra_loss, unit_name=unit_name, step=step)
+    outer, stats = meta_outer_loss(inputs, w)
     (grad_s,) = torch.autograd.grad(outer, s)
-    check_hypergradient(grad_s, unit_name, step)
+    check_hypergradient(grad_s, inputs.unit_name, inputs.step)
     return grad_s, stats
 
 
@@ -550,17 +528,8 @@ def check_hypergradient(grad_s: Tensor, unit_name: str, step: int) -> None:
           f"non-finite hypergradient in GAC meta step {step} of unit {unit_name!r}: lower gac.inner_lr or gac.meta_lr")
 
 
-def meta_hypergradient_parts(
-    weights: LearnedSampleWeights,
-    index: Tensor,
-    unit: nn.Module,
-    theta: Sequence[Tensor],
-    per_sample_loss: PerSampleLoss,
-    train_batch: Any,
-    val_batches: Sequence[Any],
-    cfg: GACConfig,
-    extra_loss: ExtraLoss | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def meta_hypergradient_parts(inputs: MetaStepInputs, weights: LearnedSampleWeights,
+                             index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`meta_step`'s arithmetic with no host synchronisation, for capture in a CUDA graph:
     ``index`` and the batches must already be on the device; the functional backend runs (higher's
     fallback is found by catching its failure, which a capture cannot survive) and nothing is
@@ -568,13 +537,11 @@ def meta_hypergradient_parts(
     s = weights.s.detach().clone().requires_grad_(True)
     w = weights.weights(index, s=s, validate=False)
     with sdpa_kernel([SDPBackend.MATH]):
-        if cfg.hypergradient == "factored":
-            grad_w, parts = _factored_grad_w(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg,
-                                             extra_loss)
+        if inputs.cfg.hypergradient == "factored":
+            grad_w, parts = _factored_grad_w(inputs, w)
             (grad_s,) = torch.autograd.grad(w, s, grad_outputs=grad_w)
         else:
-            parts = _outer_parts(unit, theta, per_sample_loss, train_batch, w, val_batches, cfg, extra_loss,
-                                 at=_functional_at)
+            parts = _outer_parts(inputs, w, at=_functional_at)
             (grad_s,) = torch.autograd.grad(parts["outer"], s)
     return grad_s, {k: v.detach() for k, v in parts.items()}
 

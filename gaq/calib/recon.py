@@ -195,6 +195,36 @@ class MetaPhase:
 WeightFn = Callable[[Tensor], Tensor]
 
 
+@dataclass(eq=False)
+class ReconUnit:
+    """One unit as :class:`UnitReconstruction` fits it (what :meth:`UnitReconstruction.bind` attaches).
+
+    Attributes:
+        name: the unit's name, for logs and errors.
+        module: the module holding the unit's parameters (registered so Lightning moves and checkpoints it).
+        call: runs the unit on cached ``(*args, **kwargs)`` and returns its output tensor.
+        learned: the parameters the fit learns (only these get gradients): AdaRound's rounding logits in
+            the weight phase, the activation step sizes in the activation phase.
+        regulariser: ``beta -> sum of (1 - |2h - 1|^beta)`` over the unit's rounding variables (a
+            constant zero where nothing is rounded).
+        cache: inputs, FP targets and sampling steps of every calibration tuple.
+        train_indices: global indices of the training tuples.
+        weights: per-sample weight of global indices; uniform by default (a GAC meta phase replaces it).
+        set_step: sets the per-sample sampling step for per-step activation quantizers (None: the unit
+            has none).
+    """
+
+    name: str
+    module: nn.Module
+    call: Callable[..., Tensor]
+    learned: list[nn.Parameter]
+    regulariser: Callable[[float], Tensor]
+    cache: UnitCache
+    train_indices: Tensor
+    weights: WeightFn = UniformWeights().weights
+    set_step: Callable[[Tensor | None], None] | None = None
+
+
 _CAPTURE_FAILED: list[str] = []  # a failed capture can leave the allocator's graph pools unusable
 
 
@@ -252,25 +282,11 @@ class UnitReconstruction(pl.LightningModule):
         self._meta_graph_state = None   # GraphedMetaStep, False (eager), or None (not decided yet)
         self._first_bad: Tensor | None = None
 
-    def bind(self, unit_name: str, unit: nn.Module, call: Callable[..., Tensor], rounding: list[nn.Parameter],
-             regulariser: Callable[[float], Tensor], cache: UnitCache, train_indices: Tensor,
-             weights: WeightFn = UniformWeights().weights, set_step: Callable[[Tensor | None], None] | None = None):
-        """Attach one unit.
-
-        Args:
-            unit_name: the unit's name, for logs and errors.
-            unit: the module holding the unit's parameters (registered so Lightning moves and checkpoints it).
-            call: runs the unit on cached ``(*args, **kwargs)`` and returns its output tensor.
-            rounding: the rounding logits to learn (only these get gradients).
-            regulariser: ``beta -> sum of (1 - |2h - 1|^beta)`` over the unit's rounding variables.
-            cache: inputs, FP targets and sampling steps of every calibration tuple.
-            train_indices: global indices of the training tuples.
-            weights: per-sample weight of global indices, e.g. uniform (the meta phase replaces it).
-            set_step: sets the per-sample sampling step for per-step activation quantizers.
-        """
-        self.unit_name, self.unit, self._call = unit_name, unit.eval(), call
-        self._rounding, self._regulariser, self.cache = rounding, regulariser, cache
-        self.train_indices, self._weights, self._set_step = train_indices, weights, set_step
+    def bind(self, target: ReconUnit) -> "UnitReconstruction":
+        """Attach one unit (:class:`ReconUnit`) before ``fit``."""
+        self.unit_name, self.unit, self._call = target.name, target.module.eval(), target.call
+        self._rounding, self._regulariser, self.cache = target.learned, target.regulariser, target.cache
+        self.train_indices, self._weights, self._set_step = target.train_indices, target.weights, target.set_step
         return self
 
     def enable_meta(self, meta: MetaPhase) -> "UnitReconstruction":
@@ -437,6 +453,13 @@ class UnitReconstruction(pl.LightningModule):
         self.cache = self._recon_stream = self._meta_stream = None
         self._weights = self._call = self._regulariser = self._set_step = None
 
+    def _meta_inputs(self, index: Tensor, val: list[Tensor], m: int):
+        """GAC's :class:`gaq.calib.gac.MetaStepInputs` of meta step ``m`` on the meta batch ``index`` and the
+        validation batches ``val`` (the batches are global indices into the unit's cache)."""
+        from gaq.calib.gac import MetaStepInputs
+        return MetaStepInputs(unit=self.unit, theta=self._rounding, per_sample_loss=self._meta_loss, train_batch=index,
+                              val_batches=val, cfg=self.meta.cfg, unit_name=self.unit_name, step=m)
+
     def _meta_step(self, opt, m: int, rank: int, world: int) -> None:
         from gaq.calib.gac import check_meta_parts, meta_stats, meta_step
         index = self._meta_stream.rank_batch(m, rank, world)
@@ -447,9 +470,7 @@ class UnitReconstruction(pl.LightningModule):
             check_meta_parts(grad_s, parts, self.unit_name, m)
             stats = meta_stats(parts)
         else:
-            grad_s, stats = meta_step(
-                self.meta.weights, index, self.unit, self._rounding, self._meta_loss, index, val,
-                self.meta.cfg, unit_name=self.unit_name, step=m)
+            grad_s, stats = meta_step(self._meta_inputs(index, val, m), self.meta.weights, index)
         if world > 1:  # autograd.grad bypasses DDP's hooks: average the hypergradient explicitly
             grad_s = self.trainer.strategy.reduce(grad_s.clone(), reduce_op="mean")
         self.meta.weights.s.grad = grad_s.to(self.meta.weights.s.dtype)
@@ -472,16 +493,15 @@ class UnitReconstruction(pl.LightningModule):
     def _meta_graph(self, index: Tensor, val: list[Tensor]):
         """The CUDA graph of one meta step's hypergradient (captured on first use), or None (eager)."""
         if self._meta_graph_state is None:
-            from functools import partial
-
             from gaq.calib.gac import meta_hypergradient_parts
             from gaq.calib.graphed import GraphedMetaStep
-            hyper = partial(meta_hypergradient_parts, self.meta.weights, unit=self.unit, theta=self._rounding,
-                            per_sample_loss=self._meta_loss, cfg=self.meta.cfg)
+
+            def hyper(idx: Tensor, vb: list[Tensor]):
+                return meta_hypergradient_parts(self._meta_inputs(idx, vb, self.meta_done), self.meta.weights, idx)
+
             self._meta_graph_state = self._may_capture("meta step") and _capture_or_false(
                 self.unit_name, "meta step", self.recon.cuda_graph == "on",
-                lambda: GraphedMetaStep(lambda idx, vb: hyper(idx, train_batch=idx, val_batches=vb), index, val,
-                                        self.device))
+                lambda: GraphedMetaStep(hyper, index, val, self.device))
         return self._meta_graph_state or None
 
     def _meta_loss(self, fmodel: Callable[..., Any], index: Tensor) -> Tensor:
