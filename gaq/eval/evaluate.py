@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,10 @@ import gaq
 from gaq.errors import check
 from gaq.eval.fidelity import FidelityConfig
 from gaq.eval.metrics import MetricsConfig
-from gaq.models.sampling import SamplerConfig
 from gaq.eval.timestep_error import TimestepErrorConfig
 from gaq.models.loading import Denoiser
 from gaq.provenance import device_name, git_commit
-from gaq.eval.generation import default_sampler, SamplingConfig, Conditioning, SamplingModule
+from gaq.eval.generation import SamplingConfig, Conditioning, SamplingModule
 from gaq.eval.reference import ReferenceConfig
 
 RUN_QUANTIZED_DIR = "quantized"     # where gaq calibrate saves the quantized model inside a run folder
@@ -61,15 +60,18 @@ class GridConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(SamplingConfig):
     """Everything ``gaq evaluate`` reads (the ``trainer`` section aside).
+
+    The samples to draw are the fields inherited from :class:`SamplingConfig` (``num_samples``,
+    ``batch_size``, ``seed``, ``sampler``, ``cond_embeddings``, ``prompts``: top-level keys of the YAML,
+    declared and checked there once); :meth:`sampling` gives them as a :class:`SamplingConfig`.
 
     Attributes:
         source: the FP model (folder or hub id). With ``run`` and no ``source``, the run's base model.
         run: a ``gaq calibrate`` run folder: evaluate its ``quantized/`` model on top of ``source``.
             Without it, the FP model is evaluated.
         out_dir: output folder; default ``<run>/eval``, or ``runs/eval-fp`` for the FP model.
-        num_samples / batch_size / seed / sampler / cond_embeddings / prompts: see :class:`SamplingConfig`.
         features: the default model's classifier folder (FID / sFID / precision / recall / accuracy
             features), e.g. ``checkpoints/default/classifier``; None: no classifier metrics.
         reference: the real images of the reference statistics and their cache.
@@ -83,12 +85,6 @@ class EvaluateConfig:
     source: str | None = None
     run: str | None = None
     out_dir: str | None = None
-    num_samples: int = 1000
-    batch_size: int = 250
-    seed: int = 0
-    sampler: SamplerConfig = field(default_factory=default_sampler)
-    cond_embeddings: str | None = None
-    prompts: str | None = None
     features: str | None = None
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -97,8 +93,9 @@ class EvaluateConfig:
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.num_samples, self.batch_size, self.seed, self.sampler, self.cond_embeddings,
-                              self.prompts)
+        """The sampling settings alone (the fields inherited from :class:`SamplingConfig`): what the sampling,
+        the metrics' records and the FP-sample cache key are made of."""
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(SamplingConfig)})
 
     def output_dir(self) -> Path:
         if self.out_dir:
