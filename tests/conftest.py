@@ -6,6 +6,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CI has 2 cores and several tests start 2-process DDP runs: one intra-op thread per process avoids
 # oversubscription (subprocesses inherit it through the environment)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# gaq's Triton kernels run under Triton's CPU interpreter in the tests (the mode is fixed when a kernel is
+# defined, so before anything imports them)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,7 +16,7 @@ from gaq.deploy import DeployConfig, DeployedConv2d, DeployedLayer, DeployedLine
 from gaq.deploy import kernels
 from gaq.deploy.layers import _int_mm_acc, _Part, im2col
 from gaq.errors import GaqError
-from gaq.quant import QuantConfig, QuantLayer, WeightRangeConfig, calibrate_activations, quantize, rounding_parameters
+from gaq.quant import QuantConfig, QuantLayer, UncalibratedTimestepWarning, WeightRangeConfig, calibrate_activations, quantize, rounding_parameters
 
 DEFAULT_UNET = Path(__file__).resolve().parents[1] / "checkpoints" / "default" / "unet"
 
@@ -182,3 +182,38 @@ def test_deploy_refuses_what_it_cannot_run():
     gaq.quant.set_quant_state(uncal, weight=True, act=True)
     with pytest.raises(GaqError, match="not calibrated"):
         deploy(uncal)
+
+
+def test_triton_activation_quantizer_gives_the_reference_codes():
+    pytest.importorskip("triton")
+    from gaq.deploy import triton_quant
+    if not triton_quant.AVAILABLE:
+        pytest.skip("triton did not import")
+    q = _calibrated(_unet())
+    act = next(m for m in deploy(copy.deepcopy(q), DeployConfig(dtype="float32")).modules()
+               if isinstance(m, DeployedLayer) and m.parts[0].act is not None).parts[0].act
+    g = torch.Generator().manual_seed(0)
+    for step in (torch.tensor([2]), torch.tensor([0, 3, 1])):
+        q.gaq_quant.context.step_index = step
+        act.context = q.gaq_quant.context
+        scale, zero, _ = act.grid(3)
+        x = torch.randn(3, 5, 6, 7, generator=g) * 3
+        x[0, 0, 0, :3] = torch.tensor([0.5, 1.5, -2.5]) * scale[0]  # ties round to even
+        for x_in in (x, x.contiguous(memory_format=torch.channels_last), x.to(torch.bfloat16)):
+            out = triton_quant.quantize_codes(x_in, scale, zero, act.qmin, act.qmax, act.offset)
+            shape = (scale.shape[0], 1, 1, 1)
+            ref = (torch.clamp(torch.round(x_in.float() / scale.view(shape)) + zero.view(shape), act.qmin, act.qmax)
+                   - act.offset).to(torch.int8)
+            assert out.dtype == torch.int8 and torch.equal(out, ref) and out.stride() == x_in.stride()
+
+
+def test_a_bf16_deployed_model_takes_float32_inputs_and_keeps_the_timestep_exact():
+    q = _calibrated(_unet())
+    d = deploy(copy.deepcopy(q), DeployConfig(dtype="bfloat16"))
+    x = torch.randn(2, 1, 16, 16)
+    seen = {}
+    d.time_proj.register_forward_pre_hook(lambda m, args: seen.update(t=args[0]))
+    with torch.no_grad(), pytest.warns(UncalibratedTimestepWarning):  # host timesteps are still checked
+        out = d(x, torch.tensor([999.0, 1.0])).sample  # 999 is 1000 in bfloat16
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [999.0, 1.0]

@@ -236,6 +236,14 @@ def test_evaluate_fp_and_a_calibrated_run_end_to_end(tmp_path, model_dir, capsys
     off = json.loads((tmp_path / "off" / "metrics.json").read_text())
     assert off["fidelity"] is None and "psnr" not in off["metrics"]
     assert any(n == "fidelity to FP skipped: fidelity.enabled is false" for n in off["notes"])
+    # the deployed form of the same run (integer weights and GEMMs; float32 elsewhere) samples what the
+    # fake-quantized model does, up to activation codes that flip at a rounding boundary
+    gaq_main(["evaluate", "--config", str(cfg), "--run", str(run), "--out_dir", str(tmp_path / "deployed"),
+              "--timestep_error.enabled", "false", "--deploy.dtype", "float32"])
+    dep = json.loads((tmp_path / "deployed" / "metrics.json").read_text())
+    assert dep["model"]["model"] == "deployed" and dep["model"]["deploy"]["dtype"] == "float32"
+    assert dep["fidelity"]["fp_samples"]["cache"] == "hit"
+    assert abs(dep["metrics"]["psnr"] - m["psnr"]) < 0.5 and abs(dep["metrics"]["accuracy"] - m["accuracy"]) <= 0.1
     capsys.readouterr()
     assert (run / "eval" / "timestep_error.png").stat().st_size > 0
     # the same seed and sampler: the quantized W4A8 samples differ from the FP ones, but not wildly

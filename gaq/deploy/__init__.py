@@ -14,12 +14,35 @@ model (``qmodel.save_pretrained``) before deploying, and deploy again after :fun
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from gaq.deploy.config import DTYPES, DeployConfig
 from gaq.deploy.layers import DEPLOYED_LAYERS, DeployedConv2d, DeployedLayer, DeployedLinear
 from gaq.errors import GaqError, check
+from gaq.quant.step_context import timestep_argument
 from gaq.quant.wrap import iter_quant_layers, quant_info
+
+
+class InputCast:
+    """Root-model forward pre-hook of a deployed model: floating-point inputs to the compute dtype (the
+    timestep argument excepted: a float timestep keeps its precision), so callers may pass float32."""
+
+    def __init__(self, dtype: torch.dtype, timestep: tuple[int, str] | None):
+        self.dtype, self.timestep = dtype, timestep
+
+    def _cast(self, value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(self.dtype)
+        if isinstance(value, dict):
+            return {k: self._cast(v) for k, v in value.items()}
+        return value
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        pos, name = self.timestep if self.timestep is not None else (-1, None)
+        args = tuple(a if i == pos else self._cast(a) for i, a in enumerate(args))
+        kwargs = {k: v if k == name else self._cast(v) for k, v in kwargs.items()}
+        return args, kwargs
 
 
 class DeployedSavePretrained:
@@ -41,7 +64,8 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
 
     Returns:
         ``qmodel`` itself: its quantized layers replaced by :class:`DeployedLinear` / :class:`DeployedConv2d`,
-        its other floating-point tensors cast to ``config.dtype``, in eval mode.
+        its other floating-point tensors cast to ``config.dtype``, in eval mode; it takes inputs of any
+        floating dtype (cast to ``config.dtype``, the timestep excepted) and returns ``config.dtype``.
 
     Raises:
         GaqError: not a gaq-quantized model, already deployed, a layer with weight quantization off or an
@@ -73,6 +97,7 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
                 t.data = t.data.to(dtype)
     if info.context is not None:
         info.context.check_device_timesteps = config.check_device_timesteps
+    qmodel.register_forward_pre_hook(InputCast(dtype, timestep_argument(qmodel)), with_kwargs=True)
     qmodel.save_pretrained = DeployedSavePretrained()
     qmodel.gaq_deploy = config
     return qmodel.eval()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gaq.deploy import kernels
+from gaq.deploy import kernels, triton_quant
 from gaq.deploy.config import DeployConfig
 from gaq.deploy.packing import pack_int4, unpack_int4
 from gaq.errors import GaqError, check
@@ -40,6 +40,13 @@ def _triton_ready(device: torch.device) -> bool:
         return False
     from gaq.deploy import triton_kernels
     return triton_kernels.AVAILABLE
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels-last for a 4-D channels-last (not also contiguous) tensor, else contiguous."""
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _KeepDtype(nn.Module):
@@ -90,9 +97,11 @@ class DeployedActQuant(_KeepDtype):
     def codes(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         """int8 codes ``a = clamp(round(x / s) + z, qmin, qmax) - offset`` (batch first), in float32 as the fake
         quantizer computes them at float32."""
+        if x.is_cuda and triton_quant.AVAILABLE:  # one pass, same codes
+            return triton_quant.quantize_codes(x, scale, zero, self.qmin, self.qmax, self.offset)
         shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
         q = torch.clamp(torch.round(x.float() / scale.view(shape)) + zero.view(shape), self.qmin, self.qmax)
-        return (q - self.offset).to(torch.int8)
+        return (q - self.offset).to(torch.int8).contiguous(memory_format=_memory_format(x))
 
     def dequantize(self, a: Tensor, scale: Tensor, row_zero: Tensor, dtype: torch.dtype) -> Tensor:
         """``x_hat = (a - zx) * s`` in ``dtype``."""

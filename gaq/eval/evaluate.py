@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from torch import nn
 
 import gaq
+from gaq.deploy.config import DeployConfig
 from gaq.errors import check
 from gaq.eval.fidelity import FidelityConfig
 from gaq.eval.metrics import MetricsConfig
@@ -80,6 +81,9 @@ class EvaluateConfig(SamplingConfig):
         timestep_error: the per-step error of a quantized run against the FP model.
         fidelity: PSNR / SSIM / MSE / FID of a quantized run's samples against the FP model's samples
             from the same noise (FP samples cached in ``reference.cache_dir``).
+        deploy: a run only: evaluate the deployed form of its quantized model (:func:`gaq.deploy.deploy`:
+            integer weights and GEMMs, ``deploy.dtype`` elsewhere) instead of the fake-quantized one;
+            None (default): the fake-quantized model.
     """
 
     source: str | None = None
@@ -91,6 +95,7 @@ class EvaluateConfig(SamplingConfig):
     grid: GridConfig = field(default_factory=GridConfig)
     timestep_error: TimestepErrorConfig = field(default_factory=TimestepErrorConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    deploy: DeployConfig | None = None
 
     def sampling(self) -> SamplingConfig:
         """The sampling settings alone (the fields inherited from :class:`SamplingConfig`): what the sampling,
@@ -124,10 +129,16 @@ def load_models(cfg: EvaluateConfig) -> tuple[Denoiser, nn.Module, dict]:
             info.update(calibration_seconds=s.get("calibration_seconds"), peak_memory_bytes=s.get("peak_memory_bytes"),
                         calibration_device=s.get("device"))
     check(source is not None, "set `source` (the FP model folder or hub id) or `run` (a gaq calibrate run folder)")
+    check(cfg.deploy is None or cfg.run, "deploy: needs run: (a gaq calibrate run folder); the FP model has nothing "
+          "to deploy")
     den = load_denoiser(source)
     info["source"] = source
     model = load_quantized(Path(cfg.run) / RUN_QUANTIZED_DIR, den.model) if cfg.run else den.model
     info["model"] = "quantized" if cfg.run else "fp"
+    if cfg.deploy is not None:
+        from gaq.deploy import deploy
+        model = deploy(model, cfg.deploy)
+        info["model"], info["deploy"] = "deployed", asdict(cfg.deploy)
     return den, model.eval(), info
 
 

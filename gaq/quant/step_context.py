@@ -146,6 +146,8 @@ class TimestepHook:
         t = torch.as_tensor(t, device=device) if not isinstance(t, Tensor) else t
         steps = self.context.steps_for_timesteps(t.reshape(-1))
         self.context.warn_uncalibrated(t, steps)
+        if device is not None and steps.device != device:  # once per call, not once per layer
+            steps = steps.to(device, non_blocking=True)
         self.context.step_index = steps
 
 

@@ -1,0 +1,298 @@
+"""Deployed quantized models against FP and fake-quantized ones: latency, trajectory time, memory.
+
+For the paper architectures (``bench/paper_archs.py``, random weights: speed and agreement only), at each
+batch size, per variant:
+
+- ``fp32``: the FP model in float32 (TF32 off for matmuls and convolutions: plain fp32);
+- ``bf16``: the FP model in bfloat16, channels-last for UNets;
+- ``bf16_compile``: that, through ``torch.compile`` (compiled once per batch size, ``dynamic=False``);
+- ``fake_w4a8``: gaq's fake-quantized W4A8 model (the reference; float32, TF32 off), the paper config's
+  preset, round-to-nearest weights, per-step activation ranges calibrated on a few random batches;
+- ``deploy_w4a32`` / ``deploy_w8a8`` / ``deploy_w4a8``: :func:`gaq.deploy.deploy` of the W4A32 / W8A8 /
+  W4A8 model in bfloat16 with the default kernels (Triton on CUDA); ``*_intmm``: with ``torch._int_mm``
+  and an int8 im2col instead.
+
+Measured: one model call (median of CUDA-event timings after warm-up) at a mid-trajectory timestep; a
+DDIM trajectory of ``--steps`` steps (one timed run); resident bytes of the model's tensors; peak
+allocated memory during the calls. Agreement: the deployed models' noise prediction against the
+fake-quantized model of the same bits on the same input (relative L2), and the PSNR of their
+trajectory samples from the same noise.
+
+    python bench/deploy.py --out bench/results/deploy/h200          # on one H200
+    python bench/deploy.py --device cpu --quick --archs cifar10-ddpm --batches 2 --out /tmp/deploy  # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from paper_archs import build_paper_denoiser, paper_model  # noqa: E402
+
+from gaq.deploy import DeployConfig, deploy  # noqa: E402
+from gaq.provenance import device_name, git_commit  # noqa: E402
+from gaq.quant import QuantConfig, WeightRangeConfig, calibrate_activations, quantize  # noqa: E402
+
+ARCHS = ("cifar10-ddpm", "lsun-bedrooms-ldm4", "imagenet-dit-xl2")
+#: the paper configs' presets (configs/paper/*.yaml)
+PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "imagenet-dit-xl2": "qdiff_compat"}
+VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy_w8a8", "deploy_w4a8")
+EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a8_compile")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the timed trajectory and of the per-step scales")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per configuration (fewer when a call is slow)")
+    p.add_argument("--call_budget_s", type=float, default=2.0, help="timed seconds per configuration at most")
+    p.add_argument("--agree_batch", type=int, default=8, help="batch of the agreement checks")
+    p.add_argument("--budget_s", type=float, default=540.0, help="stop starting new configurations after this")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="the architectures at reduced width (smoke runs)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/deploy/h200"))
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds of one ``fn()`` (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+class Arch:
+    """One architecture: its FP model, timesteps, inputs and call."""
+
+    def __init__(self, name: str, device: torch.device, quick: bool, steps: int):
+        den, self.info = build_paper_denoiser(name, device, quick=quick, decoder=False)
+        self.name, self.fp, self.device = name, den.model, device
+        self.shape = tuple(den.sample_shape)
+        self.is_unet = "UNet" in type(self.fp).__name__
+        self.class_cond = paper_model(name).cond_kind == "class"
+        self.scheduler = DDIMScheduler(**paper_model(name).schedule)
+        self.scheduler.set_timesteps(steps)
+        self.timesteps = self.scheduler.timesteps.clone()
+        if paper_model(name).cond_kind == "text":
+            raise SystemExit(f"{name}: text-conditioned architectures are not in this bench")
+
+    def kwargs(self, batch: int) -> dict:
+        if not self.class_cond:
+            return {}
+        return {"class_labels": torch.arange(batch, device=self.device) % 1000}
+
+    def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.is_unet:  # DiT wants one timestep per sample, as DiTPipeline expands it
+            t = t.reshape(1).expand(x.shape[0])
+        out = model(x, t, **self.kwargs(x.shape[0])).sample
+        return out[:, : self.shape[0]]  # DiT predicts noise and variance: keep the noise
+
+    def fake(self, w_bits: int, a_bits: int) -> torch.nn.Module:
+        """The fake-quantized model, round-to-nearest weights, activations calibrated on random batches."""
+        cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, preset=PRESETS[self.name], w_range=WeightRangeConfig(method="minmax"))
+        q = quantize(self.fp, cfg, timesteps=self.timesteps)
+        if a_bits < 32:
+            g = torch.Generator(device=self.device).manual_seed(0)
+            n = len(self.timesteps)
+            batches = [{"x": torch.randn(n, *self.shape, device=self.device, generator=g), "t": self.timesteps.to(self.device),
+                        "step": torch.arange(n, device=self.device), "cond": self.kwargs(n)} for _ in range(2)]
+            with torch.no_grad():
+                calibrate_activations(q, batches)
+        return q.eval()
+
+    def trajectory(self, model, noise: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = noise.to(dtype)
+        sched = copy.deepcopy(self.scheduler)
+        for t in sched.timesteps:
+            eps = self.call(model, x, t)
+            x = sched.step(eps.float(), t, x.float()).prev_sample.to(dtype)
+        return x.float()
+
+
+def build_variant(arch: Arch, variant: str, fakes: dict) -> tuple[torch.nn.Module, torch.dtype]:
+    """The model of ``variant`` and its input dtype."""
+    if variant == "fp32":
+        return arch.fp, torch.float32
+    if variant.startswith("bf16"):
+        m = copy.deepcopy(arch.fp).to(torch.bfloat16)
+        if arch.is_unet:
+            m = m.to(memory_format=torch.channels_last)
+        if variant == "bf16_compile":
+            m = torch.compile(m, dynamic=False)
+        return m, torch.bfloat16
+    bits = variant.split("_")[1]
+    w_bits, a_bits = int(bits[1]), int(bits.split("a")[1])
+    if (w_bits, a_bits) not in fakes:
+        fakes[(w_bits, a_bits)] = arch.fake(w_bits, a_bits)
+    fake = fakes[(w_bits, a_bits)]
+    if variant.startswith("fake"):
+        return fake, torch.float32
+    intmm = variant.endswith("_intmm")
+    cfg = DeployConfig(dtype="bfloat16", linear_kernel="int_mm" if intmm else "auto",
+                       conv_kernel="im2col" if intmm else "auto")
+    m = deploy(copy.deepcopy(fake), cfg)
+    if variant.endswith("_compile"):
+        m = torch.compile(m, dynamic=False)
+    return m, torch.bfloat16
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of ``a`` against ``b`` over ``b``'s range."""
+    mse = float(((a - b) ** 2).mean())
+    peak = float(b.max() - b.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def measure(arch: Arch, variant: str, model, dtype: torch.dtype, batch: int, args) -> dict:
+    dev = arch.device
+    g = torch.Generator(device=dev).manual_seed(batch)
+    x = torch.randn(batch, *arch.shape, device=dev, generator=g).to(dtype)
+    if arch.is_unet and variant.startswith("bf16"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = arch.timesteps[len(arch.timesteps) // 2]  # a host tensor, as diffusers pipelines pass it
+    row = {"arch": arch.name, "variant": variant, "batch": batch}
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        first = timed(lambda: arch.call(model, x, t), dev)
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)  # includes compilation for compiled variants
+        warm = [timed(lambda: arch.call(model, x, t), dev) for _ in range(2)]
+        reps = max(3, min(args.reps, int(args.call_budget_s / max(min(warm), 1e-6))))
+        times = [timed(lambda: arch.call(model, x, t), dev) for _ in range(reps)]
+        row["call_ms"] = round(1000 * statistics.median(times), 4)
+        row["reps"] = reps
+        noise = torch.randn(batch, *arch.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(7))
+        row["trajectory_s"] = round(timed(lambda: arch.trajectory(model, noise, dtype), dev), 4)
+    if dev.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+    del first
+    return row
+
+
+def agreement(arch: Arch, model, fake, dtype: torch.dtype, batch: int) -> dict:
+    dev = arch.device
+    x = torch.randn(batch, *arch.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(3))
+    t = arch.timesteps[len(arch.timesteps) // 2]
+    with torch.no_grad():
+        ref = arch.call(fake, x, t).float()
+        out = arch.call(model, x.to(dtype), t).float()
+        noise = torch.randn(batch, *arch.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(11))
+        s_ref = arch.trajectory(fake, noise, torch.float32)
+        s_out = arch.trajectory(model, noise, dtype)
+    return {"eps_rel_l2_vs_fake": round(float((out - ref).norm() / ref.norm()), 6),
+            "sample_psnr_vs_fake_db": round(psnr(s_out, s_ref), 2), "agree_batch": batch}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Deployed quantized models ({res['device']})", "",
+             f"Command: `{res['command']}`; commit {res['commit']}; torch {res['torch']}. "
+             f"Trajectory: DDIM, {res['steps']} steps. Random weights (speed and agreement only). "
+             "fp32 and fake_w4a8: float32 with TF32 off; bf16 and deploy_*: bfloat16 outside the integer GEMMs.", ""]
+    for arch in res["archs"]:
+        info = res["archs"][arch]
+        lines += [f"## {arch}: {info['description']} ({info['params'] / 1e6:.1f}M parameters)", "",
+                  "| variant | resident MiB | " + " | ".join(f"b{b} call ms | b{b} traj s | b{b} peak GiB" for b in res["batches"])
+                  + " | eps rel vs fake | sample PSNR dB |",
+                  "|---|---:|" + "---:|" * (3 * len(res["batches"])) + "---:|---:|"]
+        for variant, v in info["variants"].items():
+            cells = [variant, f"{v.get('resident_bytes', 0) / 2**20:.1f}"]
+            for b in res["batches"]:
+                r = v["batches"].get(str(b), {})
+                cells += [str(r.get("call_ms", "-")), str(r.get("trajectory_s", "-")), str(r.get("peak_gib", "-"))]
+            agree = v.get("agreement", {})
+            cells += [str(agree.get("eps_rel_l2_vs_fake", "-")), str(agree.get("sample_psnr_vs_fake_db", "-"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write(res: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    out.with_suffix(".md").write_text(markdown(res))
+
+
+def main() -> None:
+    args = parse_args()
+    dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # plain fp32 for the float32 variants
+    torch.backends.cudnn.allow_tf32 = False
+    res = {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "device": device_name(dev),
+           "torch": torch.__version__, "steps": args.steps, "batches": args.batches, "archs": {}}
+    start = time.perf_counter()
+    for name in args.archs:
+        arch = Arch(name, dev, args.quick, args.steps)
+        info = res["archs"][name] = {**arch.info, "variants": {}}
+        fakes: dict = {}
+        for variant in args.variants:
+            if time.perf_counter() - start > args.budget_s:
+                info["variants"][variant] = {"skipped": "budget spent"}
+                continue
+            t0 = time.perf_counter()
+            model, dtype = build_variant(arch, variant, fakes)
+            v = info["variants"][variant] = {"build_s": round(time.perf_counter() - t0, 2),
+                                             "resident_bytes": tensor_bytes(getattr(model, "_orig_mod", model)),
+                                             "batches": {}}
+            for batch in args.batches:
+                if time.perf_counter() - start > args.budget_s:
+                    break
+                try:
+                    v["batches"][str(batch)] = measure(arch, variant, model, dtype, batch, args)
+                except torch.cuda.OutOfMemoryError:
+                    v["batches"][str(batch)] = {"error": "out of memory"}
+                print(json.dumps({name: {variant: v["batches"].get(str(batch))}}), flush=True)
+                write(res, args.out)
+            if variant.startswith("deploy"):
+                bits = variant.split("_")[1]
+                fake = fakes[(int(bits[1]), int(bits.split("a")[1]))]
+                v["agreement"] = agreement(arch, model, fake, dtype, args.agree_batch)
+                print(json.dumps({name: {variant: v["agreement"]}}), flush=True)
+            del model
+            write(res, args.out)
+        del arch, fakes
+        gc.collect()
+    res["wall_s"] = round(time.perf_counter() - start, 1)
+    write(res, args.out)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
