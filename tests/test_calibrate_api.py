@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import lightning.pytorch as pl
 import pytest
@@ -20,6 +21,7 @@ from gaq.data.datamodule import SplitConfig
 from gaq.errors import GaqError
 from gaq.models.denoiser import predict_noise
 from gaq.quant import QuantConfig
+from gaq.quant.quantizer import ActQuantizer
 
 SPLIT = SplitConfig(val_fraction=0.1, num_groups=2)
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
@@ -93,6 +95,29 @@ def test_units_left_out_by_the_filter_keep_nearest_rounding(tmp_path):
     changed = {n for n, m in f_layers.items() if hasattr(m, "weight_quantizer")
                and not torch.equal(m.weight_quantizer(m.weight), r_layers[n].weight_quantizer(r_layers[n].weight))}
     assert changed and all(n.startswith("up_blocks.") for n in changed)
+
+
+def learned_act_steps(model) -> dict[str, torch.Tensor]:
+    """The learnable activation step sizes of a quantized model, by quantizer name."""
+    return {n: m.scale.detach().clone() for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.learn_step}
+
+
+def test_the_unit_filter_applies_to_the_activation_step_phase(tmp_path):
+    """With a preset that learns activation step sizes, the activation phase tunes only the units of the filter;
+    the others keep the step sizes of the range calibration, exactly as a run without the phase leaves them."""
+    def run(name: str, act_iters: int):
+        cfg = config(units=["up_blocks.*"], iters=4)
+        cfg = replace(cfg, quant=QuantConfig(w_bits=4, a_bits=8, act_learn_step=True),
+                      recon=replace(cfg.recon, act_iters=act_iters, act_lr=1e-2))
+        return gaq.calibrate(make_tiny_unet(), cfg, user_loader(), run_dir=tmp_path / name, trainer=CPU)
+
+    tuned, untuned = run("tuned", act_iters=5), run("untuned", act_iters=0)
+    phase = [u["name"] for u in tuned.gaq_summary["activation_step_units"]]
+    assert phase and all(n.startswith("up_blocks.") for n in phase) and not untuned.gaq_summary["activation_step_units"]
+    after, before = learned_act_steps(tuned), learned_act_steps(untuned)
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert changed and all(n.startswith("up_blocks.") for n in changed)
+    assert any(not n.startswith("up_blocks.") for n in after)  # there were others to leave alone
 
 
 class FailOn(pl.Callback):

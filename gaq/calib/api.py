@@ -70,7 +70,8 @@ class CalibrationConfig:
         split: validation share, timestep groups and seed of the calibration set's split.
         units: the unit filter: glob patterns on unit names (e.g. ``down_blocks.*``) or ``kind:<kind>``
             (``time``, ``resnet``, ``attention``, ``sampler``, ``layer``); only those units are
-            reconstructed, the rest keep nearest rounding. None: all.
+            reconstructed and have their activation step sizes tuned (the activation phase), the rest
+            keep nearest rounding and the calibrated activation ranges. None: all.
         on_unit_error: ``raise`` (stop; finished units stay on disk) or ``skip`` (record the failure in
             the unit's report, keep nearest rounding for it, go on).
     """

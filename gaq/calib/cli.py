@@ -41,7 +41,8 @@ class CalibrateCLI(LightningCLI):
         parser.add_argument("--runs_root", type=str, default="checkpoints/runs")
         parser.add_argument("--name", type=str, default="run", help="prefix of the default run folder name")
         parser.add_argument("--units", type=Optional[list[str]], default=None,
-                            help="unit filter: glob patterns on unit names or kind:<kind>; the others keep nearest rounding")
+                            help="unit filter: glob patterns on unit names or kind:<kind>; the others keep nearest rounding "
+                                 "and their calibrated activation ranges (no activation step-size phase)")
         parser.add_argument("--on_unit_error", type=Literal["raise", "skip"], default="raise",
                             help="raise: a failing unit stops the run; skip: it keeps nearest rounding and the run goes on")
 

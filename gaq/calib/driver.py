@@ -107,7 +107,9 @@ class CalibrationJob:
             run once on the finished quantized model, and optionally ``on_unit_end`` (after each unit).
         units: the unit filter: glob patterns (``fnmatch``) on unit names, or ``kind:<kind>`` (``time``,
             ``resnet``, ``attention``, ``sampler``, ``layer``); only matching units are reconstructed, the
-            others keep nearest rounding. None: every unit.
+            others keep nearest rounding, and only matching units have their activation step sizes tuned
+            in the activation phase, the others keep the calibrated ranges (the range calibration itself
+            covers every quantizer of the model). None: every unit.
         on_unit_error: ``raise``: a unit that fails stops the run (finished units are kept on disk);
             ``skip``: the failure is recorded in its report, the unit keeps nearest rounding, the run goes on.
     """
@@ -208,9 +210,12 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
         act_seconds = time.time() - t0
         act_cfg = act_phase_config(job.recon)
         if job.method != "rtn" and act_cfg.iters > 0 and act_step_parameters(qmodel):
-            for k, unit in enumerate(units):
-                if act_step_parameters(unit.module):
-                    act_reports.append(_learn_act_steps(job, act_cfg, k, unit, qmodel, fp_model, calib, set_step))
+            learn = [k for k, unit in enumerate(units) if selected[k] and act_step_parameters(unit.module)]
+            if job.units is not None:
+                log.info("unit filter %s: tuning the activation step sizes of %d of %d units", job.units, len(learn),
+                         sum(bool(act_step_parameters(u.module)) for u in units))
+            for k in learn:
+                act_reports.append(_learn_act_steps(job, act_cfg, k, units[k], qmodel, fp_model, calib, set_step))
     set_quant_state(qmodel, weight=True, act=job.quant.a_bits < 32)
 
     summary = {
