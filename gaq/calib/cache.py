@@ -4,24 +4,42 @@ For unit k the inputs come from the partly quantized model (units before k alrea
 later ones FP) and the targets are the FP unit's outputs on the FP model's own inputs, both over
 the whole calibration set. Inputs are captured with forward pre-hooks that stop the forward pass
 as soon as the unit is reached, so the rest of the model is not run.
+
+A cache is kept on the training device, in (pinned) host memory, or on disk: a safetensors file written
+while the cache is filled and read back memory-mapped, so that a batch reads only its samples' rows, with
+the reconstruction's batches (known ahead: their order is seeded) read by a background thread into pinned
+buffers while the current step runs.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+import math
+import os
+import queue
+import re
+import shutil
+import struct
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import safetensors
 
 import torch
 from torch import Tensor, nn
 
 from gaq.calib.units import Capture, StopForward, Unit
 from gaq.data.datamodule import to_device
-from gaq.errors import GaqError
+from gaq.errors import GaqError, check
 from gaq.models.denoiser import predict_noise
 
 log = logging.getLogger(__name__)
 
-Placement = Literal["auto", "device", "host"]
+Placement = Literal["auto", "device", "host", "disk"]
 
 
 @dataclass
@@ -44,6 +62,7 @@ class UnitCache:
         step: sampling-step index of each tuple, ``(N,)``.
         device: where the batches are used (the training device).
         target_dtype: the dtype ``target`` is handed out in (it may be stored in a narrower one).
+        file: the safetensors file a disk-placed cache is read from (memory-mapped), else None.
     """
 
     args: list[_Slot]
@@ -52,21 +71,31 @@ class UnitCache:
     step: Tensor
     device: torch.device
     target_dtype: torch.dtype = torch.float32
+    file: Path | None = None
+    _disk: "_DiskState | None" = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.target.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return self.target.nbytes + sum(s.batched.nbytes for s in self._batched_slots())
+        return sum(t.nbytes for t in self._sources())
 
     @property
     def placement(self) -> torch.device:
-        """Where the cache is stored (the training device, or the host)."""
+        """Where the cache is stored (the training device, or the host; a disk cache is mapped into the host)."""
         return self.target.device
+
+    @property
+    def on_disk(self) -> bool:
+        return self.file is not None
 
     def _batched_slots(self) -> list[_Slot]:
         return [s for s in self.args + list(self.kwargs.values()) if s.batched is not None]
+
+    def _sources(self) -> list[Tensor]:
+        """The stored per-tuple tensors, in the order :func:`_gather_rows` returns their rows."""
+        return [s.batched for s in self._batched_slots()] + [self.target]
 
     def place(self, where: torch.device | str) -> None:
         """Move the stored tensors to ``where`` (pinned when that is the host of a CUDA machine)."""
@@ -79,17 +108,134 @@ class UnitCache:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _take(self, slot: _Slot, idx: Tensor):
-        if slot.batched is None:
-            return slot.const
-        return slot.batched[idx.to(slot.batched.device)].to(self.device, slot.dtype, non_blocking=True)
+    def read_ahead(self, plan: Iterator[Tensor], depth: int) -> None:
+        """Read the batches ``plan`` yields (global indices, in the order :meth:`batch` will ask for them) in a
+        background thread, up to ``depth`` ahead, into pinned host buffers. Only a disk cache reads ahead (a
+        no-op otherwise); a :meth:`batch` call for other indices is gathered directly, so the numbers never
+        depend on the plan."""
+        if self._disk is None:
+            return
+        self._disk.stop_reader()
+        self._disk.reader = _ReadAhead(self._sources(), plan, depth, pin=torch.cuda.is_available())
+
+    @property
+    def read_stats(self) -> dict[str, int]:
+        """``{"read_ahead": batches served by the read-ahead, "direct": batches gathered on the spot}``."""
+        return {"read_ahead": self._disk.hits, "direct": self._disk.misses} if self._disk is not None else {}
+
+    def close(self) -> None:
+        """Stop the read-ahead and remove the cache's file (its mapping stays readable until the cache is freed)."""
+        if self._disk is not None:
+            self._disk.close()
 
     def batch(self, idx: Tensor) -> tuple[tuple, dict, Tensor, Tensor]:
         """``(args, kwargs, target, step)`` of the tuples ``idx`` (global calibration-set indices), on ``device``."""
-        args = tuple(self._take(s, idx) for s in self.args)
-        kwargs = {k: self._take(s, idx) for k, s in self.kwargs.items()}
-        target = self.target[idx.to(self.target.device)].to(self.device, self.target_dtype, non_blocking=True)
+        rows = self._disk.take(idx) if self._disk is not None else None
+        rows = iter(rows if rows is not None else _gather_rows(self._sources(), idx))
+        take = lambda slot: slot.const if slot.batched is None else next(rows).to(  # noqa: E731
+            self.device, slot.dtype, non_blocking=True)
+        args = tuple(take(s) for s in self.args)
+        kwargs = {k: take(s) for k, s in self.kwargs.items()}
+        target = next(rows).to(self.device, self.target_dtype, non_blocking=True)
         return args, kwargs, target, self.step[idx.to(self.step.device)].to(self.device)
+
+
+def _gather_rows(sources: list[Tensor], idx: Tensor, pin: bool = False) -> list[Tensor]:
+    """The rows ``idx`` of every tensor in ``sources`` (``pin``: into new pinned host buffers). On a memory-mapped
+    tensor only those rows' pages are read."""
+    out = []
+    for src in sources:
+        at = idx.to(src.device)
+        if pin:
+            buf = torch.empty((len(at), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
+            out.append(torch.index_select(src, 0, at, out=buf))
+        else:
+            out.append(src[at])
+    return out
+
+
+_END = object()
+
+
+class _ReadAhead:
+    """A thread that gathers the planned batches' rows ahead of use; :meth:`take` hands out the next planned
+    batch when it is the one asked for (the plan only advances on such hits)."""
+
+    def __init__(self, sources: list[Tensor], plan: Iterator[Tensor], depth: int, pin: bool):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._head: Any = None
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(sources, plan, pin), daemon=True,
+                                        name="gaq-cache-read-ahead")
+        self._thread.start()
+
+    def _run(self, sources: list[Tensor], plan: Iterator[Tensor], pin: bool) -> None:
+        item: Any = _END
+        try:
+            for idx in plan:
+                if self._stop.is_set():
+                    return
+                idx = idx.cpu()
+                self._queue.put((idx, _gather_rows(sources, idx, pin)))
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, which raises it
+            item = err
+        if not self._stop.is_set():
+            self._queue.put(item)
+
+    def take(self, idx: Tensor) -> list[Tensor] | None:
+        """The rows of ``idx`` when it is the next planned batch (waiting for its read), else None."""
+        if self._head is None and not self._done:
+            self._head = self._queue.get()
+            if self._head is _END:
+                self._head, self._done = None, True
+            elif isinstance(self._head, BaseException):
+                err, self._head, self._done = self._head, None, True
+                raise err
+        if self._head is None:
+            return None
+        planned, rows = self._head
+        if planned.shape != idx.shape or not torch.equal(planned, idx.cpu()):
+            return None
+        self._head = None
+        return rows
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # empty the queue, so that a blocked put returns and the thread sees the stop
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.01)
+        self._head = None
+
+
+class _DiskState:
+    """The file and read-ahead of one disk cache; also the finaliser's target (it holds no reference to the cache)."""
+
+    def __init__(self, path: Path):
+        self.path, self.reader, self.hits, self.misses = path, None, 0, 0
+
+    def take(self, idx: Tensor) -> list[Tensor] | None:
+        rows = self.reader.take(idx) if self.reader is not None else None
+        if rows is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return rows
+
+    def stop_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def close(self) -> None:
+        self.stop_reader()
+        if self.path.exists():
+            log.info("cache file %s removed (%d batches read ahead, %d read directly)", self.path, self.hits,
+                     self.misses)
+        self.path.unlink(missing_ok=True)
+
 
 
 def capture_inputs(model: nn.Module, unit: Unit, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Capture:
@@ -108,17 +254,24 @@ def capture_inputs(model: nn.Module, unit: Unit, x: Tensor, t: Tensor, cond: dic
     return store[0]
 
 
+
+
 class _Filler:
     """Writes the batches of one captured argument into a tensor of all N tuples, allocated once on the
     first batch (no list of batches and no concatenation: the cache's peak is its own size)."""
 
-    def __init__(self, first: Any, n: int, batch: int, where: torch.device, store_dtype: torch.dtype | None):
+    def __init__(self, first: Any, n: int, batch: int, store_dtype: torch.dtype | None):
         self.batched = isinstance(first, Tensor) and first.ndim > 0 and first.shape[0] == batch
         if not self.batched:
             self.slot = _Slot(const=first)
             return
         dtype = store_dtype if store_dtype is not None and first.is_floating_point() else first.dtype
-        self.slot = _Slot(batched=torch.empty((n, *first.shape[1:]), dtype=dtype, device=where), dtype=first.dtype)
+        self.shape, self.dtype = (n, *first.shape[1:]), dtype
+        self.slot = _Slot(dtype=first.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize if self.batched else 0
 
     def write(self, value: Any, at: int, count: int, what: str) -> None:
         if not self.batched:
@@ -140,20 +293,29 @@ def build_unit_cache(
     device: torch.device,
     placement: Placement = "auto",
     store_dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+    host_share: float | None = None,
 ) -> UnitCache:
     """Capture the quantized unit's inputs and the FP unit's targets over all calibration batches.
 
     Args:
         batches: dicts with ``x``, ``t``, ``step`` and ``cond`` covering the calibration set in index order.
         device: the training device (where ``qmodel`` and ``fp_model`` are).
-        placement: ``device`` keeps the cache on the training device, ``host`` in (pinned) host memory;
-            ``auto`` picks the device when the cache takes at most half of the free device memory.
+        placement: ``device`` keeps the cache on the training device, ``host`` in (pinned) host memory, ``disk``
+            in a safetensors file under ``cache_dir`` read memory-mapped; ``auto`` picks the device when the
+            cache takes at most half of the free device memory, else the host when it takes at most
+            ``host_share`` of the available host memory (None: no limit), else the disk.
         store_dtype: the dtype floating-point inputs and targets are stored in (e.g. ``torch.bfloat16``:
             half the memory); batches are handed out in the dtype they were captured in. None: as captured.
+        cache_dir: the folder of a disk cache's file (``recon.cache_dir``; created when needed). A file left
+            there by an interrupted run of this unit is replaced; the file is removed by
+            :meth:`UnitCache.close` (or when the cache is freed).
+        host_share: see ``placement`` (``recon.cache_host_share``).
     """
     batches = list(batches)
     n = sum(int(b["step"].shape[0]) for b in batches)
-    where: torch.device | None = None
+    where: str | None = None
+    path: Path | None = None
     at = 0
     for b in batches:
         b = to_device(b, device)
@@ -162,14 +324,25 @@ def build_unit_cache(
         fp_in = capture_inputs(fp_model, fp_unit, x, t, cond)
         target = fp_unit(*fp_in.args, **fp_in.kwargs).float()
         if where is None:  # decided on the first batch, so every batch goes straight to its place
-            nbytes = _capture_bytes(cap, target) * n // count
-            if store_dtype is not None:
-                nbytes = nbytes * store_dtype.itemsize // 4
-            where = _choose_placement(nbytes, device, placement)
-            args = [_Filler(a, n, count, where, store_dtype) for a in cap.args]
-            kwargs = {k: _Filler(v, n, count, where, store_dtype) for k, v in cap.kwargs.items()}
-            targets = _Filler(target, n, count, where, store_dtype)
-            steps = _Filler(b["step"], n, count, where, None)
+            args = [_Filler(a, n, count, store_dtype) for a in cap.args]
+            kwargs = {k: _Filler(v, n, count, store_dtype) for k, v in cap.kwargs.items()}
+            targets = _Filler(target, n, count, store_dtype)
+            steps = _Filler(b["step"], n, count, None)
+            named = {f"arg.{i}": f for i, f in enumerate(args)} | {f"kwarg.{k}": f for k, f in kwargs.items()}
+            named = {k: f for k, f in (named | {"target": targets}).items() if f.batched}
+            nbytes = sum(f.nbytes for f in named.values())
+            where = _choose_placement(nbytes, device, placement, host_share)
+            if where == "disk":
+                path = _disk_cache_path(cache_dir, qunit.name)
+                tensors = create_mapped_safetensors(path, {k: (f.shape, f.dtype) for k, f in named.items()},
+                                                     {"unit": qunit.name, "tuples": str(n)})
+            else:
+                home = device if where == "device" else torch.device("cpu")
+                tensors = {k: torch.empty(f.shape, dtype=f.dtype, device=home) for k, f in named.items()}
+            for k, f in named.items():
+                f.slot.batched = tensors[k]
+            steps.slot.batched = torch.empty(steps.shape, dtype=steps.dtype,
+                                             device=device if where == "device" else "cpu")
         for i, (filler, value) in enumerate(zip(args, cap.args)):
             filler.write(value, at, count, f"unit {qunit.name}: input {i}")
         for k, filler in kwargs.items():
@@ -177,25 +350,147 @@ def build_unit_cache(
         targets.write(target, at, count, f"unit {qunit.name}: output")
         steps.write(b["step"], at, count, "the step index")
         at += count
+    disk = None
+    if where == "disk":  # the writing map is dropped and the file read back through a read-only one
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        del tensors
+        for f in named.values():
+            f.slot.batched = None
+        tensors = open_mapped_safetensors(path)
+        for k, f in named.items():
+            f.slot.batched = tensors[k]
+        disk = _DiskState(path)
     cache = UnitCache([f.slot for f in args], {k: f.slot for k, f in kwargs.items()}, targets.slot.batched,
-                      steps.slot.batched, device)
-    if where.type == "cpu" and torch.cuda.is_available():
-        cache.place(where)  # pinned, for asynchronous copies to the device
+                      steps.slot.batched, device, file=path, _disk=disk)
+    if disk is not None:
+        weakref.finalize(cache, disk.close)
+    if where == "host" and torch.cuda.is_available():
+        cache.place("cpu")  # pinned, for asynchronous copies to the device
     stored = "" if store_dtype is None else f" as {str(store_dtype).removeprefix('torch.')}"
-    log.info("unit %s: cache of %d tuples, %.1f MiB%s, kept on %s", qunit.name, n, cache.nbytes / 2**20, stored,
-             "the device" if where == device and device.type != "cpu" else "the host")
+    kept = {"device": "the device" if device.type != "cpu" else "the host", "host": "the host",
+            "disk": f"disk at {path} (read memory-mapped)"}[where]
+    log.info("unit %s: cache of %d tuples, %.1f MiB%s, kept on %s", qunit.name, n, cache.nbytes / 2**20, stored, kept)
     return cache
 
 
-def _capture_bytes(capture: Capture, target: Tensor) -> int:
-    parts = list(capture.args) + list(capture.kwargs.values()) + [target]
-    return sum(p.nbytes for p in parts if isinstance(p, Tensor))
+def _choose_placement(nbytes: int, device: torch.device, placement: Placement, host_share: float | None) -> str:
+    """``device``, ``host`` or ``disk`` for a cache of ``nbytes`` (see :func:`build_unit_cache`)."""
+    if placement != "auto":
+        return "device" if placement == "host" and device.type != "cuda" else placement
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes <= free // 2:
+            return "device"
+    if host_share is None or nbytes <= host_share * available_host_memory():
+        return "host" if device.type == "cuda" else "device"
+    return "disk"
 
 
-def _choose_placement(nbytes: int, device: torch.device, placement: Placement) -> torch.device:
-    if device.type != "cuda" or placement == "device":
-        return device
-    if placement == "host":
-        return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if nbytes <= free // 2 else torch.device("cpu")
+def available_host_memory() -> int:
+    """Free host memory in bytes (``os.sysconf``: the free pages, so memory held by the page cache counts
+    as used and ``auto`` errs towards the disk)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---- disk caches: one safetensors file per unit (and rank), written through one map and read through another
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def check_cache_dir(path: str | Path) -> None:
+    """Raise a one-line :class:`GaqError` when ``recon.cache_dir`` cannot hold files (nothing is created)."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    why = None if probe.is_dir() else f"{probe} is not a folder"
+    if why is None and not os.access(probe, os.W_OK | os.X_OK):
+        why = f"{probe} is not writable"
+    if why:
+        raise GaqError(f"recon.cache_dir {path} cannot hold the disk caches ({why}); point it at a writable folder")
+
+
+def _disk_cache_path(cache_dir: str | Path | None, unit_name: str) -> Path:
+    """The file of ``unit_name``'s disk cache, after checking the folder and its free space: nothing is written
+    before both pass (a file left by an interrupted run of the unit is removed first, as it is replaced)."""
+    check(cache_dir is not None, "recon.cache_placement is 'disk' but no recon.cache_dir is set")
+    cache_dir = Path(cache_dir)
+    check_cache_dir(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GaqError(f"recon.cache_dir {cache_dir} cannot be created ({err.strerror}); "
+                       "point it at a writable folder") from None
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+    path = cache_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', unit_name)}.rank{rank}.safetensors"
+    path.unlink(missing_ok=True)
+    return path
+
+
+def create_mapped_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                               metadata: dict[str, str]) -> dict[str, Tensor]:
+    """Create the safetensors file of zero-filled tensors ``specs`` (name -> shape, dtype), its space reserved,
+    and return writable tensors mapped onto it (``torch.from_file``). Raises :class:`GaqError` naming
+    ``recon.cache_dir`` when the disk lacks the space, before anything is written."""
+    for name, (_, dtype) in specs.items():
+        check(dtype in _SAFETENSORS_DTYPES, f"the cache's {name} has dtype {dtype}, which a disk cache cannot store; "
+                                            "set recon.cache_placement to 'host' or 'device'")
+    # largest items first: every offset is a multiple of its itemsize, with no padding between tensors
+    order = sorted(specs, key=lambda k: -specs[k][1].itemsize)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    data = 0
+    for name in order:
+        shape, dtype = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [data, data + size]}
+        data += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-aligned, as safetensors writes it
+    head = struct.pack("<Q", len(text)) + text
+    total = len(head) + data
+    free = shutil.disk_usage(path.parent).free
+    if total > free:
+        raise GaqError(f"recon.cache_dir {path.parent} has {free / 2**30:.1f} GiB free but the cache needs "
+                       f"{total / 2**30:.1f} GiB; free space there, point recon.cache_dir at a larger disk, or set "
+                       "recon.cache_dtype bfloat16")
+    try:
+        with open(path, "wb") as f:
+            try:  # reserve the blocks: a full disk fails here, not as SIGBUS in a write through the map
+                os.posix_fallocate(f.fileno(), 0, total)
+            except (AttributeError, OSError) as err:
+                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                    raise
+                f.truncate(total)
+            f.write(head)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise GaqError(f"recon.cache_dir {path.parent}: the cache file {path.name} cannot be written "
+                       f"({err.strerror}); point recon.cache_dir at a writable folder with "
+                       f"{total / 2**30:.1f} GiB free") from None
+    raw = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
+    start = len(head)
+    return {name: raw[start + header[name]["data_offsets"][0]:start + header[name]["data_offsets"][1]]
+            .view(specs[name][1]).view(specs[name][0]) for name in order}
+
+
+def open_mapped_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, memory-mapped read-only (zero-copy: indexing reads only the rows it
+    takes). The file is checked by ``safetensors.safe_open`` first."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    total = os.path.getsize(path)
+    raw = torch.from_file(str(path), shared=False, size=total, dtype=torch.uint8)
+    start = 8 + size
+    out = {}
+    for name in names:
+        info = header[name]
+        b, e = info["data_offsets"]
+        out[name] = raw[start + b:start + e].view(_TORCH_DTYPES[info["dtype"]]).view(info["shape"])
+    return out

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from gaq.calib.cache import build_unit_cache
+from gaq.calib.cache import build_unit_cache, check_cache_dir
 from gaq.calib.checkpoints import (atomic_write_json, check_run_record, load_unit_state, readable_checkpoint,
                                    save_unit_state, unit_file)
 from gaq.calib.recon import (ReconConfig, ReconUnit, UnitReconstruction, act_phase_config, cache_store_dtype,
@@ -59,7 +59,8 @@ class UnitReport:
     error_before: float | None = None  # validation error with nearest rounding (RTN)
     error_after: float | None = None   # validation error after reconstruction (hard rounding)
     cache_bytes: int | None = None     # the unit's input/target cache
-    cache_on: str | None = None        # where that cache lived: ``device`` or ``host``
+    cache_on: str | None = None        # where that cache lived: ``device``, ``host`` or ``disk``
+    cache_file: str | None = None      # the file of a disk cache (removed when the unit ended)
     peak_memory_bytes: int | None = None  # the largest CUDA memory allocated while the unit ran (None off CUDA)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -165,6 +166,8 @@ def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
         check(any(selected), f"the unit filter {job.units} selects none of the {len(units)} units "
                              f"({', '.join(u.name for u in units[:6])}, ...): fix the patterns")
         log.info("unit filter %s: reconstructing %d of %d units", job.units, sum(selected), len(units))
+    if job.method != "rtn" and (job.recon.cache_placement == "disk" or job.recon.cache_dir is not None):
+        check_cache_dir(disk_cache_dir(job.recon, run_dir))  # before any folder is made
     if is_zero:  # written once the model quantized and its units were found: bad settings leave no folder behind
         check_run_record(run_dir, job.record)
 
@@ -268,7 +271,7 @@ def _restore_report(report: UnitReport, path: Path) -> None:
     except (OSError, ValueError):
         return  # a checkpoint of an older gaq: only the resumption is known
     for key in ("seconds", "cache_seconds", "fit_seconds", "error_before", "error_after", "cache_bytes", "cache_on",
-                "peak_memory_bytes", "extra", "error"):
+                "cache_file", "peak_memory_bytes", "extra", "error"):
         if key in saved:
             setattr(report, key, saved[key])
 
@@ -295,16 +298,24 @@ def calibration_end(callbacks, qmodel: nn.Module, denoiser: Denoiser, run_dir: P
     return results
 
 
+def disk_cache_dir(cfg: ReconConfig, run_dir: Path) -> Path:
+    """The folder of the disk-placed unit caches: ``recon.cache_dir``, or ``<run_dir>/cache``."""
+    return Path(cfg.cache_dir) if cfg.cache_dir is not None else Path(run_dir) / "cache"
+
+
 def _unit_cache(cfg: ReconConfig, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib, device: torch.device,
-                report: UnitReport):
+                report: UnitReport, run_dir: Path):
     """The unit's input/target cache; its build time, size and place go into ``report``."""
     t0 = time.time()
     cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
                              calibration_batches(calib, cfg.cache_batch), device, cfg.cache_placement,
-                             cache_store_dtype(cfg))
+                             cache_store_dtype(cfg), disk_cache_dir(cfg, run_dir), cfg.cache_host_share)
     report.cache_seconds = time.time() - t0
     report.cache_bytes = cache.nbytes
-    report.cache_on = "host" if cache.placement.type == "cpu" and device.type != "cpu" else "device"
+    if cache.on_disk:
+        report.cache_on, report.cache_file = "disk", str(cache.file)
+    else:
+        report.cache_on = "host" if cache.placement.type == "cpu" and device.type != "cpu" else "device"
     return cache
 
 
@@ -312,7 +323,8 @@ def _memory_note(report: UnitReport) -> str:
     """`` (cache 2.0 GiB on the device, peak 5.1 GiB)`` for the log line of a unit computed in this process."""
     bits = []
     if report.cache_bytes is not None:
-        bits.append(f"cache {report.cache_bytes / 2**30:.2f} GiB on the {report.cache_on}")
+        at = f" at {report.cache_file}" if report.cache_file else ""
+        bits.append(f"cache {report.cache_bytes / 2**30:.2f} GiB on the {report.cache_on}{at}")
     if report.peak_memory_bytes is not None and report.resumed_from != "unit-checkpoint":
         bits.append(f"peak {report.peak_memory_bytes / 2**30:.2f} GiB")
     return f" ({', '.join(bits)})" if bits else ""
@@ -375,7 +387,7 @@ def _reconstruct_or_record(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.M
 def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module, fp_model: nn.Module, calib,
                       set_step, report: UnitReport, hooks) -> None:
     dm, device = job.datamodule, job.device
-    cache = _unit_cache(job.recon, unit, qmodel, fp_model, calib, device, report)
+    cache = _unit_cache(job.recon, unit, qmodel, fp_model, calib, device, report, job.run_dir)
     rounding = unit_parameters(unit, rounding_parameters)
     qmodel.requires_grad_(False)
     for p in rounding:
@@ -403,6 +415,7 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
     for p in rounding:
         p.requires_grad_(False)
     module.unbind()
+    cache.close()  # a disk cache's file goes with the unit (on a failure, when the cache is freed)
     del cache
     free_memory(device)
 
@@ -443,7 +456,7 @@ def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, 
         report.resumed_from = "unit-checkpoint"
     else:
         dm, device = job.datamodule, job.device
-        cache = _unit_cache(cfg, unit, qmodel, fp_model, calib, device, report)
+        cache = _unit_cache(cfg, unit, qmodel, fp_model, calib, device, report, job.run_dir)
         steps = act_step_parameters(unit.module)
         qmodel.requires_grad_(False)
         for p in steps:
@@ -459,6 +472,7 @@ def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, 
         for p in steps:
             p.requires_grad_(False)
         module.unbind()
+        cache.close()
         del cache
         free_memory(device)
         if global_rank() == 0:

@@ -50,7 +50,15 @@ class ReconConfig:
             same, but a failed capture is an error; ``off``: always eager.
         seed: data-order seed.
         cache_batch: batch size used to capture unit inputs and targets.
-        cache_placement: ``auto`` (device if it fits in half of the free memory), ``device`` or ``host``.
+        cache_placement: where each unit's input/target cache lives: ``device``, ``host`` (pinned memory),
+            ``disk`` (a safetensors file under ``cache_dir``, written while the cache is filled, read
+            memory-mapped, the reconstruction's next batches read ahead by a background thread; removed when
+            the unit ends), or ``auto``: the device if the cache fits in half of its free memory, else the
+            host if it fits in ``cache_host_share`` of the free host memory, else the disk.
+        cache_dir: the folder of the disk caches; None: ``<run_dir>/cache``.
+        cache_host_share: the share of the free host memory (``os.sysconf``'s free pages) that ``auto`` lets a
+            host-placed cache take; a larger cache goes to disk.
+        cache_read_ahead: batches of a disk cache read ahead of the step that uses them (pinned host buffers).
         cache_dtype: the dtype the unit caches store floating-point inputs and FP targets in:
             ``float32`` (exact), or ``bfloat16`` / ``float16`` (half the memory; batches are handed to
             the unit in the dtype they were captured in, so only the stored values are rounded) *(ours)*.
@@ -77,6 +85,9 @@ class ReconConfig:
     seed: int = 0
     cache_batch: int = 256
     cache_placement: Placement = "auto"
+    cache_dir: str | None = None
+    cache_host_share: float = 0.75
+    cache_read_ahead: int = 2
     cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     time_unit: bool = True
     log_every: int = 50
@@ -94,8 +105,11 @@ class ReconConfig:
         check(self.act_lr > 0, f"recon.act_lr must be > 0, got {self.act_lr}")
         check(self.cache_dtype in ("float32", "bfloat16", "float16"),
               f"recon.cache_dtype must be 'float32', 'bfloat16' or 'float16', got {self.cache_dtype!r}")
-        check(self.cache_placement in ("auto", "device", "host"),
-              f"recon.cache_placement must be 'auto', 'device' or 'host', got {self.cache_placement!r}")
+        check(self.cache_placement in ("auto", "device", "host", "disk"),
+              f"recon.cache_placement must be 'auto', 'device', 'host' or 'disk', got {self.cache_placement!r}")
+        check(0.0 < self.cache_host_share <= 1.0,
+              f"recon.cache_host_share must be in (0, 1], got {self.cache_host_share}")
+        check(self.cache_read_ahead >= 1, f"recon.cache_read_ahead must be >= 1, got {self.cache_read_ahead}")
         check(self.cuda_graph in ("auto", "on", "off"),
               f"recon.cuda_graph must be 'auto', 'on' or 'off', got {self.cuda_graph!r}")
 
@@ -322,7 +336,15 @@ class UnitReconstruction(pl.LightningModule):
                                          device=self.cache.device)
         if self.meta is not None:
             self._meta_stream = IndexStream(self.train_indices, self.meta.cfg.meta_batch, self.recon.seed + 1, world)
+        self.cache.read_ahead(self._recon_plan(self.trainer.global_rank, world), self.recon.cache_read_ahead)
         return DataLoader(StepSlots(self.total_steps), batch_size=None, shuffle=False)
+
+    def _recon_plan(self, rank: int, world: int):
+        """The batches the remaining reconstruction iterations will gather, in order (a disk cache reads them
+        ahead): from a copy of the data stream on the CPU, so that the reading thread shares no state with
+        the training."""
+        stream = IndexStream(self.train_indices, self.recon.batch_size, self.recon.seed, world)
+        return (stream.rank_batch(it, rank, world) for it in range(self.iters_done, self.recon.iters))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # slots carry no data; the cache moves what it gathers
