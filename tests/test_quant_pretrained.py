@@ -219,3 +219,53 @@ def test_from_pretrained_cross_attention_unet_round_trip(tmp_path, tiny_cond_une
         out, back = q(x, ts, encoder_hidden_states=text).sample, loaded(x, ts, encoder_hidden_states=text).sample
         assert torch.equal(out, back)
         assert not torch.equal(out, tiny_cond_unet(x, ts, encoder_hidden_states=text).sample)
+
+
+SD_STEPS = 2  # the Stable-Diffusion pipeline's inference steps
+
+
+def _sd_pipeline(unet, tokenizer_dir):
+    """A real StableDiffusionPipeline of tiny random parts (CLIP text encoder and tokenizer built offline, a
+    KL autoencoder, DDIM) around ``unet``."""
+    from diffusers import StableDiffusionPipeline
+    from test_prompts import make_scheduler, make_text_encoder, make_tokenizer, make_vae
+
+    tokenizer = make_tokenizer(tokenizer_dir)
+    pipe = StableDiffusionPipeline(vae=make_vae(), text_encoder=make_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+                                   unet=unet, scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sd_sample(unet, tokenizer_dir):
+    with torch.no_grad():
+        return _sd_pipeline(unet, tokenizer_dir)(
+            prompt=["a cat", "a boat"], num_inference_steps=SD_STEPS, guidance_scale=2.0, output_type="np",
+            generator=torch.Generator().manual_seed(0)).images
+
+
+def test_from_pretrained_unet_drops_into_stable_diffusion_pipeline(tmp_path, tiny_cond_unet):
+    """A UNet2DConditionModel quantized W4A8 with per-step scales at the pipeline's own timesteps, saved with its
+    save_pretrained and loaded with gaq.from_pretrained, runs in a StableDiffusionPipeline (prompts through the
+    CLIP text encoder, classifier-free guidance) and gives the saved model's images exactly."""
+    from test_prompts import MAX_LEN, make_scheduler
+
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(SD_STEPS)
+    ts = scheduler.timesteps.clone()
+    q = quantize(tiny_cond_unet, QuantConfig(w_bits=4, a_bits=8, preset="tfmq_compat", w_range=FAST), timesteps=ts)
+    g = torch.Generator().manual_seed(7)
+    text = torch.randn(SD_STEPS, MAX_LEN, 16, generator=g)  # (B, tokens, cross_attention_dim)
+    calibrate_activations(q, [{"x": torch.randn(SD_STEPS, 4, 8, 8, generator=g), "t": ts, "step": torch.arange(SD_STEPS),
+                               "cond": {"encoder_hidden_states": text}}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncalibratedTimestepWarning)  # the pipeline runs the calibrated timesteps
+        ref = _sd_sample(q, tmp_path / "bpe")
+        q.save_pretrained(tmp_path / "q")
+        loaded = gaq.from_pretrained(tmp_path / "q")
+        assert type(loaded) is type(tiny_cond_unet) and not loaded.training
+        images = _sd_sample(loaded, tmp_path / "bpe")
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    assert np.array_equal(images, ref)
+    assert np.abs(ref - _sd_sample(tiny_cond_unet, tmp_path / "bpe")).max() > 1e-4  # not the FP model's images
