@@ -38,7 +38,10 @@ def _triton_ready(device: torch.device) -> bool:
     """Whether gaq's Triton kernels can run on ``device`` (CUDA, triton installed)."""
     if device.type != "cuda":
         return False
-    from gaq.deploy import triton_kernels
+    try:
+        from gaq.deploy import triton_kernels
+    except ImportError:  # this gaq has no Triton GEMM kernels: torch._int_mm
+        return False
     return triton_kernels.AVAILABLE
 
 
