@@ -5,7 +5,9 @@ batch size, per variant:
 
 - ``fp32``: the FP model in float32 (TF32 off for matmuls and convolutions: plain fp32);
 - ``bf16``: the FP model in bfloat16, channels-last for UNets;
-- ``bf16_compile``: that, through ``torch.compile`` (compiled once per batch size, ``dynamic=False``);
+- ``bf16_compile``: that, through ``torch.compile`` with its defaults (static shapes for the first batch size,
+  then one recompile with a dynamic batch dimension for the others: run ``--batches 64 1 16 256`` to give
+  batch 64 the static code);
 - ``fake_w4a8``: gaq's fake-quantized W4A8 model (the reference; float32, TF32 off), the paper config's
   preset, round-to-nearest weights, per-step activation ranges calibrated on a few random batches;
 - ``deploy_w4a32`` / ``deploy_w8a8`` / ``deploy_w4a8``: :func:`gaq.deploy.deploy` of the W4A32 / W8A8 /
@@ -43,7 +45,7 @@ from gaq.deploy import DeployConfig, deploy  # noqa: E402
 from gaq.provenance import device_name, git_commit  # noqa: E402
 from gaq.quant import QuantConfig, WeightRangeConfig, calibrate_activations, quantize  # noqa: E402
 
-ARCHS = ("cifar10-ddpm", "lsun-bedrooms-ldm4", "imagenet-dit-xl2")
+ARCHS = ("imagenet-dit-xl2", "lsun-bedrooms-ldm4", "cifar10-ddpm")
 #: the paper configs' presets (configs/paper/*.yaml)
 PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "imagenet-dit-xl2": "qdiff_compat"}
 VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy_w8a8", "deploy_w4a8")
@@ -53,7 +55,7 @@ EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a8_compile
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    p.add_argument("--batches", nargs="+", type=int, default=[64, 1, 16, 256])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the timed trajectory and of the per-step scales")
     p.add_argument("--reps", type=int, default=10, help="timed calls per configuration (fewer when a call is slow)")
@@ -135,12 +137,13 @@ class Arch:
                 calibrate_activations(q, batches)
         return q.eval()
 
-    def trajectory(self, model, noise: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = noise.to(dtype)
+    def trajectory(self, model, noise: torch.Tensor, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = noise.to(dtype).contiguous(memory_format=fmt)
         sched = copy.deepcopy(self.scheduler)
         for t in sched.timesteps:
             eps = self.call(model, x, t)
-            x = sched.step(eps.float(), t, x.float()).prev_sample.to(dtype)
+            x = sched.step(eps.float(), t, x.float()).prev_sample.to(dtype).contiguous(memory_format=fmt)
         return x.float()
 
 
@@ -153,7 +156,7 @@ def build_variant(arch: Arch, variant: str, fakes: dict) -> tuple[torch.nn.Modul
         if arch.is_unet:
             m = m.to(memory_format=torch.channels_last)
         if variant == "bf16_compile":
-            m = torch.compile(m, dynamic=False)
+            m = torch.compile(m)
         return m, torch.bfloat16
     bits = variant.split("_")[1]
     w_bits, a_bits = int(bits[1]), int(bits.split("a")[1])
@@ -167,8 +170,27 @@ def build_variant(arch: Arch, variant: str, fakes: dict) -> tuple[torch.nn.Modul
                        conv_kernel="im2col" if intmm else "auto")
     m = deploy(copy.deepcopy(fake), cfg)
     if variant.endswith("_compile"):
-        m = torch.compile(m, dynamic=False)
+        m = torch.compile(m)
     return m, torch.bfloat16
+
+
+def quantizer_check(dev: torch.device) -> dict:
+    """Codes of the one-pass Triton activation quantizer against the torch reference on this device."""
+    from gaq.deploy import triton_quant
+    if dev.type != "cuda" or not triton_quant.AVAILABLE:
+        return {"skipped": "no CUDA device or no triton"}
+    g = torch.Generator(device=dev).manual_seed(0)
+    scale = torch.rand(64, device=dev, generator=g) * 0.05 + 1e-3
+    zero = torch.randint(0, 256, (64,), device=dev, generator=g).float()
+    x = torch.randn(64, 128, 32, 32, device=dev, generator=g) * 2
+    x[:, 0, 0, :8] = (torch.arange(8, device=dev) + 0.5) * scale[:, None]  # ties
+    out = {}
+    for name, xi in {"fp32": x, "bf16": x.to(torch.bfloat16),
+                     "bf16_channels_last": x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)}.items():
+        ref = (torch.clamp(torch.round(xi.float() / scale.view(-1, 1, 1, 1)) + zero.view(-1, 1, 1, 1), 0, 255) - 128)
+        got = triton_quant.quantize_codes(xi, scale, zero, 0, 255, 128)
+        out[name] = {"mismatches": int((got.float() != ref).sum()), "elements": ref.numel()}
+    return out
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -182,7 +204,8 @@ def measure(arch: Arch, variant: str, model, dtype: torch.dtype, batch: int, arg
     dev = arch.device
     g = torch.Generator(device=dev).manual_seed(batch)
     x = torch.randn(batch, *arch.shape, device=dev, generator=g).to(dtype)
-    if arch.is_unet and variant.startswith("bf16"):
+    channels_last = arch.is_unet and variant.startswith("bf16")
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     t = arch.timesteps[len(arch.timesteps) // 2]  # a host tensor, as diffusers pipelines pass it
     row = {"arch": arch.name, "variant": variant, "batch": batch}
@@ -200,7 +223,7 @@ def measure(arch: Arch, variant: str, model, dtype: torch.dtype, batch: int, arg
         row["call_ms"] = round(1000 * statistics.median(times), 4)
         row["reps"] = reps
         noise = torch.randn(batch, *arch.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(7))
-        row["trajectory_s"] = round(timed(lambda: arch.trajectory(model, noise, dtype), dev), 4)
+        row["trajectory_s"] = round(timed(lambda: arch.trajectory(model, noise, dtype, channels_last), dev), 4)
     if dev.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
     del first
@@ -229,12 +252,14 @@ def markdown(res: dict) -> str:
     for arch in res["archs"]:
         info = res["archs"][arch]
         lines += [f"## {arch}: {info['description']} ({info['params'] / 1e6:.1f}M parameters)", "",
-                  "| variant | resident MiB | " + " | ".join(f"b{b} call ms | b{b} traj s | b{b} peak GiB" for b in res["batches"])
+                  "| variant | resident MiB | " + " | ".join(f"b{b} call ms | b{b} traj s | b{b} peak GiB"
+                                                      for b in sorted(res["batches"]))
                   + " | eps rel vs fake | sample PSNR dB |",
                   "|---|---:|" + "---:|" * (3 * len(res["batches"])) + "---:|---:|"]
+        batches = sorted(res["batches"])
         for variant, v in info["variants"].items():
             cells = [variant, f"{v.get('resident_bytes', 0) / 2**20:.1f}"]
-            for b in res["batches"]:
+            for b in batches:
                 r = v["batches"].get(str(b), {})
                 cells += [str(r.get("call_ms", "-")), str(r.get("trajectory_s", "-")), str(r.get("peak_gib", "-"))]
             agree = v.get("agreement", {})
@@ -257,6 +282,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     res = {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "device": device_name(dev),
            "torch": torch.__version__, "steps": args.steps, "batches": args.batches, "archs": {}}
+    res["quantizer_check"] = quantizer_check(dev)
+    print(json.dumps({"quantizer_check": res["quantizer_check"]}), flush=True)
     start = time.perf_counter()
     for name in args.archs:
         arch = Arch(name, dev, args.quick, args.steps)
