@@ -119,8 +119,8 @@ class Arch:
         return {"class_labels": torch.arange(batch, device=self.device) % 1000}
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not self.is_unet:  # DiT wants one timestep per sample, as DiTPipeline expands it
-            t = t.reshape(1).expand(x.shape[0])
+        if not self.is_unet:  # DiT wants one timestep per sample on the device, as DiTPipeline passes it
+            t = t.reshape(1).expand(x.shape[0]).to(x.device)
         out = model(x, t, **self.kwargs(x.shape[0])).sample
         return out[:, : self.shape[0]]  # DiT predicts noise and variance: keep the noise
 
