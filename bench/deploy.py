@@ -12,7 +12,13 @@ batch size, per variant:
   preset, round-to-nearest weights, per-step activation ranges calibrated on a few random batches;
 - ``deploy_w4a32`` / ``deploy_w8a8`` / ``deploy_w4a8``: :func:`gaq.deploy.deploy` of the W4A32 / W8A8 /
   W4A8 model in bfloat16 with the default kernels (Triton on CUDA); ``*_intmm``: with ``torch._int_mm``
-  and an int8 im2col instead.
+  and an int8 im2col instead; ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
+  activation quantization into the op producing the input, and the zero-point corrections and scaling
+  into the GEMM's epilogue where it can).
+
+Memory: ``resident`` is the bytes of the variant's own tensors; ``peak`` is that plus the most its calls
+allocated on top (other variants' models, kept on the host meanwhile, do not count). For deployed models
+``weights`` compares the quantized layers' stored codes and grids with those layers' bf16 weights.
 
 Measured: one model call (median of CUDA-event timings after warm-up) at a mid-trajectory timestep; a
 DDIM trajectory of ``--steps`` steps (one timed run); resident bytes of the model's tensors; peak
@@ -49,7 +55,8 @@ ARCHS = ("imagenet-dit-xl2", "lsun-bedrooms-ldm4", "cifar10-ddpm")
 #: the paper configs' presets (configs/paper/*.yaml)
 PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "imagenet-dit-xl2": "qdiff_compat"}
 VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy_w8a8", "deploy_w4a8")
-EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a8_compile")
+EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a32_compile", "deploy_w8a8_compile",
+                  "deploy_w4a8_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,6 +92,18 @@ def timed(fn, device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def weight_bytes(model: torch.nn.Module) -> dict | None:
+    """Stored bytes of a deployed model's quantized layers (codes and per-channel grids) against their bf16 weights."""
+    from gaq.deploy import DeployedLayer
+    layers = [m for m in model.modules() if isinstance(m, DeployedLayer)]
+    if not layers:
+        return None
+    stored = sum(sum(t.numel() * t.element_size() for t in (p.codes, p.col_scale, p.col_zero, p.col_sum))
+                 for m in layers for p in m.parts)
+    bf16 = sum(2 * p.col_scale.numel() * p.k for m in layers for p in m.parts)
+    return {"stored_bytes": stored, "bf16_bytes": bf16, "ratio_bf16_over_stored": round(bf16 / stored, 3)}
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -125,7 +144,8 @@ class Arch:
         return out[:, : self.shape[0]]  # DiT predicts noise and variance: keep the noise
 
     def fake(self, w_bits: int, a_bits: int) -> torch.nn.Module:
-        """The fake-quantized model, round-to-nearest weights, activations calibrated on random batches."""
+        """The fake-quantized model, round-to-nearest weights, activations calibrated on random batches
+        (on the host; moved to the device while it is measured)."""
         cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, preset=PRESETS[self.name], w_range=WeightRangeConfig(method="minmax"))
         q = quantize(self.fp, cfg, timesteps=self.timesteps)
         if a_bits < 32:
@@ -135,7 +155,7 @@ class Arch:
                         "step": torch.arange(n, device=self.device), "cond": self.kwargs(n)} for _ in range(2)]
             with torch.no_grad():
                 calibrate_activations(q, batches)
-        return q.eval()
+        return q.eval().to("cpu")
 
     def trajectory(self, model, noise: torch.Tensor, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -164,11 +184,12 @@ def build_variant(arch: Arch, variant: str, fakes: dict) -> tuple[torch.nn.Modul
         fakes[(w_bits, a_bits)] = arch.fake(w_bits, a_bits)
     fake = fakes[(w_bits, a_bits)]
     if variant.startswith("fake"):
-        return fake, torch.float32
+        return fake.to(arch.device), torch.float32
     intmm = variant.endswith("_intmm")
     cfg = DeployConfig(dtype="bfloat16", linear_kernel="int_mm" if intmm else "auto",
                        conv_kernel="im2col" if intmm else "auto")
-    m = deploy(copy.deepcopy(fake), cfg)
+    m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
+    fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):
         m = torch.compile(m)
     return m, torch.bfloat16
@@ -213,6 +234,7 @@ def measure(arch: Arch, variant: str, model, dtype: torch.dtype, batch: int, arg
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
     with torch.no_grad():
         t0 = time.perf_counter()
         first = timed(lambda: arch.call(model, x, t), dev)
@@ -225,7 +247,8 @@ def measure(arch: Arch, variant: str, model, dtype: torch.dtype, batch: int, arg
         noise = torch.randn(batch, *arch.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(7))
         row["trajectory_s"] = round(timed(lambda: arch.trajectory(model, noise, dtype, channels_last), dev), 4)
     if dev.type == "cuda":
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+        extra = torch.cuda.max_memory_allocated(dev) - before
+        row["peak_gib"] = round((tensor_bytes(getattr(model, "_orig_mod", model)) + extra) / 2**30, 3)
     del first
     return row
 
@@ -258,6 +281,8 @@ def markdown(res: dict) -> str:
                   "|---|---:|" + "---:|" * (3 * len(res["batches"])) + "---:|---:|"]
         batches = sorted(res["batches"])
         for variant, v in info["variants"].items():
+            if "batches" not in v:  # skipped (budget spent)
+                continue
             cells = [variant, f"{v.get('resident_bytes', 0) / 2**20:.1f}"]
             for b in batches:
                 r = v["batches"].get(str(b), {})
@@ -295,8 +320,9 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             model, dtype = build_variant(arch, variant, fakes)
+            plain = getattr(model, "_orig_mod", model)
             v = info["variants"][variant] = {"build_s": round(time.perf_counter() - t0, 2),
-                                             "resident_bytes": tensor_bytes(getattr(model, "_orig_mod", model)),
+                                             "resident_bytes": tensor_bytes(plain), "weights": weight_bytes(plain),
                                              "batches": {}}
             for batch in args.batches:
                 if time.perf_counter() - start > args.budget_s:
@@ -309,9 +335,12 @@ def main() -> None:
                 write(res, args.out)
             if variant.startswith("deploy"):
                 bits = variant.split("_")[1]
-                fake = fakes[(int(bits[1]), int(bits.split("a")[1]))]
+                fake = fakes[(int(bits[1]), int(bits.split("a")[1]))].to(dev)
                 v["agreement"] = agreement(arch, model, fake, dtype, args.agree_batch)
+                fake.to("cpu")
                 print(json.dumps({name: {variant: v["agreement"]}}), flush=True)
+            if variant.startswith("fake"):
+                model.to("cpu")
             del model
             write(res, args.out)
         del arch, fakes

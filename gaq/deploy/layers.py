@@ -100,7 +100,8 @@ class DeployedActQuant(_KeepDtype):
     def codes(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         """int8 codes ``a = clamp(round(x / s) + z, qmin, qmax) - offset`` (batch first), in float32 as the fake
         quantizer computes them at float32."""
-        if x.is_cuda and triton_quant.AVAILABLE:  # one pass, same codes
+        if x.is_cuda and triton_quant.AVAILABLE and not torch.compiler.is_compiling():  # one pass, same codes
+            # (under torch.compile the torch ops below are fused into the op that produces x instead)
             return triton_quant.quantize_codes(x, scale, zero, self.qmin, self.qmax, self.offset)
         shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
         q = torch.clamp(torch.round(x.float() / scale.view(shape)) + zero.view(shape), self.qmin, self.qmax)
