@@ -45,7 +45,10 @@ def accumulator_bound(k: int, max_abs_a_minus_zx: int, max_abs_b_minus_zw: int) 
 
 def per_row(values: Tensor, rows_per_sample: int) -> Tensor:
     """Per-sample values ``(B,)`` repeated for each of a sample's rows: ``(B * rows_per_sample,)``."""
-    return values.repeat_interleave(rows_per_sample) if rows_per_sample > 1 else values
+    if rows_per_sample == 1:
+        return values
+    # expand + reshape, not repeat_interleave: that reads its output size back to the host (a sync per layer)
+    return values[:, None].expand(values.shape[0], rows_per_sample).reshape(-1)
 
 
 def epilogue(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
