@@ -28,8 +28,11 @@ class DeployConfig:
         conv_kernel: integer convolution: ``triton`` (gaq's implicit-GEMM int8 kernel, channels-last),
             ``im2col`` (an explicit int8 im2col and ``torch._int_mm``), or ``auto`` (as above).
         weight_only_kernel: the layers whose input stays FP (W4A32 / W8A32, or a_bits 32 for a role):
-            ``dequantize``: the packed weight is dequantized to ``dtype`` per call and run through
-            PyTorch's own conv / linear (only the packed codes stay resident).
+            ``triton`` (gaq's GEMM / implicit-GEMM kernel with the codes dequantized to ``dtype`` in
+            registers: W4A16 / W8A16, only the codes read from memory), ``dequantize`` (the packed
+            weight dequantized to ``dtype`` per call and run through PyTorch's own conv / linear; only
+            the packed codes stay resident), or ``auto``: ``triton`` on a CUDA device where Triton is
+            installed, else ``dequantize``.
         check_device_timesteps: warn about uncalibrated timesteps also when the timestep arrives as a
             device tensor (that check reads it back to the host, a synchronisation per model call);
             timesteps on the host, as diffusers pipelines pass them, are always checked.
@@ -38,7 +41,7 @@ class DeployConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     linear_kernel: Literal["auto", "triton", "int_mm"] = "auto"
     conv_kernel: Literal["auto", "triton", "im2col"] = "auto"
-    weight_only_kernel: Literal["dequantize"] = "dequantize"
+    weight_only_kernel: Literal["auto", "triton", "dequantize"] = "auto"
     check_device_timesteps: bool = False
 
     def __post_init__(self):
@@ -47,8 +50,8 @@ class DeployConfig:
               f"deploy.linear_kernel must be 'auto', 'triton' or 'int_mm', got {self.linear_kernel!r}")
         check(self.conv_kernel in ("auto", "triton", "im2col"),
               f"deploy.conv_kernel must be 'auto', 'triton' or 'im2col', got {self.conv_kernel!r}")
-        check(self.weight_only_kernel == "dequantize",
-              f"deploy.weight_only_kernel must be 'dequantize', got {self.weight_only_kernel!r}")
+        check(self.weight_only_kernel in ("auto", "triton", "dequantize"),
+              f"deploy.weight_only_kernel must be 'auto', 'triton' or 'dequantize', got {self.weight_only_kernel!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,11 +8,15 @@ A :class:`DeployedLinear` / :class:`DeployedConv2d` is built from a calibrated f
   channel (per input-channel group of a split layer);
 - the input is quantized with the calibrated static scales (per sampling step: the step index the root
   model's timestep hook put in the shared :class:`gaq.quant.StepContext`, on the device) to int8 codes,
-  and an int8 GEMM (:mod:`gaq.deploy.kernels`) gives the exact integer accumulator, scaled back in
-  float32 and returned in the compute dtype;
-- a layer whose input stays FP (a_bits 32), or a convolution the integer kernels do not cover
-  (groups or dilation other than 1), dequantizes its codes per call and runs PyTorch's own op in the
-  compute dtype (on the calibrated fake-quantized input where it has an input quantizer).
+  and an int8 GEMM gives the exact integer accumulator, scaled back in float32 and returned in the
+  compute dtype: on a CUDA device with Triton one kernel of :mod:`gaq.deploy.triton_kernels` per call
+  (quantization in its prologue, 4-bit unpacking in registers, corrections and scales in its
+  epilogue), elsewhere the separate ops of :mod:`gaq.deploy.kernels` around ``torch._int_mm``;
+- a layer whose input stays FP (a_bits 32) runs weight-only: on CUDA with Triton the codes are
+  dequantized inside the GEMM (W4A16 / W8A16), elsewhere per call before PyTorch's own op; a
+  convolution the integer kernels do not cover (groups or dilation other than 1) dequantizes its codes
+  per call and runs PyTorch's own op in the compute dtype (on the calibrated fake-quantized input where
+  it has an input quantizer).
 
 Integer buffers and float32 scales keep their dtype under ``model.to(dtype)``; only their device moves.
 """
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gaq.deploy import kernels, triton_quant
+from gaq.deploy import kernels, triton_kernels, triton_quant
 from gaq.deploy.config import DeployConfig
 from gaq.deploy.packing import pack_int4, unpack_int4
 from gaq.errors import GaqError, check
@@ -34,15 +38,10 @@ from gaq.quant.step_context import StepContext
 INT_MM_MIN_ROWS, INT_MM_MULTIPLE = 17, 8
 
 
-def _triton_ready(device: torch.device) -> bool:
-    """Whether gaq's Triton kernels can run on ``device`` (CUDA, triton installed)."""
-    if device.type != "cuda":
-        return False
-    try:
-        from gaq.deploy import triton_kernels
-    except ImportError:  # this gaq has no Triton GEMM kernels: torch._int_mm
-        return False
-    return triton_kernels.AVAILABLE
+def _triton_ready(device: torch.device, explicit: bool) -> bool:
+    """Whether gaq's Triton kernels run on ``device``: CUDA with triton installed, or (asked for explicitly, as
+    the CPU tests do) Triton's interpreter."""
+    return triton_kernels.AVAILABLE and (device.type == "cuda" or (explicit and triton_kernels.INTERPRET))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -221,12 +220,19 @@ class DeployedLayer(_KeepDtype):
         check(len(qs) == groups, f"layer {layer.spec.path}: {len(qs)} input quantizers for {groups} weight groups")
         return [DeployedActQuant(a) for a in qs]
 
-    def _use_triton(self, device: torch.device, which: str) -> bool:
+    def _use_triton(self, device: torch.device, key: str) -> bool:
+        """Whether this call runs gaq's Triton kernel, by ``deploy.<key>`` (``auto``, ``triton`` or a torch path)."""
+        which = getattr(self.config, key)
         if which == "triton":
-            check(_triton_ready(device), f"layer {self.path}: the Triton kernel needs a CUDA device and triton "
-                  f"installed; set deploy.{self._kernel_key}: auto")
+            ready = _triton_ready(device, explicit=True)
+            check(ready, f"layer {self.path}: the Triton kernel needs a CUDA device and triton installed; "
+                  f"set deploy.{key}: auto")
             return True
-        return which == "auto" and _triton_ready(device)
+        return which == "auto" and _triton_ready(device, explicit=False)
+
+    def _act_args(self, part: _Part, scale: Tensor, zero: Tensor, row_zero: Tensor) -> tuple:
+        """The input quantizer as :mod:`gaq.deploy.triton_kernels` takes it."""
+        return scale, zero, row_zero, part.act.qmin, part.act.qmax, part.act.offset
 
     _kernel_key = ""
 
@@ -265,14 +271,16 @@ class DeployedLinear(DeployedLayer):
     def _part(self, x: Tensor, part: _Part, bias: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor:
         x2 = x.reshape(-1, part.k)
         if part.act is None:
+            if self._use_triton(x.device, "weight_only_kernel"):
+                return triton_kernels.linear(x2.to(dtype), part.codes, part.bits, part.k, part.col_scale,
+                                             part.col_zero, part.col_sum, bias, x2.shape[0], None, dtype)
             return F.linear(x2.to(dtype), part.dequantized_weight(dtype), None if bias is None else bias.to(dtype))
         scale, zero, row_zero = part.act.grid(batch)
         rows = x2.shape[0] // scale.shape[0]
+        if self._use_triton(x.device, "linear_kernel"):
+            return triton_kernels.linear(x2, part.codes, part.bits, part.k, part.col_scale, part.col_zero,
+                                         part.col_sum, bias, rows, self._act_args(part, scale, zero, row_zero), dtype)
         a = part.act.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(-1, part.k)
-        if self._use_triton(x.device, self.config.linear_kernel):
-            from gaq.deploy import triton_kernels
-            return triton_kernels.linear_int8(a, part.codes, part.bits, part.k, scale, row_zero, part.col_scale,
-                                              part.col_zero, part.col_sum, bias, rows, dtype)
         acc = _int_mm_acc(a, part, kernels.per_row(row_zero, rows))
         return kernels.epilogue(acc, kernels.per_row(scale, rows), part.col_scale, bias, dtype)
 
@@ -328,21 +336,24 @@ class DeployedConv2d(DeployedLayer):
 
     def _part(self, x: Tensor, part: _Part, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         pad = self._zero_padding()
+        plain = self.groups == 1 and self.dilation == (1, 1)  # what gaq's kernels cover
         if part.act is not None:
             scale, zero, row_zero = part.act.grid(x.shape[0])
+        elif plain and self._use_triton(x.device, "weight_only_kernel"):
+            return triton_kernels.conv2d(x.to(dtype), part.codes, part.bits, self.kernel_size, self.stride, pad,
+                                         part.col_scale, part.col_zero, part.col_sum, bias, None, dtype)
         if part.act is None or not self.integer:
             if part.act is not None:  # the calibrated fake-quantized input, then the FP op
                 x = part.act.dequantize(part.act.codes(x, scale, zero), scale, row_zero, dtype)
             return F.conv2d(x.to(dtype), self._weight4d(part, dtype), None if bias is None else bias.to(dtype),
                             self.stride, pad, self.dilation, self.groups)
+        if self._use_triton(x.device, "conv_kernel"):
+            return triton_kernels.conv2d(x, part.codes, part.bits, self.kernel_size, self.stride, pad, part.col_scale,
+                                         part.col_zero, part.col_sum, bias, self._act_args(part, scale, zero, row_zero),
+                                         dtype)
         batch = x.shape[0]
         scale, row_zero = scale.expand(batch), row_zero.expand(batch)
         a = part.act.codes(x.contiguous(memory_format=torch.channels_last), scale.contiguous(), zero.expand(batch))
-        if self._use_triton(x.device, self.config.conv_kernel):
-            from gaq.deploy import triton_kernels
-            return triton_kernels.conv2d_int8(a, part.codes, part.bits, self.kernel_size, self.stride, pad,
-                                              scale.contiguous(), row_zero.contiguous(), part.col_scale, part.col_zero,
-                                              part.col_sum, bias, dtype)
         cols, (ho, wo) = im2col(a, self.kernel_size, self.stride, pad, row_zero)
         rows = ho * wo
         acc = _int_mm_acc(cols, part, kernels.per_row(row_zero, rows))

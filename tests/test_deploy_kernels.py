@@ -1,0 +1,100 @@
+"""gaq's Triton kernels (gaq.deploy.triton_kernels) against the exact references in gaq.deploy.kernels.
+
+Run on the CPU under Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``); on a GPU the same
+kernels are checked by ``bench/deploy.py``. With int8 activations the kernels accumulate in int32 and must
+equal the integer reference bit for bit; weight-only kernels compute in the float dtype and match the float
+reference within its rounding.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from gaq.deploy import DeployConfig, DeployedLayer, deploy, kernels, triton_kernels  # noqa: E402
+from gaq.deploy.packing import pack_int4  # noqa: E402
+
+from test_deploy import _calibrated, _teacher_forced_errors, _timesteps, _unet  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="gaq's Triton kernels cannot be imported here")
+
+
+def _act_grid(batch, g):
+    """A per-sample uint8 activation grid as the deployed layers pass it: (scale, zero, zero - offset, qmin, qmax, offset)."""
+    scale = torch.rand(batch, generator=g) * 0.05 + 0.01
+    zero = torch.randint(100, 156, (batch,), generator=g).float()
+    return scale, zero, (zero - 128).to(torch.int32), 0, 255, 128
+
+
+def _weights(n, k, bits, g):
+    """Signed weight codes, their stored form (two int4 per byte or int8), per-channel scale / zero and row sums."""
+    b = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (n, k), dtype=torch.int8, generator=g)
+    stored = pack_int4(b) if bits == 4 else b.contiguous()
+    zw = torch.randint(-2, 3, (n,), dtype=torch.int32, generator=g)
+    sw = torch.rand(n, generator=g) * 0.1
+    return b, stored, sw, zw, b.sum(1, dtype=torch.int32)
+
+
+def _act_codes(x, scale, zero):
+    shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
+    q = torch.clamp(torch.round(x.float() / scale.view(shape)) + zero.view(shape), 0, 255)
+    return (q - 128).to(torch.int8)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("batch,rows,k,n,bias", [(2, 5, 37, 20, True), (1, 3, 64, 33, False), (3, 4, 70, 40, True)])
+def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, batch, rows, k, n, bias):
+    g = torch.Generator().manual_seed(bits * 100 + k)
+    x = torch.randn(batch * rows, k, generator=g)
+    b, stored, sw, zw, colsum = _weights(n, k, bits, g)
+    grid = _act_grid(batch, g)
+    scale, zero, row_zero = grid[:3]
+    bb = torch.randn(n, generator=g) if bias else None
+    y = triton_kernels.linear(x, stored, bits, k, sw, zw, colsum, bb, rows, grid, torch.float32)
+    a = _act_codes(x.reshape(batch, -1), scale, zero).reshape(-1, k)
+    acc = kernels.linear_reference(a, b, kernels.per_row(row_zero, rows), zw)
+    ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(scale, rows), sw, bb, torch.float32)
+    assert torch.equal(y, ref)
+    y = triton_kernels.linear(x, stored, bits, k, sw, zw, colsum, bb, rows, None, torch.float32)
+    w = (b.float() - zw[:, None].float()) * sw[:, None]
+    torch.testing.assert_close(y, F.linear(x, w, bb), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("c,h,n,k,stride,pad", [(6, 5, 20, 3, 1, 1), (6, 7, 12, 3, 2, 1), (8, 4, 9, 1, 1, 0), (5, 4, 8, 3, 1, 1)])
+def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, c, h, n, k, stride, pad):
+    g = torch.Generator().manual_seed(bits * 100 + c * 10 + h)
+    x = torch.randn(2, c, h, h + 1, generator=g).contiguous(memory_format=torch.channels_last)
+    b, stored, sw, zw, colsum = _weights(n, k * k * c, bits, g)  # K ordered (kh, kw, c), as deploy stores it
+    grid = _act_grid(2, g)
+    scale, zero, row_zero = grid[:3]
+    bb = torch.randn(n, generator=g)
+    geometry = ((k, k), (stride, stride), (pad, pad))
+    y = triton_kernels.conv2d(x, stored, bits, *geometry, sw, zw, colsum, bb, grid, torch.float32)
+    acc = kernels.conv2d_reference(_act_codes(x, scale, zero), b, *geometry, row_zero, zw)
+    ho, wo = acc.shape[2:]
+    flat = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
+    ref = kernels.epilogue(flat, kernels.per_row(scale, ho * wo), sw, bb, torch.float32)
+    assert torch.equal(y, ref.reshape(2, ho, wo, n).permute(0, 3, 1, 2))
+    y = triton_kernels.conv2d(x, stored, bits, *geometry, sw, zw, colsum, bb, None, torch.float32)
+    w = ((b.float() - zw[:, None].float()) * sw[:, None]).reshape(n, k, k, c).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, F.conv2d(x, w, bb, stride, pad), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("a_bits", [8, 32])
+def test_every_layer_on_the_triton_kernels_computes_its_fake_quantized_layer(a_bits, monkeypatch):
+    q = _calibrated(_unet(), 4, a_bits)
+    triton_only = DeployConfig(dtype="float32", linear_kernel="triton", conv_kernel="triton", weight_only_kernel="triton")
+    d = deploy(copy.deepcopy(q), triton_only)
+    calls = {"linear": 0, "conv2d": 0}
+    for name in calls:  # count the calls that reach the kernels; the kernels themselves run unchanged
+        kernel = getattr(triton_kernels, name)
+        monkeypatch.setattr(triton_kernels, name, lambda *a, _k=kernel, _n=name, **kw: calls.__setitem__(_n, calls[_n] + 1)
+                            or _k(*a, **kw))
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))  # small: the interpreter is slow
+    errors = _teacher_forced_errors(q, d, lambda m: m(x, _timesteps()[1]))
+    layers = [m for m in d.modules() if isinstance(m, DeployedLayer)]
+    assert len(errors) == len(layers) and max(errors.values()) < 1e-5, max(errors.items(), key=lambda e: e[1])
+    assert calls["conv2d"] > 0 and calls["linear"] > 0 and sum(calls.values()) >= len(layers), calls
