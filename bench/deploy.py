@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--agree_batch", type=int, default=8, help="batch of the agreement checks")
     p.add_argument("--budget_s", type=float, default=540.0, help="stop starting new configurations after this")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", action="store_true", help="torch.profiler of one call per configuration: the ops "
+                   "with the most host and device time and the count of host syncs, in the results")
     p.add_argument("--quick", action="store_true", help="the architectures at reduced width (smoke runs)")
     p.add_argument("--out", type=Path, default=Path("bench/results/deploy/h200"))
     return p.parse_args()
@@ -246,11 +248,40 @@ def measure(arch: Arch, variant: str, model, dtype: torch.dtype, batch: int, arg
         row["reps"] = reps
         noise = torch.randn(batch, *arch.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(7))
         row["trajectory_s"] = round(timed(lambda: arch.trajectory(model, noise, dtype, channels_last), dev), 4)
+        if args.profile:
+            row["profile"] = profile_call(lambda: arch.call(model, x, t), dev)
     if dev.type == "cuda":
         extra = torch.cuda.max_memory_allocated(dev) - before
         row["peak_gib"] = round((tensor_bytes(getattr(model, "_orig_mod", model)) + extra) / 2**30, 3)
     del first
     return row
+
+
+#: host-side events that wait for the device or read a value back from it
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
+               "cudaMemcpyAsync")
+
+
+def profile_call(fn, dev: torch.device, top: int = 12) -> dict:
+    """One profiled ``fn()``: wall ms, the ops with the most self host time and self device time, sync counts."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        sync(dev)
+    wall = 1000 * (time.perf_counter() - t0)
+    events = prof.key_averages()
+
+    def rows(key):
+        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+        return [{"op": e.key[:80], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3),
+                 "self_device_ms": round(getattr(e, "self_device_time_total", 0) / 1000, 3)} for e in ranked]
+
+    return {"wall_ms": round(wall, 2), "by_host": rows("self_cpu_time_total"),
+            "by_device": rows("self_device_time_total") if dev.type == "cuda" else [],
+            "device_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000, 3),
+            "syncs": {e.key: e.count for e in events if e.key in SYNC_EVENTS}}
 
 
 def agreement(arch: Arch, model, fake, dtype: torch.dtype, batch: int) -> dict:

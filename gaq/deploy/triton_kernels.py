@@ -131,7 +131,10 @@ if AVAILABLE:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         else:
             wd = ((b.to(tl.float32) - zw[:, None].to(tl.float32)) * sw[:, None]).to(x.dtype)
-            acc = tl.dot(x, tl.trans(wd), acc, input_precision="ieee", out_dtype=tl.float32)
+            if x.dtype == tl.float32:  # IEEE products for a float32 input (no TF32); bf16 / fp16 take the MMA
+                acc = tl.dot(x, tl.trans(wd), acc, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(x, tl.trans(wd), acc, out_dtype=tl.float32)
         return acc, rowsum
 
     @triton.jit
