@@ -325,7 +325,7 @@ class World:
     def __init__(self, work: Path):
         from diffusers import DDPMScheduler
 
-        from gaq.models.classifier import ClassifierConfig, DigitClassifier, save_classifier
+        from gaq.toy.classifier import ClassifierConfig, DigitClassifier, save_classifier
         from gaq.models.loading import Denoiser, save_denoiser
         import torch
 

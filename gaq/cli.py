@@ -16,9 +16,9 @@ from gaq.errors import GaqError
 
 # name -> ("module:function" taking argv, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train-default": ("gaq.models.train_default:main",
+    "train-default": ("gaq.train.default:main",
                       "train the shipped default model (digits DDPM + classifier) into checkpoints/"),
-    "train-testbed": ("gaq.models.train_testbed:main",
+    "train-testbed": ("gaq.train.testbed:main",
                       "train the CIFAR-shaped testbed (DDPM on photo crops + classifier) into checkpoints/testbed"),
     "calib-data": ("gaq.calib.cli:main_calib_data",
                    "generate (or reuse) the calibration set of a calibrate config, and nothing else"),

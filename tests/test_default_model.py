@@ -11,10 +11,10 @@ from torch import nn
 import gaq.cli
 from gaq.eval.features import DigitFeatures, class_accuracy, fid_with_features, load_digit_features
 from gaq.eval.grid import save_grid
-from gaq.models.classifier import ClassifierConfig, DigitClassifier, load_classifier, random_shift, save_classifier
-from gaq.models.default_model import EMAWeights, warmup_cosine
+from gaq.toy.classifier import ClassifierConfig, DigitClassifier, load_classifier, random_shift, save_classifier
+from gaq.toy.default_model import EMAWeights, warmup_cosine
 from gaq.models.denoiser import predict_noise
-from gaq.models.digits import DigitsDataModule, load_digit_images, split_indices
+from gaq.toy.digits import DigitsDataModule, load_digit_images, split_indices
 from gaq.models.loading import load_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_train_default_print_config_and_size_mismatch(capsys):
 def test_shipped_default_model_draws_the_requested_digits():
     """checkpoints/default (committed) loads offline and its FP samples are read as the asked-for digits."""
     from gaq.models.sampling import SamplerConfig
-    from gaq.models.train_default import sample_classes
+    from gaq.train.default import sample_classes
 
     folder = REPO / "checkpoints" / "default"
     den = load_denoiser(folder)

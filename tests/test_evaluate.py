@@ -23,7 +23,7 @@ from gaq.eval.reference import ReferenceConfig, load_reference_images, reference
 from gaq.eval.metrics import ClassifierExtractor, MetricsConfig, save_stats
 from gaq.models.sampling import SamplerConfig
 from gaq.eval.timestep_error import TimestepErrorConfig, timestep_error
-from gaq.models.classifier import ClassifierConfig, DigitClassifier, save_classifier
+from gaq.toy.classifier import ClassifierConfig, DigitClassifier, save_classifier
 from gaq.models.loading import Denoiser, load_denoiser, save_denoiser
 from gaq.quant import QuantConfig, quantize_rtn
 

@@ -18,7 +18,7 @@ from gaq.eval.intervals import mean_ci
 from gaq.eval.metrics import ClassifierExtractor, save_tensors
 from gaq.models.sampling import SamplerConfig
 from gaq.eval.timestep_error import TimestepErrorConfig, timestep_error
-from gaq.models.classifier import ClassifierConfig, DigitClassifier
+from gaq.toy.classifier import ClassifierConfig, DigitClassifier
 from gaq.models.loading import Denoiser
 from gaq.quant import QuantConfig, quantize_rtn
 

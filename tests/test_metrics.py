@@ -11,7 +11,7 @@ from gaq.errors import GaqError
 from gaq.eval.metrics import (ClassifierExtractor, FeatureStats, MetricsConfig, build_extractors, class_accuracy,
                               compute_metrics, frechet_distance, inception_score, knn_radii, load_stats,
                               precision_recall, save_stats)
-from gaq.models.classifier import ClassifierConfig, DigitClassifier, save_classifier
+from gaq.toy.classifier import ClassifierConfig, DigitClassifier, save_classifier
 
 
 def gaussian(n: int, d: int, seed: int) -> torch.Tensor:

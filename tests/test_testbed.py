@@ -15,10 +15,10 @@ from safetensors import safe_open
 
 import gaq.cli
 from gaq.calib.units import find_units
-from gaq.models.default_model import DigitsUNetConfig, build_digits_unet
+from gaq.toy.default_model import DigitsUNetConfig, build_digits_unet
 from gaq.models.denoiser import predict_noise
 from gaq.models.loading import load_denoiser
-from gaq.models.photos import NUM_PHOTO_CLASSES, PhotoCrops, PhotoCropsDataModule, load_photos, make_crops, photo_pyramid
+from gaq.toy.photos import NUM_PHOTO_CLASSES, PhotoCrops, PhotoCropsDataModule, load_photos, make_crops, photo_pyramid
 from gaq.quant import QuantConfig
 from gaq.quant.config import resolve_config
 from gaq.quant.wrap import build_quantized, plan_quantization

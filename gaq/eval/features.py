@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from gaq.errors import check
-from gaq.models.classifier import CLASSIFIER_WEIGHTS, DigitClassifier, load_classifier
+from gaq.toy.classifier import CLASSIFIER_WEIGHTS, DigitClassifier, load_classifier
 
 CLASSIFIER_SUBFOLDER = "classifier"  # where train-default puts the classifier inside a model folder
 

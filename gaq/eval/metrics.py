@@ -35,7 +35,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from gaq.atomic import atomic_write
 from gaq.provenance import json_digest
 from gaq.errors import check
-from gaq.models.classifier import DigitClassifier, load_classifier
+from gaq.toy.classifier import DigitClassifier, load_classifier
 
 InceptionMode = Literal["auto", "off"]
 

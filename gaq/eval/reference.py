@@ -14,8 +14,8 @@ from torch import Tensor
 import gaq
 from gaq.errors import GaqError, check
 from gaq.eval.metrics import FeatureExtractor, FeatureStats, extract_all, load_stats, save_stats, stats_digest
-from gaq.models.digits import DigitsData, Upsample, load_digit_images, split_indices
-from gaq.models.photos import PhotoCrops, make_crops
+from gaq.toy.digits import DigitsData, Upsample, load_digit_images, split_indices
+from gaq.toy.photos import PhotoCrops, make_crops
 
 
 REFERENCE_FORMAT = 1                # bump when the reference images' preprocessing changes
@@ -27,8 +27,8 @@ class ReferenceConfig:
     """Where the real images of the reference statistics come from, and where their features are cached.
 
     Attributes:
-        kind: ``digits`` (the default model's data, ``gaq.models.digits``, at the model's resolution),
-            ``photo_crops`` (the testbed's held-out photo crops, ``gaq.models.photos``, drawn as
+        kind: ``digits`` (the default model's data, ``gaq.toy.digits``, at the model's resolution),
+            ``photo_crops`` (the testbed's held-out photo crops, ``gaq.toy.photos``, drawn as
             ``photo_crops`` says) or ``images`` (a file or folder, see ``path``).
         photo_crops: photo_crops only: the crops (the testbed's training settings; the held-out set
             of ``num_held_out`` crops from ``held_out_seed`` is the reference).

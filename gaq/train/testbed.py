@@ -4,10 +4,10 @@ architecture on 32x32 photo crops) and its feature classifier, and report on the
 The testbed exists because the digits default quantizes almost losslessly: it is a trained network of
 the paper's CIFAR-10 shape (``configs/paper/cifar10_ddpm_w4a8.yaml`` runs on it with only
 ``--data.source`` changed), at base width 64 instead of 128 so that its weights (about 9M parameters,
-stored in float16: about 18 MB) fit in the repository. Data: :mod:`gaq.models.photos`.
+stored in float16: about 18 MB) fit in the repository. Data: :mod:`gaq.toy.photos`.
 
-One LightningCLI: ``model`` (:class:`~gaq.models.default_model.DigitsDDPM`, unconditional), ``data``
-(:class:`~gaq.models.photos.PhotoCropsDataModule`) and ``trainer`` configure the DDPM fit;
+One LightningCLI: ``model`` (:class:`~gaq.toy.default_model.DigitsDDPM`, unconditional), ``data``
+(:class:`~gaq.toy.photos.PhotoCropsDataModule`) and ``trainer`` configure the DDPM fit;
 ``classifier`` the source-photograph classifier fit that follows on the same crops (its penultimate
 features are the testbed's FID features); ``report`` the FP samples of the report; ``storage_dtype``
 the precision the weights are stored in. Writes
@@ -43,11 +43,11 @@ from gaq.eval.generation import SamplingConfig, generate
 from gaq.eval.features import CLASSIFIER_SUBFOLDER, class_accuracy, fid_with_features, load_digit_features
 from gaq.eval.grid import save_grid
 from gaq.models.sampling import SamplerConfig
-from gaq.models.classifier import save_classifier
-from gaq.models.default_model import DigitsDDPM
+from gaq.toy.classifier import save_classifier
+from gaq.toy.default_model import DigitsDDPM
 from gaq.models.loading import load_denoiser, save_denoiser
-from gaq.models.photos import NUM_PHOTO_CLASSES, PHOTO_NAMES, PhotoCropsDataModule
-from gaq.models.train_default import (CONFIG_FILE, GRID_FILE, REPORT_FILE, TrainDefaultCLI, _param_count,
+from gaq.toy.photos import NUM_PHOTO_CLASSES, PHOTO_NAMES, PhotoCropsDataModule
+from gaq.train.default import (CONFIG_FILE, GRID_FILE, REPORT_FILE, TrainDefaultCLI, _param_count,
                                      check_image_sizes, fit_classifier)
 from gaq.provenance import device_name
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from gaq.errors import check
 from gaq.models.denoiser import predict_noise
-from gaq.models.digits import NUM_DIGIT_CLASSES
+from gaq.toy.digits import NUM_DIGIT_CLASSES
 from gaq.models.loading import Denoiser
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]

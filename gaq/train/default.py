@@ -1,8 +1,8 @@
 """``gaq train-default``: train the shipped default model (digits DDPM + digit classifier) and report on it.
 
-One LightningCLI: the ``model`` (:class:`~gaq.models.default_model.DigitsDDPM`), ``data``
-(:class:`~gaq.models.digits.DigitsDataModule`) and ``trainer`` keys configure the DDPM fit;
-``classifier`` (:class:`~gaq.models.classifier.ClassifierTraining`) the classifier fit that follows,
+One LightningCLI: the ``model`` (:class:`~gaq.toy.default_model.DigitsDDPM`), ``data``
+(:class:`~gaq.toy.digits.DigitsDataModule`) and ``trainer`` keys configure the DDPM fit;
+``classifier`` (:class:`~gaq.toy.classifier.ClassifierTraining`) the classifier fit that follows,
 on the same accelerator and device; ``report`` the FP samples drawn for the report. Writes
 
 - ``<out_dir>/``: the DDPM in diffusers pipeline layout (:func:`~gaq.models.loading.save_denoiser`)
@@ -33,9 +33,9 @@ from gaq.errors import check
 from gaq.eval.features import CLASSIFIER_SUBFOLDER, DigitFeatures, class_accuracy, fid_with_features
 from gaq.eval.grid import save_grid
 from gaq.models.sampling import SamplerConfig, ddim_sample
-from gaq.models.classifier import ClassifierModule, ClassifierTraining, DigitClassifier, save_classifier
-from gaq.models.default_model import DigitsDDPM
-from gaq.models.digits import DigitsDataModule
+from gaq.toy.classifier import ClassifierModule, ClassifierTraining, DigitClassifier, save_classifier
+from gaq.toy.default_model import DigitsDDPM
+from gaq.toy.digits import DigitsDataModule
 from gaq.models.loading import Denoiser, save_denoiser
 from gaq.provenance import device_name
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gaq.errors import GaqError, check
-from gaq.models.digits import NUM_DIGIT_CLASSES
+from gaq.toy.digits import NUM_DIGIT_CLASSES
 
 CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_CONFIG = "config.json"
