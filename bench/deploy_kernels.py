@@ -55,11 +55,6 @@ def _weights(n, k, bits, dev, g):
     return b, stored, sw, zw, b.sum(1, dtype=torch.int32)
 
 
-def _codes(x, scale, zero):
-    shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
-    return (torch.clamp(torch.round(x.float() / scale.view(shape)) + zero.view(shape), 0, 255) - 128).to(torch.int8)
-
-
 def _err(y, ref):
     y, ref = y.float(), ref.float()
     return {"rel_l2": float((y - ref).norm() / ref.norm()), "max_abs": float((y - ref).abs().max())}
@@ -79,8 +74,8 @@ def exactness(dev, quick: bool) -> list[dict]:
             act = _grid(batch, dev, g)
             bias = torch.randn(n, device=dev, generator=g)
             y = triton_kernels.linear(x, stored, bits, k, sw, zw, cs, bias, per, act, torch.float32)
-            acc = kernels.linear_reference(_codes(x.reshape(batch, -1), *act[:2]).reshape(-1, k), b,
-                                           kernels.per_row(act[2], per), zw)
+            a = kernels.activation_codes(x.reshape(batch, -1), *act[:2], 0, 255, 128).reshape(-1, k)
+            acc = kernels.linear_reference(a, b, kernels.per_row(act[2], per), zw)
             ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(act[0], per), sw, bias, torch.float32)
             row = {"kind": "linear", "bits": bits, "M": batch * per, "K": k, "N": n,
                    "integer_mismatches": int((y != ref).sum()), "elements": y.numel()}
@@ -98,7 +93,7 @@ def exactness(dev, quick: bool) -> list[dict]:
             bias = torch.randn(n, device=dev, generator=g)
             geo = ((ks, ks), (st, st), (pad, pad))
             y = triton_kernels.conv2d(x, stored, bits, *geo, sw, zw, cs, bias, act, torch.float32)
-            acc = kernels.conv2d_reference(_codes(x, *act[:2]), b, *geo, act[2], zw)
+            acc = kernels.conv2d_reference(kernels.activation_codes(x, *act[:2], 0, 255, 128), b, *geo, act[2], zw)
             ho, wo = acc.shape[2:]
             ref = kernels.epilogue(acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32),
                                    kernels.per_row(act[0], ho * wo), sw, bias, torch.float32)

@@ -37,12 +37,6 @@ def _weights(n, k, bits, g):
     return b, stored, sw, zw, b.sum(1, dtype=torch.int32)
 
 
-def _act_codes(x, scale, zero):
-    shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
-    q = torch.clamp(torch.round(x.float() / scale.view(shape)) + zero.view(shape), 0, 255)
-    return (q - 128).to(torch.int8)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("batch,rows,k,n,bias", [(2, 5, 37, 20, True), (1, 3, 64, 33, False), (3, 4, 70, 40, True)])
 def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, batch, rows, k, n, bias):
@@ -53,7 +47,7 @@ def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits
     scale, zero, row_zero = grid[:3]
     bb = torch.randn(n, generator=g) if bias else None
     y = triton_kernels.linear(x, stored, bits, k, sw, zw, colsum, bb, rows, grid, torch.float32)
-    a = _act_codes(x.reshape(batch, -1), scale, zero).reshape(-1, k)
+    a = kernels.activation_codes(x.reshape(batch, -1), scale, zero, 0, 255, 128).reshape(-1, k)
     acc = kernels.linear_reference(a, b, kernels.per_row(row_zero, rows), zw)
     ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(scale, rows), sw, bb, torch.float32)
     assert torch.equal(y, ref)
@@ -73,7 +67,7 @@ def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, 
     bb = torch.randn(n, generator=g)
     geometry = ((k, k), (stride, stride), (pad, pad))
     y = triton_kernels.conv2d(x, stored, bits, *geometry, sw, zw, colsum, bb, grid, torch.float32)
-    acc = kernels.conv2d_reference(_act_codes(x, scale, zero), b, *geometry, row_zero, zw)
+    acc = kernels.conv2d_reference(kernels.activation_codes(x, scale, zero, 0, 255, 128), b, *geometry, row_zero, zw)
     ho, wo = acc.shape[2:]
     flat = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
     ref = kernels.epilogue(flat, kernels.per_row(scale, ho * wo), sw, bb, torch.float32)

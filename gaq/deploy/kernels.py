@@ -51,6 +51,15 @@ def per_row(values: Tensor, rows_per_sample: int) -> Tensor:
     return values[:, None].expand(values.shape[0], rows_per_sample).reshape(-1)
 
 
+def activation_codes(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, offset: int) -> Tensor:
+    """int8 codes ``a = clamp(round(x / s) + z, qmin, qmax) - offset`` of ``x`` (batch first) with per-sample
+    ``scale`` / ``zero`` ``(B,)`` or ``(1,)``, computed at float32 as the fake quantizer computes them
+    (``torch.round`` rounds half to even); same shape as ``x``."""
+    shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
+    q = torch.clamp(torch.round(x.float() / scale.view(shape)) + zero.view(shape), qmin, qmax)
+    return (q - offset).to(torch.int8)
+
+
 def epilogue(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     """``row_scale[m] * col_scale[n] * acc[m, n] + bias[n]`` in float32, cast to ``out_dtype``."""
     y = acc.to(torch.float32) * (row_scale.to(torch.float32)[:, None] * col_scale.to(torch.float32)[None, :])
@@ -100,4 +109,4 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b.T)
 
 
-__all__ = ["INT32_MAX", "accumulator_bound", "conv2d_reference", "epilogue", "int_mm", "linear_reference", "per_row"]
+__all__ = ["INT32_MAX", "accumulator_bound", "activation_codes", "conv2d_reference", "epilogue", "int_mm", "linear_reference", "per_row"]

@@ -102,9 +102,8 @@ class DeployedActQuant(_KeepDtype):
         if x.is_cuda and triton_quant.AVAILABLE and not torch.compiler.is_compiling():  # one pass, same codes
             # (under torch.compile the torch ops below are fused into the op that produces x instead)
             return triton_quant.quantize_codes(x, scale, zero, self.qmin, self.qmax, self.offset)
-        shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
-        q = torch.clamp(torch.round(x.float() / scale.view(shape)) + zero.view(shape), self.qmin, self.qmax)
-        return (q - self.offset).to(torch.int8).contiguous(memory_format=_memory_format(x))
+        a = kernels.activation_codes(x, scale, zero, self.qmin, self.qmax, self.offset)
+        return a.contiguous(memory_format=_memory_format(x))
 
     def dequantize(self, a: Tensor, scale: Tensor, row_zero: Tensor, dtype: torch.dtype) -> Tensor:
         """``x_hat = (a - zx) * s`` in ``dtype``."""
