@@ -219,3 +219,36 @@ def test_ddp_shards_disjoint_and_covering(calib_set, tmp_path):
         a, b = ranks[0][epoch], ranks[1][epoch]
         assert set(a).isdisjoint(b) and sorted(a + b) == train
     assert ranks[0]["0"] != ranks[0]["1"]  # a new order every epoch
+
+
+def test_unit_steps_serve_every_iteration_and_meta_step_once_in_order(calib_set):
+    """The per-unit loader: item j is Lightning step j (meta steps first or interleaved, K iterations per
+    step), each rank's rows are its share of the seeded global batches, and the loader resumes from the
+    steps done, through Lightning's resumable-loader state."""
+    from gaq.data.datamodule import IndexStream, UnitSchedule, UnitSteps
+    dm = make_dm(calib_set)
+    interleaved = UnitSchedule(iters=10, iters_per_step=4, recon_batch=8, seed=3, meta_at=(1, 0, 0, 1, 0, 0, 1, 0, 0, 0),
+                               meta_batch=6)
+    first = UnitSchedule(iters=10, iters_per_step=4, recon_batch=8, seed=3, meta_first=5, meta_batch=6)
+    stream = IndexStream(dm.train_indices, 8, 3, 2)
+    for sch in (interleaved, first):
+        for rank in (0, 1):
+            items = list(UnitSteps(sch, dm.train_indices, rank, 2))
+            assert [it["step"] for it in items] == list(range(sch.total_steps))
+            assert torch.cat([it["iters"] for it in items]).tolist() == list(range(10))
+            assert torch.cat([it["meta_steps"] for it in items]).tolist() == list(range(sch.meta_steps))
+            rows = torch.cat([it["recon"] for it in items if len(it["iters"])])
+            assert torch.equal(rows, torch.stack([stream.rank_batch(i, rank, 2) for i in range(10)]))
+            assert all(len(it["meta"]) == len(it["meta_steps"]) and it["meta"].shape[1:] in ((3,), (0,)) for it in items)
+    assert sum(it["meta_before"].sum() for it in UnitSteps(interleaved, dm.train_indices)) == 3
+    assert [len(it["iters"]) for it in UnitSteps(first, dm.train_indices)] == [0, 0, 4, 4, 2]
+
+    done = [0]
+    loader = dm.unit_train_dataloader(first, lambda: done[0], 0, 1)
+    assert len(loader) == first.total_steps and [b["step"] for b in loader] == list(range(5))
+    done[0] = 3
+    state = loader.state_dict()
+    assert state == {"steps_done": 3}
+    resumed = dm.unit_train_dataloader(first, lambda: 0, 0, 1)
+    resumed.load_state_dict(state)
+    assert [b["step"] for b in resumed] == [3, 4]

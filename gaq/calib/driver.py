@@ -404,7 +404,7 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
 
     module = UnitReconstruction(job.recon).bind(ReconUnit(
         name=unit.name, module=unit.module, call=unit, learned=rounding, regulariser=regulariser, cache=cache,
-        train_indices=torch.as_tensor(dm.train_indices), set_step=set_step))
+        data=dm, set_step=set_step))
     if hooks is not None:
         hooks.prepare_unit(module, k, unit, cache)
     _fit(job, module, Path(job.run_dir) / "lightning" / f"{k:03d}", unit.name, report)
@@ -466,7 +466,7 @@ def _learn_act_steps(job: CalibrationJob, cfg: ReconConfig, k: int, unit: Unit, 
         module = UnitReconstruction(cfg).bind(ReconUnit(
             name=unit.name, module=unit.module, call=unit, learned=steps,
             regulariser=lambda beta: torch.zeros((), device=device), cache=cache,
-            train_indices=torch.as_tensor(dm.train_indices), set_step=set_step))
+            data=dm, set_step=set_step))
         _fit(job, module, Path(job.run_dir) / "lightning" / f"act-{k:03d}", unit.name, report)
         report.error_after = unit_error(unit, cache, val_index, set_step, cfg.cache_batch)
         for p in steps:

@@ -5,8 +5,11 @@ AdaRound block reconstruction (BRECQ): Adam on the unit's rounding logits minimi
 with the per-sample error summed over channels and averaged over space, and per-sample
 weights ``w_i`` from a weight source (all ones for the uniform baseline, learned for GAC).
 
-Data order is a pure function of (seed, iteration), held in the module's own state, so a run
-resumed from a Lightning checkpoint continues exactly where the straight run would be. Under
+The data comes from the calibration DataModule: its ``unit_train_dataloader`` serves, per Lightning
+step, the global indices of that step's iterations and meta steps (a pure function of seed and step
+number) and resumes mid-epoch through Lightning's resumable-loader state, so a run resumed from a
+Lightning checkpoint continues exactly where the straight run would be (the module checks each step's
+data against its own checkpointed counters). Under
 DDP every global batch is split evenly between ranks, so the averaged gradient equals the
 single-process gradient of the same global batch.
 """
@@ -19,10 +22,10 @@ from typing import Any, Callable, Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from gaq.calib.cache import Placement, UnitCache
 from gaq.calib.weights import UniformWeights
+from gaq.data.datamodule import CalibrationDataModule, UnitSchedule, UnitStepLoader
 from gaq.errors import GaqError, check
 from gaq.quant.adaround import BetaSchedule
 
@@ -144,53 +147,6 @@ def per_sample_error(out: Tensor, target: Tensor) -> Tensor:
     return sq.sum(-1).flatten(1).mean(1) if sq.ndim > 2 else sq.sum(-1)
 
 
-class IndexStream:
-    """Deterministic global batches: batch ``i`` is slice ``i mod nb`` of a permutation of the
-    training positions drawn from ``(seed, epoch = i // nb)``; a pure function of ``i``, so resumed
-    runs see the same data as straight ones."""
-
-    def __init__(self, train_indices: Tensor, batch_size: int, seed: int, world: int = 1,
-                 device: torch.device | str = "cpu"):
-        check(batch_size % world == 0, f"batch size {batch_size} must be divisible by the {world} DDP ranks")
-        check(len(train_indices) >= batch_size,
-              f"batch size {batch_size} is larger than the training split ({len(train_indices)} tuples)")
-        self.train_indices, self.batch, self.seed = torch.as_tensor(train_indices), batch_size, seed
-        self.device = torch.device(device)
-        self.per_epoch = len(train_indices) // batch_size
-        self._epoch, self._order = -1, None
-
-    def global_batch(self, i: int) -> Tensor:
-        """Global batch ``i`` on :attr:`device` (the permutation is drawn on the CPU, once per epoch)."""
-        epoch, pos = divmod(i, self.per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = self.train_indices[torch.randperm(len(self.train_indices), generator=g)]
-            self._order, self._epoch = order.to(self.device), epoch
-        return self._order[pos * self.batch:(pos + 1) * self.batch]
-
-    def rank_batch(self, i: int, rank: int, world: int) -> Tensor:
-        """Rank ``rank``'s share of global batch ``i`` (every ``world``-th element)."""
-        return self.global_batch(i)[rank::world]
-
-
-class StepSlots(Dataset):
-    """One item per Lightning step of the unit (``total`` in all); the items carry no data.
-
-    The module takes each step's number from its own checkpointed counter, not from the item:
-    on resume Lightning restores how many batches of the epoch were done and runs only the rest,
-    whether or not it skips the loader's first items, so the counter is what stays exact.
-    """
-
-    def __init__(self, total: int):
-        self.total = total
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __getitem__(self, j: int) -> int:
-        return j
-
-
 @dataclass
 class MetaPhase:
     """What the GAC meta steps of one unit need (attached by :class:`gaq.calib.gac_driver.GACHooks`).
@@ -222,7 +178,8 @@ class ReconUnit:
         regulariser: ``beta -> sum of (1 - |2h - 1|^beta)`` over the unit's rounding variables (a
             constant zero where nothing is rounded).
         cache: inputs, FP targets and sampling steps of every calibration tuple.
-        train_indices: global indices of the training tuples.
+        data: the calibration DataModule: its split's training tuples are what the fit trains on (its
+            :meth:`~gaq.data.datamodule.CalibrationDataModule.unit_train_dataloader` serves them per step).
         weights: per-sample weight of global indices; uniform by default (a GAC meta phase replaces it).
         set_step: sets the per-sample sampling step for per-step activation quantizers (None: the unit
             has none).
@@ -234,7 +191,7 @@ class ReconUnit:
     learned: list[nn.Parameter]
     regulariser: Callable[[float], Tensor]
     cache: UnitCache
-    train_indices: Tensor
+    data: CalibrationDataModule
     weights: WeightFn = UniformWeights().weights
     set_step: Callable[[Tensor | None], None] | None = None
 
@@ -300,7 +257,7 @@ class UnitReconstruction(pl.LightningModule):
         """Attach one unit (:class:`ReconUnit`) before ``fit``."""
         self.unit_name, self.unit, self._call = target.name, target.module.eval(), target.call
         self._rounding, self._regulariser, self.cache = target.learned, target.regulariser, target.cache
-        self.train_indices, self._weights, self._set_step = target.train_indices, target.weights, target.set_step
+        self.data, self._weights, self._set_step = target.data, target.weights, target.set_step
         return self
 
     def enable_meta(self, meta: MetaPhase) -> "UnitReconstruction":
@@ -319,35 +276,38 @@ class UnitReconstruction(pl.LightningModule):
         return self
 
     # ---- the step plan ------------------------------------------------------------------------
-    @property
-    def _meta_first(self) -> int:
-        """Meta steps run before the reconstruction (0 when interleaved or without a meta phase)."""
-        return self.meta.cfg.meta_iters if self.meta is not None and self.meta.cfg.interleave_every == 0 else 0
+    def schedule(self) -> UnitSchedule:
+        """The data plan of this unit's fit: the reconstruction iterations and, with a meta phase, its meta
+        steps (all first, or interleaved as :func:`gaq.calib.gac.meta_steps_before` places them)."""
+        sch = UnitSchedule(iters=self.recon.iters, iters_per_step=self.recon.iters_per_step,
+                           recon_batch=self.recon.batch_size, seed=self.recon.seed)
+        if self.meta is None:
+            return sch
+        cfg = self.meta.cfg
+        if cfg.interleave_every == 0:
+            return replace(sch, meta_first=cfg.meta_iters, meta_batch=cfg.meta_batch)
+        from gaq.calib.gac import meta_steps_before
+        return replace(sch, meta_at=tuple(meta_steps_before(cfg, i) for i in range(self.recon.iters)),
+                       meta_batch=cfg.meta_batch)
 
     @property
     def total_steps(self) -> int:
         """Lightning steps of the unit."""
-        k = self.recon.iters_per_step
-        return -(-self._meta_first // k) + -(-self.recon.iters // k)
+        return self.schedule().total_steps
 
-    def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size
-        self._recon_stream = IndexStream(self.train_indices, self.recon.batch_size, self.recon.seed, world,
-                                         device=self.cache.device)
-        if self.meta is not None:
-            self._meta_stream = IndexStream(self.train_indices, self.meta.cfg.meta_batch, self.recon.seed + 1, world)
-        self.cache.read_ahead(self._recon_plan(self.trainer.global_rank, world), self.recon.cache_read_ahead)
-        return DataLoader(StepSlots(self.total_steps), batch_size=None, shuffle=False)
-
-    def _recon_plan(self, rank: int, world: int):
-        """The batches the remaining reconstruction iterations will gather, in order (a disk cache reads them
-        ahead): from a copy of the data stream on the CPU, so that the reading thread shares no state with
-        the training."""
-        stream = IndexStream(self.train_indices, self.recon.batch_size, self.recon.seed, world)
-        return (stream.rank_batch(it, rank, world) for it in range(self.iters_done, self.recon.iters))
+    def train_dataloader(self) -> UnitStepLoader:
+        """The DataModule's loader of this unit's steps (this rank's share), resuming after the steps done."""
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        loader = self.data.unit_train_dataloader(self.schedule(), lambda: self.step_done, rank, world)
+        # a disk cache reads the remaining iterations' batches ahead, in a thread of its own: from a copy
+        # of the plan, so that the thread shares no state with the loader
+        plan = self.data.unit_train_dataloader(self.schedule(), lambda: self.step_done, rank, world).dataset
+        self.cache.read_ahead(plan.iteration_batches(self.iters_done), self.recon.cache_read_ahead)
+        return loader
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # slots carry no data; the cache moves what it gathers
+        # the indices go where the cache gathers (the meta steps' stay on the host, as GAC reads them there)
+        return {**batch, "recon": batch["recon"].to(self.cache.device, non_blocking=True)}
 
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -376,23 +336,29 @@ class UnitReconstruction(pl.LightningModule):
             return rec, rec.new_zeros(())
         return rec, self._regulariser(beta)
 
-    def training_step(self, _slot: int, batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One Lightning step: the meta steps and reconstruction iterations of the DataModule's item ``batch``
+        (its indices are this rank's share of each global batch)."""
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        k, work_before = self.recon.iters_per_step, self.meta_done + self.iters_done
-        if self.meta_done < self._meta_first:
-            for _ in range(min(k, self._meta_first - self.meta_done)):
-                self._meta_step(opts[1], self.meta_done, rank, world)
-        else:
-            first = self.iters_done
-            for it in range(first, min(first + k, self.recon.iters)):
-                if self.meta is not None and self._meta_first == 0:
-                    from gaq.calib.gac import meta_steps_before
-                    for _ in range(meta_steps_before(self.meta.cfg, it)):
-                        self._meta_step(opts[1], self.meta_done, rank, world)
-                self._recon_step(opts[0], it, self._recon_stream.rank_batch(it, rank, world), world)
-                self.iters_done = it + 1
+        world = self.trainer.world_size
+        step, iters, metas = int(batch["step"]), batch["iters"].tolist(), batch["meta_steps"].tolist()
+        first_iter = iters[0] if iters else self.iters_done
+        if step != self.step_done or first_iter != self.iters_done or (metas and metas[0] != self.meta_done):
+            raise GaqError(f"unit {self.unit_name}: the data loader served step {step} (iteration {first_iter}, meta "
+                           f"step {metas[0] if metas else '-'}) after {self.step_done} steps ({self.iters_done} iterations,"
+                           f" {self.meta_done} meta steps); delete the run folder's lightning/ checkpoints of this unit")
+        work_before, m = self.meta_done + self.iters_done, 0
+        if not iters:  # the leading meta phase
+            for m in range(len(metas)):
+                self._meta_step(opts[1], metas[m], batch["meta"][m], world)
+        for i, it in enumerate(iters):
+            for _ in range(int(batch["meta_before"][i])):
+                self._meta_step(opts[1], metas[m], batch["meta"][m], world)
+                m += 1
+            self._recon_step(opts[0], it, batch["recon"][i], world)
+            self.iters_done = it + 1
+        if iters:
             self._check_finite()
         self.step_done += 1
         every = self.recon.ckpt_every
@@ -472,7 +438,7 @@ class UnitReconstruction(pl.LightningModule):
         its Trainer refer to each other, so without this the cache (gigabytes on the device) lives on until
         Python's cycle collector runs, and the caches of several units pile up."""
         self.on_train_end()
-        self.cache = self._recon_stream = self._meta_stream = None
+        self.cache = self.data = None
         self._weights = self._call = self._regulariser = self._set_step = None
 
     def _meta_inputs(self, index: Tensor, val: list[Tensor], m: int):
@@ -482,9 +448,9 @@ class UnitReconstruction(pl.LightningModule):
         return MetaStepInputs(unit=self.unit, theta=self._rounding, per_sample_loss=self._meta_loss, train_batch=index,
                               val_batches=val, cfg=self.meta.cfg, unit_name=self.unit_name, step=m)
 
-    def _meta_step(self, opt, m: int, rank: int, world: int) -> None:
+    def _meta_step(self, opt, m: int, index: Tensor, world: int) -> None:
+        """Meta step ``m`` on the meta batch ``index`` (this rank's share, global calibration indices)."""
         from gaq.calib.gac import check_meta_parts, meta_stats, meta_step
-        index = self._meta_stream.rank_batch(m, rank, world)
         val = self._val_batches(m)
         graph = self._meta_graph(index, val)
         if graph is not None:

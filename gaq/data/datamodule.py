@@ -9,6 +9,11 @@ its step's group.
 Batches are dicts ``{"x", "t", "step", "cond": dict, "index", "group"}`` where ``index`` is the
 tuple's global index into the calibration set (to look up per-sample weights).
 
+Per reconstruction unit, :meth:`CalibrationDataModule.unit_train_dataloader` serves the training
+tuples the unit's fit consumes: per Lightning step, the global indices of its iterations' and meta
+steps' batches (:class:`UnitSteps`; the unit's cache holds the inputs and targets they index), resumable
+mid-epoch (:class:`ResumableSteps`).
+
 Training order: a permutation of the training indices drawn from ``(seed, epoch)``; Lightning calls
 ``set_epoch`` at every epoch start (also after a resume), so a run resumed at an epoch boundary sees
 exactly the order of a straight run. Under DDP every rank gets a disjoint share of each
@@ -183,6 +188,152 @@ class SeededBatchSampler(DistributedSampler):
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
 
 
+class IndexStream:
+    """Deterministic global batches: batch ``i`` is slice ``i mod nb`` of a permutation of the
+    training positions drawn from ``(seed, epoch = i // nb)``; a pure function of ``i``, so resumed
+    runs see the same data as straight ones."""
+
+    def __init__(self, train_indices: Tensor, batch_size: int, seed: int, world: int = 1,
+                 device: torch.device | str = "cpu"):
+        check(batch_size % world == 0, f"batch size {batch_size} must be divisible by the {world} DDP ranks")
+        check(len(train_indices) >= batch_size,
+              f"batch size {batch_size} is larger than the training split ({len(train_indices)} tuples)")
+        self.train_indices, self.batch, self.seed = torch.as_tensor(train_indices), batch_size, seed
+        self.device = torch.device(device)
+        self.per_epoch = len(train_indices) // batch_size
+        self._epoch, self._order = -1, None
+
+    def global_batch(self, i: int) -> Tensor:
+        """Global batch ``i`` on :attr:`device` (the permutation is drawn on the CPU, once per epoch)."""
+        epoch, pos = divmod(i, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = self.train_indices[torch.randperm(len(self.train_indices), generator=g)]
+            self._order, self._epoch = order.to(self.device), epoch
+        return self._order[pos * self.batch:(pos + 1) * self.batch]
+
+    def rank_batch(self, i: int, rank: int, world: int) -> Tensor:
+        """Rank ``rank``'s share of global batch ``i`` (every ``world``-th element)."""
+        return self.global_batch(i)[rank::world]
+
+
+
+@dataclass(frozen=True)
+class UnitSchedule:
+    """The data one unit's fit consumes, Lightning step by Lightning step.
+
+    Attributes:
+        iters: reconstruction iterations; ``iters_per_step`` of them per Lightning step.
+        recon_batch: global batch of an iteration (split evenly among the DDP ranks); ``seed`` orders them.
+        meta_first: meta steps run before the first iteration, ``iters_per_step`` per Lightning step of their own.
+        meta_at: interleaved meta steps: how many run just before each iteration (``(iters,)``), or None.
+        meta_batch: global batch of a meta step (its own stream, seed ``seed + 1``).
+    """
+
+    iters: int
+    iters_per_step: int
+    recon_batch: int
+    seed: int
+    meta_first: int = 0
+    meta_at: tuple[int, ...] | None = None
+    meta_batch: int = 0
+
+    @property
+    def meta_steps(self) -> int:
+        return self.meta_first + (sum(self.meta_at) if self.meta_at else 0)
+
+    @property
+    def first_recon_step(self) -> int:
+        """The first Lightning step that runs reconstruction iterations."""
+        return -(-self.meta_first // self.iters_per_step)
+
+    @property
+    def total_steps(self) -> int:
+        return self.first_recon_step + -(-self.iters // self.iters_per_step)
+
+
+class UnitSteps(Dataset):
+    """Item ``j`` is Lightning step ``j`` of a unit's fit (:class:`UnitSchedule`), for one DDP rank: a dict
+    ``{"step": j, "iters": (n,) iteration numbers, "recon": (n, b) global calibration indices of those
+    iterations, "meta_steps": (m,) the numbers of the meta steps run in the step, "meta": (m, b_meta) their
+    indices, "meta_before": (n,) how many of them run just before each iteration}`` (tensors on the CPU). Every item is a pure function of
+    ``j``, so a resumed fit sees exactly the data of a straight one."""
+
+    def __init__(self, schedule: UnitSchedule, train_indices: Tensor, rank: int = 0, world: int = 1):
+        self.schedule, self.rank, self.world = schedule, rank, world
+        self.recon = IndexStream(train_indices, schedule.recon_batch, schedule.seed, world)
+        self.meta = (IndexStream(train_indices, schedule.meta_batch, schedule.seed + 1, world)
+                     if schedule.meta_steps else None)
+        at = torch.tensor(schedule.meta_at or [0] * schedule.iters, dtype=torch.long)
+        # meta steps done before iteration i: the leading phase plus the interleaved ones before i
+        self._meta_done_before = schedule.meta_first + torch.cat([at.new_zeros(1), at.cumsum(0)])
+        self._meta_at = at
+
+    def __len__(self) -> int:
+        return self.schedule.total_steps
+
+    def _meta(self, lo: int, hi: int) -> Tensor:
+        if self.meta is None or hi <= lo:
+            return torch.zeros((0, 0), dtype=torch.long)
+        return torch.stack([self.meta.rank_batch(m, self.rank, self.world) for m in range(lo, hi)])
+
+    def iteration_batches(self, first: int):
+        """This rank's batch of every iteration from ``first`` on, in order (what a disk cache reads ahead)."""
+        return (self.recon.rank_batch(it, self.rank, self.world) for it in range(first, self.schedule.iters))
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        sch, k = self.schedule, self.schedule.iters_per_step
+        if not 0 <= j < sch.total_steps:
+            raise IndexError(f"step {j} of a fit of {sch.total_steps} steps")
+        if j < sch.first_recon_step:  # the leading meta phase
+            lo, hi = j * k, min((j + 1) * k, sch.meta_first)
+            iters = torch.zeros(0, dtype=torch.long)
+        else:
+            first = (j - sch.first_recon_step) * k
+            iters = torch.arange(first, min(first + k, sch.iters))
+            lo, hi = int(self._meta_done_before[first]), int(self._meta_done_before[first + len(iters)])
+        recon = (torch.stack([self.recon.rank_batch(int(it), self.rank, self.world) for it in iters]) if len(iters)
+                 else torch.zeros((0, 0), dtype=torch.long))
+        return {"step": j, "iters": iters, "recon": recon, "meta": self._meta(lo, hi),
+                "meta_steps": torch.arange(lo, hi), "meta_before": self._meta_at[iters]}
+
+
+class ResumableSteps(torch.utils.data.Sampler[int]):
+    """Lightning steps ``start .. total - 1`` of a fit, ``start`` being the steps already done. A Lightning
+    checkpoint stores it (``state_dict``: the steps done, read from ``progress`` when it is saved) and the
+    resumed fit loads it, so the loader resumes mid-epoch exactly (Lightning's resumable-loader protocol)."""
+
+    def __init__(self, total: int, progress: Callable[[], int]):
+        self.total, self.progress, self._start = total, progress, None
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.progress() if self._start is None else self._start
+        self._start = None
+        return iter(range(start, self.total))
+
+    def __len__(self) -> int:
+        return self.total  # the epoch's length: Lightning counts the restored steps towards it
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps_done": int(self.progress())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._start = int(state["steps_done"])
+
+
+class UnitStepLoader(DataLoader):
+    """The DataLoader of one unit's fit (items of :class:`UnitSteps`), resumable through its sampler."""
+
+    def __init__(self, steps: UnitSteps, progress: Callable[[], int]):
+        super().__init__(steps, sampler=ResumableSteps(len(steps), progress), batch_size=None)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
 class CalibrationDataModule(LightningDataModule):
     """Calibration data for block reconstruction and GAC, from a model source and a protocol.
 
@@ -318,6 +469,14 @@ class CalibrationDataModule(LightningDataModule):
         world, rank = self._world()
         return self._loader(SeededBatchSampler(self.train_indices, self.batch_size, shuffle=True,
                                                seed=self.split.seed, num_replicas=world, rank=rank))
+
+    def unit_train_dataloader(self, schedule: UnitSchedule, progress: Callable[[], int], rank: int,
+                              world: int) -> UnitStepLoader:
+        """The training data of one reconstruction unit's fit (run by its own Trainer, whose ``rank`` of
+        ``world`` processes this is): per Lightning step, the global indices of its iterations' and meta
+        steps' batches drawn from this split's training tuples (this rank's share), resuming after the
+        ``progress()`` steps already done."""
+        return UnitStepLoader(UnitSteps(schedule, self.train_indices, rank, world), progress)
 
     def val_dataloader(self) -> DataLoader:
         """The whole validation set in index order, on every rank (not sharded)."""
