@@ -10,7 +10,8 @@ Part 2, speed: one GEMM of each kind at the shapes of the paper models' hot laye
 16,384 tokens of width 1,152; a CIFAR-10 UNet 3x3 conv at batch 32; an LSUN LDM-4 3x3 conv at batch 16),
 median of ``triton.testing.do_bench``:
 
-- ``triton_w4a8`` / ``triton_w8a8``: gaq's kernel from the bf16 input (quantization in its prologue);
+- ``triton_w4a8`` / ``triton_w8a8``: as the deployed layers run them: the int8 codes of the bf16 input by
+  ``triton_quant.quantize_codes``, then gaq's GEMM kernel on them;
 - ``triton_w4a16``: gaq's weight-only kernel (bf16 input, W4 codes dequantized in registers);
 - ``quant+int_mm``: the int8 codes by ``triton_quant.quantize_codes`` and then ``torch._int_mm`` (for convs
   on an already-built im2col matrix: the GEMM alone, an optimistic bound of that path);
@@ -142,8 +143,9 @@ def speed(dev, reps_ms: int) -> list[dict]:
         for bits in (4, 8):
             b, stored, sw, zw, cs = _weights(n, k, bits, dev, g)
             if kind == "linear":
-                times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.linear(
-                    x, stored, bits, k, sw, zw, cs, None, per, act, torch.bfloat16))
+                times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.linear(  # as DeployedLinear: codes, GEMM
+                    triton_quant.quantize_codes(x.view(batch, per, k), act[0], act[1], 0, 255, 128).view(m, k),
+                    stored, bits, k, sw, zw, cs, None, per, act, torch.bfloat16))
                 if bits == 4:
                     times["triton_w4a16"] = bench(lambda: triton_kernels.linear(
                         x, stored, 4, k, sw, zw, cs, None, per, None, torch.bfloat16))
@@ -154,8 +156,9 @@ def speed(dev, reps_ms: int) -> list[dict]:
                     times["bf16"] = bench(lambda w=b.to(torch.bfloat16): F.linear(x, w))
             else:
                 geom = ((ks, ks), (1, 1), (ks // 2, ks // 2))
-                times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.conv2d(
-                    x, stored, bits, *geom, sw, zw, cs, None, act, torch.bfloat16))
+                times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.conv2d(  # as DeployedConv2d
+                    triton_quant.quantize_codes(x, act[0], act[1], 0, 255, 128), stored, bits, *geom, sw, zw, cs, None,
+                    act, torch.bfloat16))
                 if bits == 4:
                     times["triton_w4a16"] = bench(lambda: triton_kernels.conv2d(
                         x, stored, 4, *geom, sw, zw, cs, None, None, torch.bfloat16))

@@ -46,11 +46,11 @@ def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits
     grid = _act_grid(batch, g)
     scale, zero, row_zero = grid[:3]
     bb = torch.randn(n, generator=g) if bias else None
-    y = triton_kernels.linear(x, stored, bits, k, sw, zw, colsum, bb, rows, grid, torch.float32)
     a = kernels.activation_codes(x.reshape(batch, -1), scale, zero, 0, 255, 128).reshape(-1, k)
     acc = kernels.linear_reference(a, b, kernels.per_row(row_zero, rows), zw)
     ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(scale, rows), sw, bb, torch.float32)
-    assert torch.equal(y, ref)
+    for given in (x, a):  # float rows (quantized in the prologue) or their codes
+        assert torch.equal(triton_kernels.linear(given, stored, bits, k, sw, zw, colsum, bb, rows, grid, torch.float32), ref)
     y = triton_kernels.linear(x, stored, bits, k, sw, zw, colsum, bb, rows, None, torch.float32)
     w = (b.float() - zw[:, None].float()) * sw[:, None]
     torch.testing.assert_close(y, F.linear(x, w, bb), rtol=1e-5, atol=1e-4)
@@ -66,12 +66,14 @@ def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, 
     scale, zero, row_zero = grid[:3]
     bb = torch.randn(n, generator=g)
     geometry = ((k, k), (stride, stride), (pad, pad))
-    y = triton_kernels.conv2d(x, stored, bits, *geometry, sw, zw, colsum, bb, grid, torch.float32)
-    acc = kernels.conv2d_reference(kernels.activation_codes(x, scale, zero, 0, 255, 128), b, *geometry, row_zero, zw)
+    a = kernels.activation_codes(x, scale, zero, 0, 255, 128)
+    acc = kernels.conv2d_reference(a, b, *geometry, row_zero, zw)
     ho, wo = acc.shape[2:]
     flat = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
     ref = kernels.epilogue(flat, kernels.per_row(scale, ho * wo), sw, bb, torch.float32)
-    assert torch.equal(y, ref.reshape(2, ho, wo, n).permute(0, 3, 1, 2))
+    for given in (x, a):  # float input (quantized in the prologue; padding quantizes to the row zero) or codes
+        y = triton_kernels.conv2d(given, stored, bits, *geometry, sw, zw, colsum, bb, grid, torch.float32)
+        assert torch.equal(y, ref.reshape(2, ho, wo, n).permute(0, 3, 1, 2))
     y = triton_kernels.conv2d(x, stored, bits, *geometry, sw, zw, colsum, bb, None, torch.float32)
     w = ((b.float() - zw[:, None].float()) * sw[:, None]).reshape(n, k, k, c).permute(0, 3, 1, 2)
     torch.testing.assert_close(y, F.conv2d(x, w, bb, stride, pad), rtol=1e-5, atol=1e-4)

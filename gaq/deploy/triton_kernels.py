@@ -125,8 +125,10 @@ if AVAILABLE:
         weight codes from reduction index ``k0``, added to ``acc`` (and ``rowsum``)."""
         b = _weight_tile(w_ptr, rn, mask_n, k0, K, stride_wn, W4, BLOCK_K)
         if INTEGER:
-            a = _quantize(x.to(tl.float32), s[:, None], z[:, None], qmin, qmax, offset)
-            a = tl.where(mask, a, 0)
+            if x.dtype == tl.int8:  # codes quantized by a pass of their own (once, not once per column block)
+                a = tl.where(mask, x, 0)
+            else:
+                a = tl.where(mask, _quantize(x.to(tl.float32), s[:, None], z[:, None], qmin, qmax, offset), 0)
             rowsum += tl.sum(a.to(tl.int32), axis=1)
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         else:
@@ -162,7 +164,7 @@ if AVAILABLE:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             mask = mask_m[:, None] & (rk[None, :] < K)
-            x = tl.load(x_rows + rk[None, :], mask=mask, other=0.0)
+            x = tl.load(x_rows + rk[None, :], mask=mask, other=0)
             acc, rowsum = _step(x, mask, s, z, w_ptr, rn, mask_n, k0, K, stride_wn, sw, zw, acc, rowsum,
                                 qmin, qmax, offset, W4, INTEGER, BLOCK_K)
         _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
@@ -194,6 +196,10 @@ if AVAILABLE:
             zw = tl.load(zw_ptr + rn, mask=mask_n, other=0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        if INTEGER:
+            zx_row = tl.load(zx_ptr + sample, mask=mask_m, other=0).to(tl.int8)
+        else:
+            zx_row = rm
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
                 ih = oh * SH - PH + kh
@@ -203,7 +209,10 @@ if AVAILABLE:
                 for c0 in range(0, C, BLOCK_K):
                     rc = c0 + tl.arange(0, BLOCK_K)
                     in_c = rc[None, :] < C
-                    x = tl.load(pix[:, None] + rc[None, :], mask=inside[:, None] & in_c, other=0.0)
+                    x = tl.load(pix[:, None] + rc[None, :], mask=inside[:, None] & in_c, other=0)
+                    if INTEGER:
+                        if x.dtype == tl.int8:  # codes: a padded pixel is the code of 0.0, the row zero
+                            x = tl.where(inside[:, None], x, zx_row[:, None])
                     k0 = (kh * KW + kw) * C + c0
                     acc, rowsum = _step(x, mask_m[:, None] & in_c, s, z, w_ptr, rn, mask_n, k0, K, stride_wn, sw, zw,
                                         acc, rowsum, qmin, qmax, offset, W4, INTEGER, BLOCK_K)
@@ -239,7 +248,9 @@ def linear(x: Tensor, codes: Tensor, bits: int, k: int, col_scale: Tensor, col_z
     """``y = x_hat @ w_hat^T + bias`` ``(M, N)`` of float rows ``x`` ``(M, K)`` in one kernel.
 
     Args:
-        x: ``(M, K)`` float input rows (last dimension contiguous); sample ``i`` owns rows ``i*rows ... (i+1)*rows-1``.
+        x: ``(M, K)`` float input rows (last dimension contiguous), or with ``act`` their int8 codes already
+            quantized with that grid (the kernel then skips its quantizing prologue); sample ``i`` owns rows
+            ``i*rows ... (i+1)*rows-1``.
         codes: weight codes, uint8 ``(N, ceil(K/2))`` two per byte for ``bits`` 4, else int8 ``(N, K)``.
         k: the reduction length K.
         col_scale, col_zero, col_sum: float32 ``s_w``, int32 ``zw`` and int32 ``colsum(b)`` per output channel.
@@ -272,7 +283,7 @@ def conv2d(x: Tensor, codes: Tensor, bits: int, kernel_size: tuple[int, int], st
 
     Args:
         x: ``(B, C, H, W)`` float input whose channels are contiguous (channels-last strides; a channel slice
-            of a channels-last tensor is fine).
+            of a channels-last tensor is fine), or with ``act`` its int8 codes (as :func:`linear`'s).
         codes: weight codes in ``(kh, kw, c)`` reduction order, as :func:`linear`'s.
         act: as :func:`linear`'s (per-sample grids of length B or 1), or None for weight-only mode.
 
