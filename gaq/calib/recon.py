@@ -290,18 +290,13 @@ class UnitReconstruction(pl.LightningModule):
         return replace(sch, meta_at=tuple(meta_steps_before(cfg, i) for i in range(self.recon.iters)),
                        meta_batch=cfg.meta_batch)
 
-    @property
-    def total_steps(self) -> int:
-        """Lightning steps of the unit."""
-        return self.schedule().total_steps
-
     def train_dataloader(self) -> UnitStepLoader:
         """The DataModule's loader of this unit's steps (this rank's share), resuming after the steps done."""
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        loader = self.data.unit_train_dataloader(self.schedule(), lambda: self.step_done, rank, world)
+        rank, world, schedule = self.trainer.global_rank, self.trainer.world_size, self.schedule()
+        loader = self.data.unit_train_dataloader(schedule, lambda: self.step_done, rank, world)
         # a disk cache reads the remaining iterations' batches ahead, in a thread of its own: from a copy
         # of the plan, so that the thread shares no state with the loader
-        plan = self.data.unit_train_dataloader(self.schedule(), lambda: self.step_done, rank, world).dataset
+        plan = self.data.unit_train_dataloader(schedule, lambda: self.step_done, rank, world).dataset
         self.cache.read_ahead(plan.iteration_batches(self.iters_done), self.recon.cache_read_ahead)
         return loader
 
