@@ -41,7 +41,9 @@ class DeployConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     linear_kernel: Literal["auto", "triton", "int_mm"] = "auto"
     conv_kernel: Literal["auto", "triton", "im2col"] = "auto"
-    weight_only_kernel: Literal["auto", "triton", "dequantize"] = "auto"
+    # default dequantize: measured on an H200, DiT-XL/2 W4A32 at batch 64 ran one call in 102.9 ms on the Triton
+    # weight-only kernel against 73.5 ms dequantizing per call into cuBLAS (bench/results/deploy/)
+    weight_only_kernel: Literal["auto", "triton", "dequantize"] = "dequantize"
     check_device_timesteps: bool = False
 
     def __post_init__(self):
