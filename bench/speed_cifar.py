@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--cache_dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
                     help="recon.cache_dtype of each run (a run per value)")
     ap.add_argument("--cudnn_benchmark", action="store_true", help="Trainer(benchmark=True): cuDNN times its algorithms")
+    ap.add_argument("--cache_caps", nargs="+", default=["none"],
+                    help="recon.cache_device_max_gib per run (GiB, or none): larger caches go to the host and are staged")
+    ap.add_argument("--tf32s", nargs="+", default=["conv"], choices=["conv", "all", "none"], help="recon.tf32 per run")
     args = ap.parse_args()
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set in the ranks Lightning's DDP launcher starts
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device(args.device)
@@ -126,11 +129,13 @@ def main() -> None:
                "params": sum(p.numel() for p in model.parameters()), "calibration_set": len(calib),
                "calibration_set_seconds": gen_s, "runs": {}}
     codes: dict[str, dict[str, torch.Tensor]] = {}
-    runs = [(m, v, f, c) for m in args.methods for v in args.variants
-            for f in (args.gac_forms if m == "gac" else [None]) for c in args.cache_dtypes]
-    for method, variant, form, cache_dtype in runs:
+    runs = [(m, v, f, c, cap, tf) for m in args.methods for v in args.variants
+            for f in (args.gac_forms if m == "gac" else [None]) for c in args.cache_dtypes
+            for cap in args.cache_caps for tf in args.tf32s]
+    for method, variant, form, cache_dtype, cap, tf32 in runs:
         key = f"{method}-{variant}" + (f"-{form.replace(':', '-vpg').replace('+', '-')}" if form and form != "factored" else "") \
-            + (f"-cache_{cache_dtype}" if cache_dtype != "float32" else "")
+            + (f"-cache_{cache_dtype}" if cache_dtype != "float32" else "") \
+            + (f"-devcap{cap}" if cap != "none" else "") + (f"-tf32_{tf32}" if tf32 != "conv" else "")
         timer = StepTimer()
         run_dir = Path(f"/tmp/gaq_speed_{key}")
         if rank == 0:
@@ -138,7 +143,8 @@ def main() -> None:
         graph = variant == "graph"
         k = (args.iters_per_step if method == "uniform" else 10) if graph else 1
         recon = ReconConfig(iters=args.iters, batch_size=32, ckpt_every=0, cache_batch=256, iters_per_step=k,
-                            cuda_graph=args.cuda_graph if graph else "off", cache_dtype=cache_dtype)
+                            cuda_graph=args.cuda_graph if graph else "off", cache_dtype=cache_dtype,
+                            cache_device_max_gib=None if cap == "none" else float(cap), tf32=tf32)
         cfg = CalibrationConfig(method=method, quant=QuantConfig(w_bits=4, a_bits=8), recon=recon,
                                 gac=gac_config(args.meta_iters, form) if method == "gac" else GACConfig(),
                                 diagnostics=DiagnosticsConfig(enabled=False), split=SplitConfig())
@@ -167,7 +173,8 @@ def main() -> None:
         setup_s = summary["calibration_seconds"] - sum(u["seconds"] for u in summary["units"]) \
             - summary["activation_calibration_seconds"]
         results["runs"][key] = {
-            "method": method, "variant": variant, "gac_form": form, "cache_dtype": cache_dtype, "iters_per_step": k, "wall_seconds_measured_run": wall,
+            "method": method, "variant": variant, "gac_form": form, "cache_dtype": cache_dtype, "iters_per_step": k,
+            "cache_device_max_gib": cap, "tf32": tf32, "wall_seconds_measured_run": wall,
             "units": per_unit, "num_units": len(per_unit), "setup_seconds": setup_s,
             "activation_calibration_seconds": summary["activation_calibration_seconds"],
             # the run's peak as the driver measured it (it resets CUDA's peak counter at each unit)
@@ -200,6 +207,10 @@ def _agreement(codes: dict, runs: dict) -> dict:
              for r in runs.values()]
     pairs += [(key.removesuffix(f"-cache_{r['cache_dtype']}"), key, f"{key}: {r['cache_dtype']} cache vs float32")
               for key, r in runs.items() if r.get("cache_dtype", "float32") != "float32"]
+    for key, r in runs.items():  # a capped device cache (host-staged units) and TF32 matmuls against the plain run
+        base = key.replace(f"-devcap{r.get('cache_device_max_gib')}", "").replace(f"-tf32_{r.get('tf32')}", "")
+        if base != key:
+            pairs.append((base, key, f"{key} vs {base}"))
     for ref, other, label in dict.fromkeys(pairs):
         a, b = codes.get(ref), codes.get(other)
         if a is None or b is None:
@@ -239,6 +250,8 @@ def _write(results: dict, out: Path, args) -> None:
         fixed = _median([p["fixed_seconds"] for p in r["units"]])
         form = f", {r['gac_form']}" if r.get("gac_form") else ""
         form += f", {r['cache_dtype']} cache" if r.get("cache_dtype", "float32") != "float32" else ""
+        form += f", device cache <= {r['cache_device_max_gib']} GiB" if r.get("cache_device_max_gib", "none") != "none" else ""
+        form += f", TF32 {r['tf32']}" if r.get("tf32", "conv") != "conv" else ""
         big = max(r["units"], key=lambda p: p.get("cache_gib", 0.0))
         unit_peak = max(p.get("peak_memory_gib", 0.0) for p in r["units"])
         lines.append(f"| {r['method']}{form} | {r['variant']} (K={r['iters_per_step']}) | {r['num_units']} | {per_kind} | "

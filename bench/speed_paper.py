@@ -490,8 +490,8 @@ def measure_calibration(pc: PaperConfig, den, args, device: torch.device, workdi
     shutil.rmtree(run_dir, ignore_errors=True)
     recon = replace(pc.recon, iters=args.iters, ckpt_every=0,
                     iters_per_step=args.iters_per_step or pc.recon.iters_per_step,
-                    cuda_graph=args.cuda_graph or pc.recon.cuda_graph)
-    out["measurement"].update(iters_per_step=recon.iters_per_step, cuda_graph=recon.cuda_graph)
+                    cuda_graph=args.cuda_graph or pc.recon.cuda_graph, tf32=args.tf32 or pc.recon.tf32)
+    out["measurement"].update(iters_per_step=recon.iters_per_step, cuda_graph=recon.cuda_graph, tf32=recon.tf32)
     timer = UnitTimer()
     subset = UnitSubset(args.units_per_kind, args.pick, n_paper, recon.cache_placement, args.emulate_placement,
                         args.free_gib)
@@ -690,6 +690,7 @@ def markdown(res: dict) -> str:
             total = f"{p['total_hours']:.1f} h ({pm['total_hours']:.1f} h)"
             split = f"{p['recon_seconds'] / 3600:.1f} / {p['meta_seconds'] / 3600:.1f} / {rest / 3600:.2f} h"
             paper = f"{cal['paper']['iters']} / {cal['paper']['meta_iters']}"
+            paper += f" (TF32 {cal['measurement'].get('tf32', 'conv')})"
             hosts = cal.get("paper_host_cache_units") or []
             host = (f"{len(hosts)} ({sum(u['paper_placement'] == 'host' for u in cal['measured_units'])} measured)"
                     if hosts else "none")
@@ -755,6 +756,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="spread: by forward FLOPs (mean-like unit, or cheapest..most expensive); first: forward order")
     ap.add_argument("--iters_per_step", type=int, default=None, help="default: the config's recon.iters_per_step (quick 1)")
     ap.add_argument("--cuda_graph", default=None, choices=["auto", "on", "off"], help="default: the config's")
+    ap.add_argument("--tf32", default=None, choices=["conv", "all", "none"], help="recon.tf32; default: the config's")
     ap.add_argument("--samples_per_step", type=int, default=1,
                     help="at least this many trajectories in the measurement set (default: the fewest that keep "
                          "the paper's validation tuples per kept step and a training batch)")

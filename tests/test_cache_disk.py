@@ -142,6 +142,26 @@ def test_the_file_is_safetensors_read_zero_copy_and_read_ahead_serves_only_its_p
     assert not path.exists()  # freed without close(): the finaliser removes the file
 
 
+def test_a_window_serves_resident_and_staged_rows_as_the_cache_does(setup, tmp_path):
+    mem = _built(setup, tmp_path)
+    disk = _built(setup, tmp_path, placement="disk", cache_dir=tmp_path / "c")
+    assert mem.window(None, 4) is mem  # a cache on the training device is its own window
+    resident = torch.tensor([3, 11, 6])
+    win = disk.window(resident, batch=4)
+    plan = [torch.tensor([5, 1, 9]), torch.tensor([0, 2, 7, 8])]
+    disk.read_ahead(iter(plan), depth=1)
+    # planned, off-plan, a resident-only batch (nothing staged), a batch mixing both, the next planned
+    for staged in (plan[0], torch.tensor([4, 10]), torch.tensor([11, 3]), torch.tensor([6, 13, 3]), plan[1]):
+        win.stage(staged)
+        for idx in (staged, resident):
+            got, want = win.batch(idx), mem.batch(idx)
+            assert all(torch.equal(a, b) for a, b in zip(got[0], want[0])) and got[1].keys() == want[1].keys()
+            assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    with pytest.raises(GaqError, match="window of 4"):
+        win.stage(torch.arange(12, 17))
+    disk.close()
+
+
 def test_auto_goes_to_disk_when_the_cache_exceeds_its_share_of_host_memory(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "available_host_memory", lambda: 10 * 2**20)
     small = _built(setup, tmp_path, placement="auto", cache_dir=tmp_path / "c", host_share=0.75)

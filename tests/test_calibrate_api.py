@@ -210,3 +210,22 @@ def test_a_second_writer_of_a_run_folder_is_refused_and_a_corrupt_lightning_chec
     umask = os.umask(0o022)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+def test_gac_on_a_disk_cache_gives_the_numbers_of_the_in_memory_cache(tmp_path):
+    """A cache off the training device serves its batches through a device window (the validation tuples resident,
+    each step's batch staged): the codes and the learned sample weights are those of the in-memory cache."""
+    from gaq.calib.gac import GACConfig
+
+    def run(name: str, **recon):
+        cfg = config("gac", iters=5, units=["down_blocks.0.resnets.0"], gac=GACConfig(meta_iters=3, meta_batch=8,
+                                                                                      meta_lr=1e-2))
+        cfg = replace(cfg, recon=replace(cfg.recon, **recon))
+        return gaq.calibrate(make_tiny_unet(), cfg, user_loader(), run_dir=tmp_path / name, trainer=CPU)
+
+    mem, disk = run("mem"), run("disk", cache_placement="disk", cache_dir=str(tmp_path / "c"))
+    (u_mem,), (u_disk,) = ([u for u in q.gaq_summary["units"] if u["reconstructed"]] for q in (mem, disk))
+    assert u_disk["cache_on"] == "disk" and u_mem["cache_on"] == "device"
+    assert (u_disk["error_before"], u_disk["error_after"]) == (u_mem["error_before"], u_mem["error_after"])
+    assert all(torch.equal(a, b) for a, b in zip(mem.state_dict().values(), disk.state_dict().values()))
+    assert u_mem["extra"] and u_disk["extra"] == u_mem["extra"]  # the weights' figures (spread, entropy)

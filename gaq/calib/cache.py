@@ -72,7 +72,7 @@ class UnitCache:
     device: torch.device
     target_dtype: torch.dtype = torch.float32
     file: Path | None = None
-    _disk: "_DiskState | None" = field(default=None, repr=False)
+    _reads: "_ReadState | None" = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.target.shape[0]
@@ -105,39 +105,175 @@ class UnitCache:
         for slot in self._batched_slots():
             slot.batched = move(slot.batched)
         self.target, self.step = move(self.target), self.step.to(where)
+        if self.file is None:  # a cache in host memory reads ahead like a disk cache; one on the device needs not
+            if self._reads is not None:
+                self._reads.stop_reader()
+            self._reads = _ReadState(None) if where != self.device else None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def read_ahead(self, plan: Iterator[Tensor], depth: int) -> None:
         """Read the batches ``plan`` yields (global indices, in the order :meth:`batch` will ask for them) in a
-        background thread, up to ``depth`` ahead, into pinned host buffers. Only a disk cache reads ahead (a
-        no-op otherwise); a :meth:`batch` call for other indices is gathered directly, so the numbers never
-        depend on the plan."""
-        if self._disk is None:
+        background thread, up to ``depth`` ahead, into pinned host buffers. Only a cache off the training
+        device (host or disk) reads ahead (a no-op otherwise); a :meth:`batch` call for other indices is
+        gathered directly, so the numbers never depend on the plan."""
+        if self._reads is None:
             return
-        self._disk.stop_reader()
-        self._disk.reader = _ReadAhead(self._sources(), plan, depth, pin=torch.cuda.is_available())
+        self._reads.stop_reader()
+        self._reads.reader = _ReadAhead(self._sources(), plan, depth, pin=torch.cuda.is_available())
 
     @property
     def read_stats(self) -> dict[str, int]:
         """``{"read_ahead": batches served by the read-ahead, "direct": batches gathered on the spot}``."""
-        return {"read_ahead": self._disk.hits, "direct": self._disk.misses} if self._disk is not None else {}
+        return {"read_ahead": self._reads.hits, "direct": self._reads.misses} if self._reads is not None else {}
 
     def close(self) -> None:
         """Stop the read-ahead and remove the cache's file (its mapping stays readable until the cache is freed)."""
-        if self._disk is not None:
-            self._disk.close()
+        if self._reads is not None:
+            self._reads.close()
 
-    def batch(self, idx: Tensor) -> tuple[tuple, dict, Tensor, Tensor]:
-        """``(args, kwargs, target, step)`` of the tuples ``idx`` (global calibration-set indices), on ``device``."""
-        rows = self._disk.take(idx) if self._disk is not None else None
-        rows = iter(rows if rows is not None else _gather_rows(self._sources(), idx))
+    @property
+    def off_device(self) -> bool:
+        """Whether the cache lives off the training device (host memory or disk), so that batches are copied over."""
+        return self._reads is not None
+
+    def window(self, resident: Tensor | None, batch: int) -> "DeviceWindow | UnitCache":
+        """What the reconstruction gathers its batches from: the cache itself when it is on the training device,
+        else a :class:`DeviceWindow` that holds the tuples ``resident`` (GAC's validation tuples) and one batch of
+        up to ``batch`` others on the device."""
+        return DeviceWindow(self, resident, batch) if self.off_device else self
+
+    def stage(self, idx: Tensor) -> None:
+        """Nothing to do: a cache on the training device serves every batch directly (see :class:`DeviceWindow`)."""
+
+    def rows(self, idx: Tensor) -> list[Tensor]:
+        """The stored rows of ``idx`` (global indices), in :meth:`_sources` order, where the cache keeps them:
+        the read-ahead's pinned buffers when ``idx`` is its next planned batch, else gathered on the spot."""
+        rows = self._reads.take(idx) if self._reads is not None else None
+        return rows if rows is not None else _gather_rows(self._sources(), idx)
+
+    def assemble(self, rows: list[Tensor], step: Tensor) -> tuple[tuple, dict, Tensor, Tensor]:
+        """``(args, kwargs, target, step)`` on ``device`` from stored rows in :meth:`_sources` order."""
+        rows = iter(rows)
         take = lambda slot: slot.const if slot.batched is None else next(rows).to(  # noqa: E731
             self.device, slot.dtype, non_blocking=True)
         args = tuple(take(s) for s in self.args)
         kwargs = {k: take(s) for k, s in self.kwargs.items()}
         target = next(rows).to(self.device, self.target_dtype, non_blocking=True)
-        return args, kwargs, target, self.step[idx.to(self.step.device)].to(self.device)
+        return args, kwargs, target, step.to(self.device)
+
+    def batch(self, idx: Tensor) -> tuple[tuple, dict, Tensor, Tensor]:
+        """``(args, kwargs, target, step)`` of the tuples ``idx`` (global calibration-set indices), on ``device``."""
+        return self.assemble(self.rows(idx), self.step[idx.to(self.step.device)])
+
+
+class DeviceWindow:
+    """The rows of a host or disk cache that the reconstruction is using, copied to the training device.
+
+    A batch is gathered from device tensors only (``slot_of[idx]`` into the window's rows), so one iteration
+    or meta step replays as a CUDA graph as with a cache on the device. Two kinds of rows:
+
+    - *resident*: copied once when the window is made (GAC's validation tuples, which every meta step reads:
+      5% of the set);
+    - *staged*: up to ``batch`` rows rewritten before each step by :meth:`stage` (the iteration's or meta
+      step's training batch). The next planned batch (the cache's read-ahead, pinned host buffers) is copied
+      to a landing buffer on a side stream while the current step runs, and moved into place with a
+      device-to-device copy, so the host-to-device transfer overlaps the compute.
+
+    ``stage(idx)`` must precede every CUDA-graph replay that reads ``idx``: the rows of a batch staged earlier
+    are overwritten by the next one (an eager :meth:`batch` of tuples not in the window reads the cache).
+    """
+
+    def __init__(self, cache: UnitCache, resident: Tensor | None, batch: int):
+        self.cache, self.device = cache, cache.device
+        sources = cache._sources() + [cache.step]
+        resident = torch.empty(0, dtype=torch.long) if resident is None else resident.long().cpu()
+        self._base, self.capacity = int(len(resident)), int(batch)
+        size = self._base + self.capacity
+        self.rows = [torch.empty((size, *src.shape[1:]), dtype=src.dtype, device=self.device) for src in sources]
+        self.slot_of = torch.zeros(len(cache), dtype=torch.long, device=self.device)
+        self._resident = torch.zeros(len(cache), dtype=torch.bool)
+        self._resident[resident] = True
+        self._slots = torch.arange(self._base, size, device=self.device)
+        for s in range(0, len(resident), max(1, batch)):  # the resident rows, one batch at a time
+            chunk = resident[s:s + max(1, batch)]
+            self._write(self._gather(chunk), s)
+            self.slot_of[chunk.to(self.device)] = torch.arange(s, s + len(chunk), device=self.device)
+        cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        self._landing: list[Tensor] | None = None
+        self._landed: Tensor | None = None  # the host indices whose rows the landing buffer holds
+        self._landed_event = torch.cuda.Event() if cuda else None
+        self.landed_hits = 0
+        self._staged = torch.empty(0, dtype=torch.long)  # the host indices of the rows staged last
+
+    def _gather(self, idx: Tensor) -> list[Tensor]:
+        return self.cache.rows(idx) + [self.cache.step[idx.to(self.cache.step.device)]]
+
+    def _write(self, rows: list[Tensor], at: int) -> None:
+        for dst, src in zip(self.rows, rows):
+            dst[at:at + src.shape[0]].copy_(src, non_blocking=True)
+
+    def stage(self, idx: Tensor) -> None:
+        """Copy the rows of ``idx`` (global indices; the resident ones are skipped) into the window."""
+        idx = idx.cpu()
+        fresh = idx[~self._resident[idx]]
+        n = int(fresh.shape[0])
+        if n == 0:
+            return
+        check(n <= self.capacity, f"a batch of {n} tuples for a cache window of {self.capacity}: "
+                                  "recon.batch_size and gac.meta_batch bound a unit's batches")
+        landed = self._landed is not None and self._landed.shape == fresh.shape and torch.equal(self._landed, fresh)
+        if landed:  # prefetched by the side stream: move it into place on the device
+            torch.cuda.current_stream(self.device).wait_event(self._landed_event)
+            for dst, src in zip(self.rows, self._landing):
+                dst[self._base:self._base + n].copy_(src[:n])
+            self.cache.rows(fresh)  # the read-ahead hands the same batch out: advance its plan
+            self.landed_hits += 1
+            self._landed = None
+        else:  # (a batch off the plan, e.g. a meta step's, leaves a landed planned batch waiting for its turn)
+            self._write(self._gather(fresh), self._base)
+        self.slot_of[fresh.to(self.device, non_blocking=True)] = self._slots[:n]
+        self._staged = fresh
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """Start copying the read-ahead's next planned batch to the landing buffer on the side stream."""
+        reads = self.cache._reads
+        nxt = reads.peek() if self._stream is not None and reads is not None else None
+        if nxt is None:
+            return
+        idx, rows = nxt
+        if self._landed is not None and self._landed.shape == idx.shape and torch.equal(self._landed, idx):
+            return  # already landed
+        if not bool((~self._resident[idx]).all()) or idx.shape[0] > self.capacity:
+            return
+        if self._landing is None:
+            self._landing = [torch.empty_like(r[self._base:]) for r in self.rows]
+        step = self.cache.step[idx.to(self.cache.step.device)]
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the landing buffer was read before
+        with torch.cuda.stream(self._stream):
+            for dst, src in zip(self._landing, rows + [step]):
+                dst[:src.shape[0]].copy_(src, non_blocking=True)
+            self._landed_event.record(self._stream)
+        self._landed = idx
+
+    @property
+    def placement(self) -> torch.device:
+        """Where the batches are gathered: the training device."""
+        return self.device
+
+    def batch(self, idx: Tensor) -> tuple[tuple, dict, Tensor, Tensor]:
+        """``(args, kwargs, target, step)`` of ``idx`` from the window, on the device. Outside a CUDA-graph capture,
+        tuples that are neither resident nor in the last staged batch are gathered from the cache itself."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            host = idx.cpu()
+            if not bool((self._resident[host] | torch.isin(host, self._staged)).all()):
+                return self.cache.batch(idx)
+        slots = self.slot_of.index_select(0, idx.to(self.device, non_blocking=True))
+        rows = [r.index_select(0, slots) for r in self.rows]
+        return self.cache.assemble(rows[:-1], rows[-1])
 
 
 def _gather_rows(sources: list[Tensor], idx: Tensor, pin: bool = False) -> list[Tensor]:
@@ -183,8 +319,8 @@ class _ReadAhead:
         if not self._stop.is_set():
             self._queue.put(item)
 
-    def take(self, idx: Tensor) -> list[Tensor] | None:
-        """The rows of ``idx`` when it is the next planned batch (waiting for its read), else None."""
+    def peek(self) -> tuple[Tensor, list[Tensor]] | None:
+        """The next planned batch ``(indices, rows)`` (waiting for its read), or None after the plan's end."""
         if self._head is None and not self._done:
             self._head = self._queue.get()
             if self._head is _END:
@@ -192,7 +328,11 @@ class _ReadAhead:
             elif isinstance(self._head, BaseException):
                 err, self._head, self._done = self._head, None, True
                 raise err
-        if self._head is None:
+        return self._head
+
+    def take(self, idx: Tensor) -> list[Tensor] | None:
+        """The rows of ``idx`` when it is the next planned batch (waiting for its read), else None."""
+        if self.peek() is None:
             return None
         planned, rows = self._head
         if planned.shape != idx.shape or not torch.equal(planned, idx.cpu()):
@@ -210,11 +350,15 @@ class _ReadAhead:
         self._head = None
 
 
-class _DiskState:
-    """The file and read-ahead of one disk cache; also the finaliser's target (it holds no reference to the cache)."""
+class _ReadState:
+    """The read-ahead of a cache off the training device and, for a disk cache, its file; also the finaliser's
+    target (it holds no reference to the cache)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path, self.reader, self.hits, self.misses = path, None, 0, 0
+
+    def peek(self) -> tuple[Tensor, list[Tensor]] | None:
+        return self.reader.peek() if self.reader is not None else None
 
     def take(self, idx: Tensor) -> list[Tensor] | None:
         rows = self.reader.take(idx) if self.reader is not None else None
@@ -231,6 +375,8 @@ class _DiskState:
 
     def close(self) -> None:
         self.stop_reader()
+        if self.path is None:
+            return
         if self.path.exists():
             log.info("cache file %s removed (%d batches read ahead, %d read directly)", self.path, self.hits,
                      self.misses)
@@ -295,6 +441,7 @@ def build_unit_cache(
     store_dtype: torch.dtype | None = None,
     cache_dir: str | Path | None = None,
     host_share: float | None = None,
+    device_max_bytes: int | None = None,
 ) -> UnitCache:
     """Capture the quantized unit's inputs and the FP unit's targets over all calibration batches.
 
@@ -303,7 +450,7 @@ def build_unit_cache(
         device: the training device (where ``qmodel`` and ``fp_model`` are).
         placement: ``device`` keeps the cache on the training device, ``host`` in (pinned) host memory, ``disk``
             in a safetensors file under ``cache_dir`` read memory-mapped; ``auto`` picks the device when the
-            cache takes at most half of the free device memory, else the host when it takes at most
+            cache takes at most half of the free device memory (and at most ``device_max_bytes``), else the host when it takes at most
             ``host_share`` of the available host memory (None: no limit), else the disk.
         store_dtype: the dtype floating-point inputs and targets are stored in (e.g. ``torch.bfloat16``:
             half the memory); batches are handed out in the dtype they were captured in. None: as captured.
@@ -311,6 +458,7 @@ def build_unit_cache(
             there by an interrupted run of this unit is replaced; the file is removed by
             :meth:`UnitCache.close` (or when the cache is freed).
         host_share: see ``placement`` (``recon.cache_host_share``).
+        device_max_bytes: see ``placement`` (``recon.cache_device_max_gib``); None: no limit but the free memory.
     """
     batches = list(batches)
     n = sum(int(b["step"].shape[0]) for b in batches)
@@ -331,7 +479,7 @@ def build_unit_cache(
             named = {f"arg.{i}": f for i, f in enumerate(args)} | {f"kwarg.{k}": f for k, f in kwargs.items()}
             named = {k: f for k, f in (named | {"target": targets}).items() if f.batched}
             nbytes = sum(f.nbytes for f in named.values())
-            where = _choose_placement(nbytes, device, placement, host_share)
+            where = _choose_placement(nbytes, device, placement, host_share, device_max_bytes)
             if where == "disk":
                 path = _disk_cache_path(cache_dir, qunit.name)
                 tensors = create_mapped_safetensors(path, {k: (f.shape, f.dtype) for k, f in named.items()},
@@ -360,9 +508,11 @@ def build_unit_cache(
         tensors = open_mapped_safetensors(path)
         for k, f in named.items():
             f.slot.batched = tensors[k]
-        disk = _DiskState(path)
+        disk = _ReadState(path)
+    elif where == "host" and device.type == "cuda":
+        disk = _ReadState(None)
     cache = UnitCache([f.slot for f in args], {k: f.slot for k, f in kwargs.items()}, targets.slot.batched,
-                      steps.slot.batched, device, file=path, _disk=disk)
+                      steps.slot.batched, device, file=path, _reads=disk)
     if disk is not None:
         weakref.finalize(cache, disk.close)
     if where == "host" and torch.cuda.is_available():
@@ -374,13 +524,14 @@ def build_unit_cache(
     return cache
 
 
-def _choose_placement(nbytes: int, device: torch.device, placement: Placement, host_share: float | None) -> str:
+def _choose_placement(nbytes: int, device: torch.device, placement: Placement, host_share: float | None,
+                      device_max_bytes: int | None = None) -> str:
     """``device``, ``host`` or ``disk`` for a cache of ``nbytes`` (see :func:`build_unit_cache`)."""
     if placement != "auto":
         return "device" if placement == "host" and device.type != "cuda" else placement
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if nbytes <= free // 2:
+        if nbytes <= free // 2 and (device_max_bytes is None or nbytes <= device_max_bytes):
             return "device"
     if host_share is None or nbytes <= host_share * available_host_memory():
         return "host" if device.type == "cuda" else "device"

@@ -29,6 +29,7 @@ from gaq.data.datamodule import to_device
 from gaq.errors import check
 from gaq.models.denoiser import index_cond, predict_noise
 from gaq.models.loading import Denoiser
+from gaq.models.runner import tf32_flags
 from gaq.provenance import device_name, git_commit
 from gaq.quant import (act_step_parameters, calibrate_activations, quantize, rounding_parameters, save_quantized,
                        set_adaround_soft, set_quant_state, set_step_index, stored_weight_bytes)
@@ -145,7 +146,13 @@ def run_calibration(job: CalibrationJob) -> dict:
 
 def calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
     """Quantize ``job.denoiser.model`` and calibrate it unit by unit; returns the quantized model (on
-    ``job.device``, weights and activations quantized) and the summary (also saved)."""
+    ``job.device``, weights and activations quantized) and the summary (also saved). The float32 CUDA
+    operations run with ``recon.tf32``'s TF32 flags (restored after)."""
+    with tf32_flags(matmul=job.recon.tf32 == "all", conv=job.recon.tf32 != "none"):
+        return _calibrate_model(job)
+
+
+def _calibrate_model(job: CalibrationJob) -> tuple[nn.Module, dict]:
     t_start = t_mark = time.time()
     dm, device, run_dir = job.datamodule, job.device, Path(job.run_dir)
     calib = dm.calib_set
@@ -309,7 +316,8 @@ def _unit_cache(cfg: ReconConfig, unit: Unit, qmodel: nn.Module, fp_model: nn.Mo
     t0 = time.time()
     cache = build_unit_cache(qmodel, unit, fp_model, fp_counterpart(unit, fp_model),
                              calibration_batches(calib, cfg.cache_batch), device, cfg.cache_placement,
-                             cache_store_dtype(cfg), disk_cache_dir(cfg, run_dir), cfg.cache_host_share)
+                             cache_store_dtype(cfg), disk_cache_dir(cfg, run_dir), cfg.cache_host_share,
+                             None if cfg.cache_device_max_gib is None else int(cfg.cache_device_max_gib * 2**30))
     report.cache_seconds = time.time() - t0
     report.cache_bytes = cache.nbytes
     if cache.on_disk:

@@ -59,6 +59,10 @@ class ReconConfig:
             the unit ends), or ``auto``: the device if the cache fits in half of its free memory, else the
             host if it fits in ``cache_host_share`` of the free host memory, else the disk.
         cache_dir: the folder of the disk caches; None: ``<run_dir>/cache``.
+        cache_device_max_gib: ``auto`` keeps a unit's cache on the device only when it takes at most this many GiB
+            (and half the free device memory); a larger one goes to the host, where its batches are staged to
+            the device (:class:`~gaq.calib.cache.DeviceWindow`). None: no limit but the free memory. Bounds the
+            calibration's peak GPU memory at about this plus the unit's working memory *(ours)*.
         cache_host_share: the share of the free host memory (``os.sysconf``'s free pages) that ``auto`` lets a
             host-placed cache take; a larger cache goes to disk.
         cache_read_ahead: batches of a disk cache read ahead of the step that uses them (pinned host buffers).
@@ -73,6 +77,11 @@ class ReconConfig:
             tuned on the same block-output loss with weights and activations quantized. None: a
             quarter of ``iters`` (Q-Diffusion's 5,000 against 20,000) *(ours)*; 0: no such phase.
         act_lr: Adam learning rate on the activation step sizes (BRECQ's 4e-5 for LSQ step sizes).
+        tf32: which float32 CUDA operations of the calibration (cache building, reconstruction, GAC's meta
+            steps, activation calibration) may run on TF32 tensor cores: ``conv`` (PyTorch's defaults:
+            cuDNN convolutions do, matmuls do not), ``all`` (matmuls too: linear layers, attention; the
+            transformer units of LDMs and DiTs run on tensor cores like the convolutions of a UNet) or
+            ``none`` (IEEE float32 everywhere, the slowest) *(ours)*. No effect on the CPU.
     """
 
     iters: int = 20000
@@ -89,6 +98,7 @@ class ReconConfig:
     cache_batch: int = 256
     cache_placement: Placement = "auto"
     cache_dir: str | None = None
+    cache_device_max_gib: float | None = None
     cache_host_share: float = 0.75
     cache_read_ahead: int = 2
     cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -96,6 +106,7 @@ class ReconConfig:
     log_every: int = 50
     act_iters: int | None = None
     act_lr: float = 4e-5
+    tf32: Literal["conv", "all", "none"] = "conv"
 
     def __post_init__(self):
         check(self.iters >= 0, f"recon.iters must be >= 0, got {self.iters}")
@@ -110,9 +121,12 @@ class ReconConfig:
               f"recon.cache_dtype must be 'float32', 'bfloat16' or 'float16', got {self.cache_dtype!r}")
         check(self.cache_placement in ("auto", "device", "host", "disk"),
               f"recon.cache_placement must be 'auto', 'device', 'host' or 'disk', got {self.cache_placement!r}")
+        check(self.cache_device_max_gib is None or self.cache_device_max_gib >= 0,
+              f"recon.cache_device_max_gib must be >= 0 or null, got {self.cache_device_max_gib}")
         check(0.0 < self.cache_host_share <= 1.0,
               f"recon.cache_host_share must be in (0, 1], got {self.cache_host_share}")
         check(self.cache_read_ahead >= 1, f"recon.cache_read_ahead must be >= 1, got {self.cache_read_ahead}")
+        check(self.tf32 in ("conv", "all", "none"), f"recon.tf32 must be 'conv', 'all' or 'none', got {self.tf32!r}")
         check(self.cuda_graph in ("auto", "on", "off"),
               f"recon.cuda_graph must be 'auto', 'on' or 'off', got {self.cuda_graph!r}")
 
@@ -252,6 +266,7 @@ class UnitReconstruction(pl.LightningModule):
         self._graph = None              # GraphedIteration, False (eager), or None (not decided yet)
         self._meta_graph_state = None   # GraphedMetaStep, False (eager), or None (not decided yet)
         self._first_bad: Tensor | None = None
+        self._source = None             # the cache, or its DeviceWindow (made on first use)
 
     def bind(self, target: ReconUnit) -> "UnitReconstruction":
         """Attach one unit (:class:`ReconUnit`) before ``fit``."""
@@ -301,8 +316,21 @@ class UnitReconstruction(pl.LightningModule):
         return loader
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # the indices go where the cache gathers (the meta steps' stay on the host, as GAC reads them there)
+        # the indices go where the cache gathers (the meta steps' stay on the host, as GAC reads them there; a
+        # cache off the device stages its batches from host indices)
+        if self.cache.off_device:
+            return batch
         return {**batch, "recon": batch["recon"].to(self.cache.device, non_blocking=True)}
+
+    def batches(self):
+        """Where this unit's batches are gathered: the cache when it is on the training device, else its
+        :class:`~gaq.calib.cache.DeviceWindow` (GAC's validation tuples resident on the device, each step's
+        training batch staged before the step), so that a host or disk cache replays CUDA graphs too."""
+        if self._source is None:
+            resident = torch.cat(list(self.meta.val_groups)) if self.meta is not None else None
+            batch = max(self.recon.batch_size, self.meta.cfg.meta_batch if self.meta is not None else 0)
+            self._source = self.cache.window(resident, batch)
+        return self._source
 
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -314,7 +342,7 @@ class UnitReconstruction(pl.LightningModule):
 
     def unit_error(self, index: Tensor, call: Callable[..., Tensor] | None = None) -> Tensor:
         """Per-sample reconstruction error ``(B,)`` of the tuples ``index`` (global calibration indices)."""
-        args, kwargs, target, step = self.cache.batch(index)
+        args, kwargs, target, step = self.batches().batch(index)
         if self._set_step is not None:
             self._set_step(step)
         out = (call or self._call)(*args, **kwargs)
@@ -360,6 +388,7 @@ class UnitReconstruction(pl.LightningModule):
         self.checkpoint_due = every > 0 and (self.meta_done + self.iters_done) // every > work_before // every
 
     def _recon_step(self, opt, it: int, index: Tensor, world: int) -> None:
+        self.batches().stage(index)
         graph = self._iteration_graph(index.shape[0])
         if graph is not None:
             graph.run(index, it)
@@ -406,7 +435,7 @@ class UnitReconstruction(pl.LightningModule):
         if self.recon.cuda_graph == "off":
             return False
         from gaq.calib.graphed import graph_unavailable_reason
-        reason = graph_unavailable_reason(self.device, self.cache.target.device, self.trainer.precision)
+        reason = graph_unavailable_reason(self.device, self.batches().placement, self.trainer.precision)
         if reason is None:
             return True
         check(self.recon.cuda_graph != "on", f"recon.cuda_graph is 'on' but {reason}; set it to 'auto' or 'off'")
@@ -433,7 +462,7 @@ class UnitReconstruction(pl.LightningModule):
         its Trainer refer to each other, so without this the cache (gigabytes on the device) lives on until
         Python's cycle collector runs, and the caches of several units pile up."""
         self.on_train_end()
-        self.cache = self.data = None
+        self.cache = self.data = self._source = None
         self._weights = self._call = self._regulariser = self._set_step = None
 
     def _meta_inputs(self, index: Tensor, val: list[Tensor], m: int):
@@ -447,6 +476,7 @@ class UnitReconstruction(pl.LightningModule):
         """Meta step ``m`` on the meta batch ``index`` (this rank's share, global calibration indices)."""
         from gaq.calib.gac import check_meta_parts, meta_stats, meta_step
         val = self._val_batches(m)
+        self.batches().stage(index)
         graph = self._meta_graph(index, val)
         if graph is not None:
             grad_s, parts = graph.run(index, val)

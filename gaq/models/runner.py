@@ -45,15 +45,21 @@ ModelCall = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
 
 
 @contextlib.contextmanager
-def cuda_tf32() -> Iterator[None]:
-    """Let CUDA matmuls and cuDNN convolutions use TF32 inside the block (the flags are restored after)."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    old = (matmul.allow_tf32, cudnn.allow_tf32)
-    matmul.allow_tf32, cudnn.allow_tf32 = True, True
+def tf32_flags(matmul: bool, conv: bool) -> Iterator[None]:
+    """Let CUDA matmuls (``matmul``) and cuDNN convolutions (``conv``) use TF32 inside the block, or keep them
+    IEEE float32; the flags are restored after."""
+    m, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = (m.allow_tf32, cudnn.allow_tf32)
+    m.allow_tf32, cudnn.allow_tf32 = bool(matmul), bool(conv)
     try:
         yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = old
+        m.allow_tf32, cudnn.allow_tf32 = old
+
+
+def cuda_tf32() -> contextlib.AbstractContextManager:
+    """Let CUDA matmuls and cuDNN convolutions use TF32 inside the block (the flags are restored after)."""
+    return tf32_flags(matmul=True, conv=True)
 
 
 def _to_channels_last(x: Tensor) -> Tensor:
