@@ -223,8 +223,7 @@ class DeviceWindow:
             return
         check(n <= self.capacity, f"a batch of {n} tuples for a cache window of {self.capacity}: "
                                   "recon.batch_size and gac.meta_batch bound a unit's batches")
-        landed = self._landed is not None and self._landed.shape == fresh.shape and torch.equal(self._landed, fresh)
-        if landed:  # prefetched by the side stream: move it into place on the device
+        if self._holds_landed(fresh):  # prefetched by the side stream: move it into place on the device
             torch.cuda.current_stream(self.device).wait_event(self._landed_event)
             for dst, src in zip(self.rows, self._landing):
                 dst[self._base:self._base + n].copy_(src[:n])
@@ -237,6 +236,10 @@ class DeviceWindow:
         self._staged = fresh
         self._prefetch()
 
+    def _holds_landed(self, idx: Tensor) -> bool:
+        """Whether the landing buffer holds the rows of the host indices ``idx``."""
+        return self._landed is not None and self._landed.shape == idx.shape and torch.equal(self._landed, idx)
+
     def _prefetch(self) -> None:
         """Start copying the read-ahead's next planned batch to the landing buffer on the side stream."""
         reads = self.cache._reads
@@ -244,7 +247,7 @@ class DeviceWindow:
         if nxt is None:
             return
         idx, rows = nxt
-        if self._landed is not None and self._landed.shape == idx.shape and torch.equal(self._landed, idx):
+        if self._holds_landed(idx):
             return  # already landed
         if not bool((~self._resident[idx]).all()) or idx.shape[0] > self.capacity:
             return
