@@ -512,14 +512,12 @@ def build_unit_cache(
         for k, f in named.items():
             f.slot.batched = tensors[k]
         disk = _ReadState(path)
-    elif where == "host" and device.type == "cuda":
-        disk = _ReadState(None)
     cache = UnitCache([f.slot for f in args], {k: f.slot for k, f in kwargs.items()}, targets.slot.batched,
                       steps.slot.batched, device, file=path, _reads=disk)
     if disk is not None:
         weakref.finalize(cache, disk.close)
     if where == "host" and torch.cuda.is_available():
-        cache.place("cpu")  # pinned, for asynchronous copies to the device
+        cache.place("cpu")  # pinned, for asynchronous copies to the device (and read ahead, see place)
     stored = "" if store_dtype is None else f" as {str(store_dtype).removeprefix('torch.')}"
     kept = {"device": "the device" if device.type != "cpu" else "the host", "host": "the host",
             "disk": f"disk at {path} (read memory-mapped)"}[where]
