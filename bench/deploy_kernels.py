@@ -11,10 +11,13 @@ Part 2, speed: one GEMM of each kind at the shapes of the paper models' hot laye
 median of ``triton.testing.do_bench``:
 
 - ``triton_w4a8`` / ``triton_w8a8``: as the deployed layers run them: the int8 codes of the bf16 input by
-  ``triton_quant.quantize_codes``, then gaq's GEMM kernel on them;
+  ``triton_quant.quantize_codes``, then gaq's GEMM kernel on them (W8 with zero points: and the row sums of
+  the codes, one reduction); ``gemm_*``: the GEMM kernel alone on codes already quantized;
+- ``unpack+gemm_w4a8``: the 4-bit codes unpacked per call to int8 with the zero point subtracted, then the
+  int8 kernel (no zero-point corrections but the rank-1 one), against unpacking in the kernel's registers;
 - ``triton_w4a16``: gaq's weight-only kernel (bf16 input, W4 codes dequantized in registers);
-- ``quant+int_mm``: the int8 codes by ``triton_quant.quantize_codes`` and then ``torch._int_mm`` (for convs
-  on an already-built im2col matrix: the GEMM alone, an optimistic bound of that path);
+- ``int_mm``: ``torch._int_mm`` (cuBLAS) alone on the codes (for convs on an already-built im2col matrix),
+  no epilogue: the integer GEMM's ceiling; ``quant+int_mm``: with the quantization pass;
 - ``bf16``: ``F.linear`` / channels-last ``F.conv2d`` in bfloat16 (cuBLAS / cuDNN).
 
 Rates are ops / time with ops = 2*M*N*K. The roofline columns use the H200 datasheet (NVIDIA: 1,979 dense
@@ -36,24 +39,29 @@ import torch.nn.functional as F
 
 from gaq.deploy import kernels, triton_kernels, triton_quant
 from gaq.deploy.layers import im2col
-from gaq.deploy.packing import pack_int4
+from gaq.deploy.packing import unpack_int4
 from gaq.provenance import device_name, git_commit
 
 PEAK = {"int8": 1979e12, "bf16": 989e12, "hbm": 4.8e12}  # H200 SXM datasheet, dense
 
 
 def _grid(batch, dev, g):
+    """A per-sample uint8 input grid: (scale, zero, row zero)."""
     scale = torch.rand(batch, device=dev, generator=g) * 0.05 + 0.01
     zero = torch.randint(100, 156, (batch,), device=dev, generator=g).float()
-    return scale, zero, (zero - 128).to(torch.int32), 0, 255, 128
+    return scale, zero, (zero - 128).to(torch.int32)
 
 
 def _weights(n, k, bits, dev, g):
+    """Signed codes b, the kernels' weight form, scale and integer zero point per output channel."""
     b = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (n, k), dtype=torch.int8, device=dev, generator=g)
-    stored = pack_int4(b) if bits == 4 else b.contiguous()
     zw = torch.randint(-2, 3, (n,), dtype=torch.int32, device=dev, generator=g)
     sw = torch.rand(n, device=dev, generator=g) * 0.1
-    return b, stored, sw, zw, b.sum(1, dtype=torch.int32)
+    return b, triton_kernels.gemm_weights(b, bits, sw, zw), sw, zw
+
+
+def _codes(x, act):
+    return triton_quant.quantize_codes(x, act[0], act[1], 0, 255, 128)
 
 
 def _err(y, ref):
@@ -71,17 +79,17 @@ def exactness(dev, quick: bool) -> list[dict]:
         linears = [(2, 5, 37, 33)] if quick else [(3, 77, 1152, 200), (2, 5, 37, 33), (4, 256, 4608, 1152)]
         for batch, per, k, n in linears:
             x = torch.randn(batch * per, k, device=dev, generator=g).to(torch.bfloat16)
-            b, stored, sw, zw, cs = _weights(n, k, bits, dev, g)
+            b, w, sw, zw = _weights(n, k, bits, dev, g)
             act = _grid(batch, dev, g)
             bias = torch.randn(n, device=dev, generator=g)
-            y = triton_kernels.linear(x, stored, bits, k, sw, zw, cs, bias, per, act, torch.float32)
             a = kernels.activation_codes(x.reshape(batch, -1), *act[:2], 0, 255, 128).reshape(-1, k)
+            y = triton_kernels.linear(a, w, bias, per, (act[0], act[2]), torch.float32)
             acc = kernels.linear_reference(a, b, kernels.per_row(act[2], per), zw)
             ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(act[0], per), sw, bias, torch.float32)
             row = {"kind": "linear", "bits": bits, "M": batch * per, "K": k, "N": n,
                    "integer_mismatches": int((y != ref).sum()), "elements": y.numel()}
             if bits == 4:
-                yw = triton_kernels.linear(x.to(wo_dtype), stored, 4, k, sw, zw, cs, bias, per, None, torch.float32)
+                yw = triton_kernels.linear(x.to(wo_dtype), w, bias, per, None, torch.float32)
                 w = ((b.float() - zw[:, None].float()) * sw[:, None]).to(wo_dtype).float()
                 row["weight_only_bf16"] = _err(yw, F.linear(x.float(), w, bias))
             rows.append(row)
@@ -89,12 +97,13 @@ def exactness(dev, quick: bool) -> list[dict]:
         for batch, c, h, n, ks, st, pad in convs[-1:] if quick else convs:
             x = torch.randn(batch, c, h, h, device=dev, generator=g).to(torch.bfloat16)
             x = x.contiguous(memory_format=torch.channels_last)
-            b, stored, sw, zw, cs = _weights(n, ks * ks * c, bits, dev, g)
+            b, w, sw, zw = _weights(n, ks * ks * c, bits, dev, g)
             act = _grid(batch, dev, g)
             bias = torch.randn(n, device=dev, generator=g)
             geo = ((ks, ks), (st, st), (pad, pad))
-            y = triton_kernels.conv2d(x, stored, bits, *geo, sw, zw, cs, bias, act, torch.float32)
-            acc = kernels.conv2d_reference(kernels.activation_codes(x, *act[:2], 0, 255, 128), b, *geo, act[2], zw)
+            a = kernels.activation_codes(x, *act[:2], 0, 255, 128)
+            y = triton_kernels.conv2d(a, w, *geo, bias, (act[0], act[2]), torch.float32)
+            acc = kernels.conv2d_reference(a, b, *geo, act[2], zw)
             ho, wo = acc.shape[2:]
             ref = kernels.epilogue(acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32),
                                    kernels.per_row(act[0], ho * wo), sw, bias, torch.float32)
@@ -102,7 +111,7 @@ def exactness(dev, quick: bool) -> list[dict]:
             row = {"kind": f"conv{ks}x{ks}/s{st}", "bits": bits, "C": c, "HW": h, "N": n,
                    "integer_mismatches": int((y != ref).sum()), "elements": y.numel()}
             if bits == 4:
-                yw = triton_kernels.conv2d(x.to(wo_dtype), stored, 4, *geo, sw, zw, cs, bias, None, torch.float32)
+                yw = triton_kernels.conv2d(x.to(wo_dtype), w, *geo, bias, None, torch.float32)
                 w = ((b.float() - zw[:, None].float()) * sw[:, None]).to(wo_dtype).float()
                 w = w.reshape(n, ks, ks, c).permute(0, 3, 1, 2)
                 row["weight_only_bf16"] = _err(yw, F.conv2d(x.float(), w, bias, st, pad))
@@ -138,42 +147,52 @@ def speed(dev, reps_ms: int) -> list[dict]:
             x = torch.randn(batch, c, hw, hw, device=dev, generator=g).to(torch.bfloat16)
             x = x.contiguous(memory_format=torch.channels_last)
         act = _grid(batch, dev, g)
+        grid = (act[0], act[2])
         row = {"shape": name, "M": m, "K": k, "N": n}
         times = {}
         for bits in (4, 8):
-            b, stored, sw, zw, cs = _weights(n, k, bits, dev, g)
+            b, w, sw, zw = _weights(n, k, bits, dev, g)
             if kind == "linear":
-                times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.linear(  # as DeployedLinear: codes, GEMM
-                    triton_quant.quantize_codes(x.view(batch, per, k), act[0], act[1], 0, 255, 128).view(m, k),
-                    stored, bits, k, sw, zw, cs, None, per, act, torch.bfloat16))
+                xs = x.view(batch, per, k)
+                a = _codes(xs, act).view(m, k)
+                # as DeployedLinear runs them: the codes in one pass, then the GEMM (W8: and the row sums)
+                times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.linear(
+                    _codes(xs, act).view(m, k), w, None, per, grid, torch.bfloat16))
+                times[f"gemm_w{bits}a8"] = bench(lambda: triton_kernels.linear(a, w, None, per, grid, torch.bfloat16))
                 if bits == 4:
-                    times["triton_w4a16"] = bench(lambda: triton_kernels.linear(
-                        x, stored, 4, k, sw, zw, cs, None, per, None, torch.bfloat16))
+                    times["triton_w4a16"] = bench(lambda: triton_kernels.linear(x, w, None, per, None, torch.bfloat16))
+                    # the 4-bit codes unpacked per call to int8 (zero point folded) and the int8 kernel without them
+                    flat = triton_kernels.gemm_weights(b, 8, sw, torch.zeros_like(zw))
+                    folded = flat._replace(col_sum=w.col_sum)
+                    times["unpack+gemm_w4a8"] = bench(lambda: triton_kernels.linear(
+                        a, folded._replace(codes=(unpack_int4(w.codes, k) - zw[:, None].to(torch.int8))), None, per,
+                        grid, torch.bfloat16))
                 if bits == 8:
                     bt = b.T  # column-major second operand, as torch._int_mm wants it
-                    times["quant+int_mm"] = bench(lambda: torch._int_mm(
-                        triton_quant.quantize_codes(x.view(batch, per, k), act[0], act[1], 0, 255, 128).view(m, k), bt))
-                    times["bf16"] = bench(lambda w=b.to(torch.bfloat16): F.linear(x, w))
+                    times["int_mm"] = bench(lambda: torch._int_mm(a, bt))
+                    times["quant+int_mm"] = bench(lambda: torch._int_mm(_codes(xs, act).view(m, k), bt))
+                    times["bf16"] = bench(lambda w16=b.to(torch.bfloat16): F.linear(x, w16))
             else:
                 geom = ((ks, ks), (1, 1), (ks // 2, ks // 2))
+                a = _codes(x, act)
                 times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.conv2d(  # as DeployedConv2d
-                    triton_quant.quantize_codes(x, act[0], act[1], 0, 255, 128), stored, bits, *geom, sw, zw, cs, None,
-                    act, torch.bfloat16))
+                    _codes(x, act), w, *geom, None, grid, torch.bfloat16))
+                times[f"gemm_w{bits}a8"] = bench(lambda: triton_kernels.conv2d(a, w, *geom, None, grid, torch.bfloat16))
                 if bits == 4:
-                    times["triton_w4a16"] = bench(lambda: triton_kernels.conv2d(
-                        x, stored, 4, *geom, sw, zw, cs, None, None, torch.bfloat16))
+                    times["triton_w4a16"] = bench(lambda: triton_kernels.conv2d(x, w, *geom, None, None, torch.bfloat16))
                 if bits == 8:
-                    cols, _ = im2col(triton_quant.quantize_codes(x, act[0], act[1], 0, 255, 128), *geom, act[2])
+                    cols, _ = im2col(a, *geom, act[2])
                     bt = b.T
-                    times["quant+int_mm"] = bench(lambda: torch._int_mm(cols, bt)) + bench(
-                        lambda: triton_quant.quantize_codes(x, act[0], act[1], 0, 255, 128))
-                    w = b.to(torch.bfloat16).reshape(n, ks, ks, c).permute(0, 3, 1, 2).contiguous(
+                    times["int_mm"] = bench(lambda: torch._int_mm(cols, bt))
+                    times["quant+int_mm"] = times["int_mm"] + bench(lambda: _codes(x, act))
+                    w16 = b.to(torch.bfloat16).reshape(n, ks, ks, c).permute(0, 3, 1, 2).contiguous(
                         memory_format=torch.channels_last)
-                    times["bf16"] = bench(lambda: F.conv2d(x, w, None, 1, ks // 2))
+                    times["bf16"] = bench(lambda: F.conv2d(x, w16, None, 1, ks // 2))
         ops = 2 * m * n * k
         for variant, ms in times.items():
             w_bytes = n * k // 2 if "w4" in variant else n * k * (2 if variant == "bf16" else 1)
-            moved = 2 * m * k + w_bytes + 2 * m * n
+            x_bytes = m * k * (1 if variant.startswith(("gemm", "unpack", "int_mm")) else 2)
+            moved = x_bytes + w_bytes + 2 * m * n
             peak = PEAK["bf16"] if variant in ("bf16", "triton_w4a16") else PEAK["int8"]
             ideal = max(ops / peak, moved / PEAK["hbm"])
             row[variant] = {"ms": round(ms, 4), "tops": round(ops / ms / 1e9, 1),
@@ -193,7 +212,8 @@ def markdown(result: dict) -> str:
         wo = r.get("weight_only_bf16")
         wo = f"{wo['rel_l2']:.2e} / {wo['max_abs']:.2e}" if wo else "-"
         lines.append(f"| {r['kind']} | W{r['bits']} | {shape} | {r['integer_mismatches']} of {r['elements']} | {wo} |")
-    variants = ["triton_w4a8", "triton_w8a8", "triton_w4a16", "quant+int_mm", "bf16"]
+    variants = ["triton_w4a8", "triton_w8a8", "gemm_w4a8", "gemm_w8a8", "unpack+gemm_w4a8", "triton_w4a16",
+                "int_mm", "quant+int_mm", "bf16"]
     lines += ["", "## Speed (ms, median; TOP/s; share of the roofline)", "",
               "| shape | M | K | N | " + " | ".join(variants) + " |", "|---" * (4 + len(variants)) + "|"]
     for r in result["speed"]:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from gaq.deploy import DeployConfig, DeployedLayer, deploy, kernels, triton_kernels  # noqa: E402
-from gaq.deploy.packing import pack_int4  # noqa: E402
 
 from test_deploy import _calibrated, _teacher_forced_errors, _timesteps, _unet  # noqa: E402
 
@@ -28,40 +27,42 @@ def _act_grid(batch, g):
     return scale, zero, (zero - 128).to(torch.int32), 0, 255, 128
 
 
-def _weights(n, k, bits, g):
-    """Signed weight codes, their stored form (two int4 per byte or int8), per-channel scale / zero and row sums."""
+def _weights(n, k, bits, g, zero_points=True):
+    """Signed weight codes, their kernel form (two int4 per byte or int8, with folded sums), per-channel scale / zero."""
     b = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (n, k), dtype=torch.int8, generator=g)
-    stored = pack_int4(b) if bits == 4 else b.contiguous()
-    zw = torch.randint(-2, 3, (n,), dtype=torch.int32, generator=g)
+    zw = torch.randint(-2, 3, (n,), dtype=torch.int32, generator=g) * int(zero_points)
     sw = torch.rand(n, generator=g) * 0.1
-    return b, stored, sw, zw, b.sum(1, dtype=torch.int32)
+    return b, triton_kernels.gemm_weights(b, bits, sw, zw), sw, zw
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits,zero_points", [(4, True), (8, True), (8, False)])
 @pytest.mark.parametrize("batch,rows,k,n,bias", [(2, 5, 37, 20, True), (1, 3, 64, 33, False), (3, 4, 70, 40, True)])
-def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, batch, rows, k, n, bias):
+def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, zero_points, batch, rows, k, n, bias):
     g = torch.Generator().manual_seed(bits * 100 + k)
     x = torch.randn(batch * rows, k, generator=g)
-    b, stored, sw, zw, colsum = _weights(n, k, bits, g)
+    b, w, sw, zw = _weights(n, k, bits, g, zero_points)
+    assert w.zero_free == (bits == 4 or not zero_points)
     grid = _act_grid(batch, g)
     scale, zero, row_zero = grid[:3]
     bb = torch.randn(n, generator=g) if bias else None
     a = kernels.activation_codes(x.reshape(batch, -1), scale, zero, 0, 255, 128).reshape(-1, k)
     acc = kernels.linear_reference(a, b, kernels.per_row(row_zero, rows), zw)
     ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(scale, rows), sw, bb, torch.float32)
-    for given in (x, a):  # float rows (quantized in the prologue) or their codes
-        assert torch.equal(triton_kernels.linear(given, stored, bits, k, sw, zw, colsum, bb, rows, grid, torch.float32), ref)
-    y = triton_kernels.linear(x, stored, bits, k, sw, zw, colsum, bb, rows, None, torch.float32)
+    assert torch.equal(triton_kernels.linear(a, w, bb, rows, (scale, row_zero), torch.float32), ref)
+    if not w.zero_free:  # the caller's row sums, as a deployed layer could pass them
+        rowsum = a.sum(1, dtype=torch.int32)
+        assert torch.equal(triton_kernels.linear(a, w, bb, rows, (scale, row_zero), torch.float32, rowsum), ref)
+    y = triton_kernels.linear(x, w, bb, rows, None, torch.float32)
     w = (b.float() - zw[:, None].float()) * sw[:, None]
     torch.testing.assert_close(y, F.linear(x, w, bb), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits,zero_points", [(4, True), (8, True), (8, False)])
 @pytest.mark.parametrize("c,h,n,k,stride,pad", [(6, 5, 20, 3, 1, 1), (6, 7, 12, 3, 2, 1), (8, 4, 9, 1, 1, 0), (5, 4, 8, 3, 1, 1)])
-def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, c, h, n, k, stride, pad):
+def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, zero_points, c, h, n, k, stride, pad):
     g = torch.Generator().manual_seed(bits * 100 + c * 10 + h)
     x = torch.randn(2, c, h, h + 1, generator=g).contiguous(memory_format=torch.channels_last)
-    b, stored, sw, zw, colsum = _weights(n, k * k * c, bits, g)  # K ordered (kh, kw, c), as deploy stores it
+    b, w, sw, zw = _weights(n, k * k * c, bits, g, zero_points)  # K ordered (kh, kw, c), as deploy stores it
     grid = _act_grid(2, g)
     scale, zero, row_zero = grid[:3]
     bb = torch.randn(n, generator=g)
@@ -71,10 +72,9 @@ def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, 
     ho, wo = acc.shape[2:]
     flat = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
     ref = kernels.epilogue(flat, kernels.per_row(scale, ho * wo), sw, bb, torch.float32)
-    for given in (x, a):  # float input (quantized in the prologue; padding quantizes to the row zero) or codes
-        y = triton_kernels.conv2d(given, stored, bits, *geometry, sw, zw, colsum, bb, grid, torch.float32)
-        assert torch.equal(y, ref.reshape(2, ho, wo, n).permute(0, 3, 1, 2))
-    y = triton_kernels.conv2d(x, stored, bits, *geometry, sw, zw, colsum, bb, None, torch.float32)
+    y = triton_kernels.conv2d(a, w, *geometry, bb, (scale, row_zero), torch.float32)  # padding reads the row zero
+    assert torch.equal(y, ref.reshape(2, ho, wo, n).permute(0, 3, 1, 2))
+    y = triton_kernels.conv2d(x, w, *geometry, bb, None, torch.float32)
     w = ((b.float() - zw[:, None].float()) * sw[:, None]).reshape(n, k, k, c).permute(0, 3, 1, 2)
     torch.testing.assert_close(y, F.conv2d(x, w, bb, stride, pad), rtol=1e-5, atol=1e-4)
 

@@ -9,9 +9,10 @@ A :class:`DeployedLinear` / :class:`DeployedConv2d` is built from a calibrated f
 - the input is quantized with the calibrated static scales (per sampling step: the step index the root
   model's timestep hook put in the shared :class:`gaq.quant.StepContext`, on the device) to int8 codes,
   and an int8 GEMM gives the exact integer accumulator, scaled back in float32 and returned in the
-  compute dtype: on a CUDA device with Triton one kernel of :mod:`gaq.deploy.triton_kernels` per call
-  (quantization in its prologue, 4-bit unpacking in registers, corrections and scales in its
-  epilogue), elsewhere the separate ops of :mod:`gaq.deploy.kernels` around ``torch._int_mm``;
+  compute dtype: on a CUDA device with Triton a one-pass quantization of the input
+  (:mod:`gaq.deploy.triton_quant`) and one GEMM kernel of :mod:`gaq.deploy.triton_kernels` (4-bit
+  unpacking in registers, corrections and scales in its epilogue), elsewhere the separate ops of
+  :mod:`gaq.deploy.kernels` around ``torch._int_mm``;
 - a layer whose input stays FP (a_bits 32) runs weight-only: on CUDA with Triton the codes are
   dequantized inside the GEMM (W4A16 / W8A16), elsewhere per call before PyTorch's own op; a
   convolution the integer kernels do not cover (groups or dilation other than 1) dequantizes its codes
@@ -116,7 +117,9 @@ class _Part(_KeepDtype):
 
     Buffers: ``codes`` (uint8 ``(N, ceil(K/2))`` for 4-bit, int8 ``(N, K)`` otherwise; K in the kernels'
     reduction order), ``col_scale`` float32 ``(N,)``, ``col_zero`` int32 ``(N,)`` = ``z_w - 2^(b-1)``,
-    ``col_sum`` int32 ``(N,)`` = ``sum_k b``.
+    ``col_sum`` int32 ``(N,)`` = ``sum_k b``; for 4-bit weights also the Triton kernels' folded form
+    (:class:`gaq.deploy.triton_kernels.GemmWeights`): ``nibble_zero`` = ``z_w`` and ``folded_sum`` =
+    ``sum_k (b - zw)``.
     """
 
     def __init__(self, codes: Tensor, bits: int, scale: Tensor, zero: Tensor, act: DeployedActQuant | None):
@@ -128,7 +131,20 @@ class _Part(_KeepDtype):
         self.register_buffer("col_scale", scale.detach().float().contiguous())
         self.register_buffer("col_zero", (zero.detach().round() - centre).to(torch.int32).contiguous())
         self.register_buffer("col_sum", b.sum(dim=1, dtype=torch.int32))
+        w = triton_kernels.gemm_weights(b, bits, self.col_scale, self.col_zero, self.codes)
+        if bits == 4:
+            self.register_buffer("nibble_zero", w.zero)
+            self.register_buffer("folded_sum", w.col_sum)
+        self.zero_free = w.zero_free
         self.act = act
+
+    def gemm(self) -> triton_kernels.GemmWeights:
+        """The weight as gaq's Triton kernels take it (the buffers on their current device)."""
+        if self.bits == 4:
+            return triton_kernels.GemmWeights(self.codes, 4, self.k, self.col_scale, self.nibble_zero,
+                                              self.folded_sum, True)
+        return triton_kernels.GemmWeights(self.codes, 8, self.k, self.col_scale, self.col_zero, self.col_sum,
+                                          self.zero_free)
 
     def weight_codes(self) -> Tensor:
         """int8 ``b`` ``(N, K)``."""
@@ -229,10 +245,6 @@ class DeployedLayer(_KeepDtype):
             return True
         return which == "auto" and _triton_ready(device, explicit=False)
 
-    def _act_args(self, part: _Part, scale: Tensor, zero: Tensor, row_zero: Tensor) -> tuple:
-        """The input quantizer as :mod:`gaq.deploy.triton_kernels` takes it."""
-        return scale, zero, row_zero, part.act.qmin, part.act.qmax, part.act.offset
-
     _kernel_key = ""
 
     def extra_repr(self) -> str:
@@ -271,16 +283,14 @@ class DeployedLinear(DeployedLayer):
         x2 = x.reshape(-1, part.k)
         if part.act is None:
             if self._use_triton(x.device, "weight_only_kernel"):
-                return triton_kernels.linear(x2.to(dtype), part.codes, part.bits, part.k, part.col_scale,
-                                             part.col_zero, part.col_sum, bias, x2.shape[0], None, dtype)
+                return triton_kernels.linear(x2.to(dtype), part.gemm(), bias, x2.shape[0], None, dtype)
             return F.linear(x2.to(dtype), part.dequantized_weight(dtype), None if bias is None else bias.to(dtype))
         scale, zero, row_zero = part.act.grid(batch)
         rows = x2.shape[0] // scale.shape[0]
         a = part.act.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(-1, part.k)
         if self._use_triton(x.device, "linear_kernel"):  # codes in one pass first: measured faster on the H200
             # than quantizing in the GEMM's prologue, which repeats the work for every column block
-            return triton_kernels.linear(a, part.codes, part.bits, part.k, part.col_scale, part.col_zero,
-                                         part.col_sum, bias, rows, self._act_args(part, scale, zero, row_zero), dtype)
+            return triton_kernels.linear(a, part.gemm(), bias, rows, (scale, row_zero), dtype)
         acc = _int_mm_acc(a, part, kernels.per_row(row_zero, rows))
         return kernels.epilogue(acc, kernels.per_row(scale, rows), part.col_scale, bias, dtype)
 
@@ -340,8 +350,8 @@ class DeployedConv2d(DeployedLayer):
         if part.act is not None:
             scale, zero, row_zero = part.act.grid(x.shape[0])
         elif plain and self._use_triton(x.device, "weight_only_kernel"):
-            return triton_kernels.conv2d(x.to(dtype), part.codes, part.bits, self.kernel_size, self.stride, pad,
-                                         part.col_scale, part.col_zero, part.col_sum, bias, None, dtype)
+            return triton_kernels.conv2d(x.to(dtype), part.gemm(), self.kernel_size, self.stride, pad, bias, None,
+                                         dtype)
         if part.act is None or not self.integer:
             if part.act is not None:  # the calibrated fake-quantized input, then the FP op
                 x = part.act.dequantize(part.act.codes(x, scale, zero), scale, row_zero, dtype)
@@ -350,8 +360,7 @@ class DeployedConv2d(DeployedLayer):
         batch = x.shape[0]
         if self._use_triton(x.device, "conv_kernel"):  # codes in one pass first, as DeployedLinear's
             a = part.act.codes(x.contiguous(memory_format=torch.channels_last), scale, zero)
-            return triton_kernels.conv2d(a, part.codes, part.bits, self.kernel_size, self.stride, pad, part.col_scale,
-                                         part.col_zero, part.col_sum, bias, self._act_args(part, scale, zero, row_zero),
+            return triton_kernels.conv2d(a, part.gemm(), self.kernel_size, self.stride, pad, bias, (scale, row_zero),
                                          dtype)
         scale, row_zero = scale.expand(batch), row_zero.expand(batch)
         a = part.act.codes(x.contiguous(memory_format=torch.channels_last), scale.contiguous(), zero.expand(batch))

@@ -1,33 +1,37 @@
-"""gaq's Triton kernels of deployed layers: one kernel per layer call, the input quantized in its prologue.
+"""gaq's Triton kernels of deployed layers: an int8 GEMM with the zero points and scales in its epilogue.
 
 Two kernels, each in two modes:
 
 - :func:`linear` (``(M, K) x (N, K)^T``) and :func:`conv2d` (implicit GEMM over a channels-last input:
   the reduction runs over ``(kh, kw, c)`` with channels fastest, as :mod:`gaq.deploy.kernels` orders the
   weight codes; no im2col buffer);
-- *integer* mode (an input quantizer): the float input tile is quantized in registers with the calibrated
-  per-sample step and zero point (half-to-even rounding of an IEEE-rounded division, the codes of
-  :meth:`gaq.deploy.layers.DeployedActQuant.codes`), multiplied on the int8 tensor cores with the weight
-  codes (4-bit codes unpacked from two per byte in registers) into an exact int32 accumulator, the
-  row sums of the codes kept on the way; the epilogue applies the zero-point corrections
-  ``acc = a.b - zw*rowsum(a) - zx*colsum(b) + K*zx*zw``, the scales ``s_x[m] * s_w[n]`` in float32
-  and the bias, and stores the compute dtype. ``acc`` equals :func:`gaq.deploy.kernels.linear_reference`
-  exactly; the output differs from the reference epilogue only by float32 rounding order (none: the
-  same products in the same order);
+- *integer* mode: the input arrives as int8 codes ``a`` (quantized in one pass by
+  :func:`gaq.deploy.triton_quant.quantize_codes`: quantizing in this kernel's prologue repeated the work
+  for every block of output columns and measured slower on the H200), multiplied on the int8 tensor cores
+  with the weight codes into an exact int32 accumulator. The loop does nothing but load and multiply:
+  4-bit weights are unpacked from two per byte with their zero point already subtracted
+  (``b' = q - z_w``, in ``[-15, 15]``: no row sums of ``a`` are needed, ``acc = a.b' - zx * colsum(b')``);
+  8-bit weights with a zero point need ``rowsum(a)`` (``acc = a.b - zw*rowsum(a) - zx*colsum(b) +
+  K*zx*zw``), which a linear layer's caller computes once (one reduction of the codes) and the
+  convolution sums on the way. The epilogue applies the corrections, the scales ``s_x[m] * s_w[n]`` in
+  float32 and the bias, and stores the compute dtype. ``acc`` equals
+  :func:`gaq.deploy.kernels.linear_reference` exactly, and the output the reference epilogue bit for bit;
 - *weight-only* mode (the input stays FP: W4A16 / W8A16): the weight tile is dequantized
   ``(b - zw) * s_w`` in float32 and cast to the input's dtype in registers, a tensor-core GEMM in that
   dtype accumulates in float32 (IEEE float32 products for a float32 input: no TF32); only the codes are
   read from memory.
 
-Spatial zero padding of a convolution needs nothing: a padded input of 0.0 quantizes to the row zero
-``zx``, which is the padding of the codes (``a - zx = 0``), and to 0.0 in weight-only mode.
+Spatial zero padding of a convolution: a padded pixel of ``x_hat = 0.0`` has the code ``zx``, so the
+kernel reads the row zero there (``a - zx = 0``), and 0.0 in weight-only mode.
 
-On a CUDA device the block sizes are autotuned per shape; under ``TRITON_INTERPRET=1`` (the CPU tests)
-one small configuration runs. torch.compile traces the kernel launches directly.
+On a CUDA device the block sizes are autotuned per shape (the row count bucketed to a power of two, so a
+new batch size re-tunes only when it changes the bucket); under ``TRITON_INTERPRET=1`` (the CPU tests) one
+small configuration runs. torch.compile traces the kernel launches directly.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,6 +49,53 @@ except ImportError:  # CPU installs without triton: gaq.deploy falls back to tor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class GemmWeights(NamedTuple):
+    """A layer's weight as the kernels take it (build it with :func:`gemm_weights`).
+
+    Attributes:
+        codes: bits 4: uint8 ``(N, ceil(K/2))``, nibbles ``q = b + 8`` of neighbouring reduction indices (the
+            even one low, :mod:`gaq.deploy.packing`); bits 8: int8 ``(N, K)`` codes ``b``.
+        bits: 4 or 8. k: the reduction length K.
+        scale: float32 ``s_w`` ``(N,)``.
+        zero: int32 ``(N,)``: bits 4: the nibble-domain zero point ``z_w = zw + 8`` the kernel subtracts from each
+            nibble; bits 8: ``zw`` (applied in the epilogue).
+        col_sum: int32 ``(N,)``: bits 4: ``colsum(q - z_w)``; bits 8: ``colsum(b)``.
+        zero_free: bits 8 with ``zw == 0`` in every column (no row sums needed); True for bits 4.
+    """
+
+    codes: Tensor
+    bits: int
+    k: int
+    scale: Tensor
+    zero: Tensor
+    col_sum: Tensor
+    zero_free: bool
+
+
+def gemm_weights(b: Tensor, bits: int, scale: Tensor, zw: Tensor, stored: Tensor | None = None) -> GemmWeights:
+    """:class:`GemmWeights` of signed codes ``b`` (int8 ``(N, K)``, ``w_hat = (b - zw) * s_w``) and the per-channel
+    ``scale`` / integer ``zw``; ``stored`` is the packed form of 4-bit codes where the caller holds it already."""
+    from gaq.deploy.packing import pack_int4
+    k = int(b.shape[1])
+    zw = zw.to(torch.int32).contiguous()
+    colsum = b.sum(dim=1, dtype=torch.int32)
+    scale = scale.float().contiguous()
+    if bits == 4:
+        check(int(zw.abs().max()) <= 100 if zw.numel() else True, "4-bit weight zero points beyond +-100 do not fit "
+              "the kernel's int8 codes b - zw")
+        codes = stored if stored is not None else pack_int4(b)
+        return GemmWeights(codes, 4, k, scale, (zw + 8).contiguous(), (colsum - k * zw).contiguous(), True)
+    return GemmWeights(b.contiguous(), 8, k, scale, zw, colsum, not bool(zw.any()))
+
+
+def _unpacked(w: GemmWeights) -> GemmWeights:
+    """The int8 form of 4-bit weights (for convolutions whose channel segments start on odd indices)."""
+    from gaq.deploy.packing import unpack_int4
+    zw = w.zero - 8
+    return GemmWeights(unpack_int4(w.codes, w.k).contiguous(), 8, w.k, w.scale, zw, w.col_sum + w.k * zw,
+                       False)
+
+
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
     """Autotune candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``; one small one in the interpreter."""
     if INTERPRET:
@@ -53,37 +104,42 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
             for m, n, k, w, s in shapes]
 
 
-#: Candidates for the GEMMs of diffusion models on Hopper-class GPUs: N from 64 to 4,608, K from 27 to 4,608.
-GEMM_SHAPES = [(128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-               (64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (32, 64, 64, 4, 4)]
+#: Candidates for the GEMMs of diffusion models on Hopper-class GPUs (int8 MMAs want K tiles of 128 bytes):
+#: N from 32 to 6,912, K from 16 to 4,608, M from one row per sample to 65,536 tokens.
+GEMM_SHAPES = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+               (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 64, 4, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop candidates whose row block exceeds the (bucketed) row count by more than 2x: they only waste rows."""
+    m = named_args["m_bucket"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * m)]
+    return kept or configs[-1:]
 
 
 if AVAILABLE:
     @triton.jit
-    def _quantize(x, s, z, qmin, qmax, offset):
-        """int8 ``clamp(round_half_even(x / s) + z, qmin, qmax) - offset`` of a float32 tile."""
-        v = tl.math.div_rn(x, s)
-        r = tl.floor(v + 0.5)
-        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-        r = tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
-        q = tl.minimum(tl.maximum(r + z, qmin), qmax)
-        return (q - offset).to(tl.int8)
-
-    @triton.jit
-    def _weight_tile(w_ptr, rn, mask_n, k0, K, stride_wn, W4: tl.constexpr, BLOCK_K: tl.constexpr):
-        """int8 weight codes ``b`` ``(BLOCK_N, BLOCK_K)`` at reduction indices ``k0 ... k0 + BLOCK_K - 1`` (``k0``
-        even for 4-bit); out-of-range entries are 0."""
+    def _weight_tile(w_ptr, rn, wz, k0, K, stride_wn, W4: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """int8 weight codes ``(BLOCK_N, BLOCK_K)`` of rows ``rn`` at reduction indices ``k0 ... k0 + BLOCK_K - 1``
+        (``k0`` even for 4-bit): ``b`` for 8-bit, ``q - z_w`` for 4-bit (``wz`` the nibble zero per row); entries
+        past K are arbitrary (the input there is zero)."""
         if W4:
             rh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            p = tl.load(w_ptr + rn[:, None] * stride_wn + rh[None, :],
-                        mask=mask_n[:, None] & (rh[None, :] < (K + 1) // 2), other=136)  # 0x88: codes 0, 0
-            lo = ((p & 15).to(tl.int32) - 8).to(tl.int8)
-            hi = ((p >> 4).to(tl.int32) - 8).to(tl.int8)
+            ptrs = w_ptr + rn[:, None] * stride_wn + rh[None, :]
+            if EVEN_K:
+                p = tl.load(ptrs)
+            else:
+                p = tl.load(ptrs, mask=rh[None, :] < (K + 1) // 2, other=0)
+            lo = ((p & 15).to(tl.int32) - wz[:, None]).to(tl.int8)
+            hi = ((p >> 4).to(tl.int32) - wz[:, None]).to(tl.int8)
             b = tl.interleave(lo, hi)  # the even index in the low nibble
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
-            b = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :],
-                        mask=mask_n[:, None] & (rk[None, :] < K), other=0)
+            ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+            if EVEN_K:
+                b = tl.load(ptrs)
+            else:
+                b = tl.load(ptrs, mask=rk[None, :] < K, other=0)
         return b
 
     @triton.jit
@@ -100,14 +156,32 @@ if AVAILABLE:
         return pid_m, pid_n
 
     @triton.jit
+    def _mma(x, b, acc, wz, sw, W4: tl.constexpr, INTEGER: tl.constexpr):
+        """``acc + x @ b^T``: int8 on the int8 tensor cores, or weight-only with ``b`` dequantized to x's dtype."""
+        if INTEGER:
+            acc = tl.dot(x, tl.trans(b), acc, out_dtype=tl.int32)
+        else:
+            if W4:  # the nibble zero is already subtracted
+                wd = (b.to(tl.float32) * sw[:, None]).to(x.dtype)
+            else:
+                wd = ((b.to(tl.float32) - wz[:, None].to(tl.float32)) * sw[:, None]).to(x.dtype)
+            if x.dtype == tl.float32:  # IEEE products for a float32 input (no TF32); bf16 / fp16 take the MMA
+                acc = tl.dot(x, tl.trans(wd), acc, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(x, tl.trans(wd), acc, out_dtype=tl.float32)
+        return acc
+
+    @triton.jit
     def _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
-                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Corrections, scales and bias of an accumulator tile; stores the output dtype."""
         if INTEGER:
             zx = tl.load(zx_ptr + sample, mask=mask_m, other=0)
-            zw = tl.load(zw_ptr + rn, mask=mask_n, other=0)
             cs = tl.load(cs_ptr + rn, mask=mask_n, other=0)
-            acc = acc - zw[None, :] * rowsum[:, None] - zx[:, None] * cs[None, :] + K * zx[:, None] * zw[None, :]
+            acc = acc - zx[:, None] * cs[None, :]
+            if ZW:
+                zw = tl.load(zw_ptr + rn, mask=mask_n, other=0)
+                acc = acc - zw[None, :] * rowsum[:, None] + K * zx[:, None] * zw[None, :]
             sx = tl.load(sx_ptr + sample, mask=mask_m, other=1.0)
             sw = tl.load(sw_ptr + rn, mask=mask_n, other=1.0)
             y = acc.to(tl.float32) * (sx[:, None] * sw[None, :])
@@ -119,87 +193,64 @@ if AVAILABLE:
                  y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _step(x, mask, s, z, w_ptr, rn, mask_n, k0, K, stride_wn, sw, zw, acc, rowsum, qmin, qmax, offset,
-              W4: tl.constexpr, INTEGER: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One reduction step: the input tile ``x`` (``mask`` true where it is part of the reduction) times the
-        weight codes from reduction index ``k0``, added to ``acc`` (and ``rowsum``)."""
-        b = _weight_tile(w_ptr, rn, mask_n, k0, K, stride_wn, W4, BLOCK_K)
-        if INTEGER:
-            if x.dtype == tl.int8:  # codes quantized by a pass of their own (once, not once per column block)
-                a = tl.where(mask, x, 0)
-            else:
-                a = tl.where(mask, _quantize(x.to(tl.float32), s[:, None], z[:, None], qmin, qmax, offset), 0)
-            rowsum += tl.sum(a.to(tl.int32), axis=1)
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        else:
-            wd = ((b.to(tl.float32) - zw[:, None].to(tl.float32)) * sw[:, None]).to(x.dtype)
-            if x.dtype == tl.float32:  # IEEE products for a float32 input (no TF32); bf16 / fp16 take the MMA
-                acc = tl.dot(x, tl.trans(wd), acc, input_precision="ieee", out_dtype=tl.float32)
-            else:
-                acc = tl.dot(x, tl.trans(wd), acc, out_dtype=tl.float32)
-        return acc, rowsum
-
-    @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, sx_ptr, zxf_ptr, zx_ptr, sw_ptr, zw_ptr, cs_ptr,
-                       M, N, K, rows, grid_stride, stride_xm, stride_wn, stride_om, qmin, qmax, offset,
-                       W4: tl.constexpr, INTEGER: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    def _linear_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr,
+                       M, N, K, rows, grid_stride, stride_xm, stride_wn, stride_om, m_bucket,
+                       W4: tl.constexpr, INTEGER: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rm < M, rn < N
+        ra, rb = rm % M, rn % N  # loads stay in bounds without masks; the store is masked
         sample = (rm // rows) * grid_stride  # grid_stride 0: one grid for every row
+        wz = tl.load(zw_ptr + rb)
+        sw = tl.load(sw_ptr + rb)
         if INTEGER:
-            s = tl.load(sx_ptr + sample, mask=mask_m, other=1.0)
-            z = tl.load(zxf_ptr + sample, mask=mask_m, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            sw, zw = s, s  # unused in integer mode
         else:
-            s, z = rm, rm  # unused in weight-only mode
-            sw = tl.load(sw_ptr + rn, mask=mask_n, other=1.0)
-            zw = tl.load(zw_ptr + rn, mask=mask_n, other=0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        x_rows = x_ptr + ra[:, None].to(tl.int64) * stride_xm
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (rk[None, :] < K)
-            x = tl.load(x_rows + rk[None, :], mask=mask, other=0)
-            acc, rowsum = _step(x, mask, s, z, w_ptr, rn, mask_n, k0, K, stride_wn, sw, zw, acc, rowsum,
-                                qmin, qmax, offset, W4, INTEGER, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(x_rows + rk[None, :])
+            else:
+                x = tl.load(x_rows + rk[None, :], mask=rk[None, :] < K, other=0)
+            b = _weight_tile(w_ptr, rb, wz, k0, K, stride_wn, W4, EVEN_K, BLOCK_K)
+            acc = _mma(x, b, acc, wz, sw, W4, INTEGER)
+        if ZW:
+            rowsum = tl.load(rs_ptr + rm, mask=mask_m, other=0)
+        else:
+            rowsum = rm
         _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
-                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, HAS_BIAS)
+                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS)
 
     @triton.jit
-    def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, sx_ptr, zxf_ptr, zx_ptr, sw_ptr, zw_ptr, cs_ptr,
+    def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, sx_ptr, zx_ptr, sw_ptr, zw_ptr, cs_ptr,
                      M, N, K, C, H, W, HO, WO, grid_stride, stride_xb, stride_xh, stride_xw, stride_wn, stride_om,
-                     SH, SW, PH, PW, qmin, qmax, offset,
-                     KH: tl.constexpr, KW: tl.constexpr, W4: tl.constexpr, INTEGER: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     SH, SW, PH, PW, m_bucket,
+                     KH: tl.constexpr, KW: tl.constexpr, W4: tl.constexpr, INTEGER: tl.constexpr, ZW: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rm < M, rn < N
+        rb = rn % N
         bi = rm // (HO * WO)
         oh = (rm % (HO * WO)) // WO
         ow = rm % WO
         sample = bi * grid_stride
+        wz = tl.load(zw_ptr + rb)
+        sw = tl.load(sw_ptr + rb)
         if INTEGER:
-            s = tl.load(sx_ptr + sample, mask=mask_m, other=1.0)
-            z = tl.load(zxf_ptr + sample, mask=mask_m, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            sw, zw = s, s
-        else:
-            s, z = rm, rm
-            sw = tl.load(sw_ptr + rn, mask=mask_n, other=1.0)
-            zw = tl.load(zw_ptr + rn, mask=mask_n, other=0)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        if INTEGER:
             zx_row = tl.load(zx_ptr + sample, mask=mask_m, other=0).to(tl.int8)
         else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             zx_row = rm
+        rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
                 ih = oh * SH - PH + kh
@@ -210,21 +261,32 @@ if AVAILABLE:
                     rc = c0 + tl.arange(0, BLOCK_K)
                     in_c = rc[None, :] < C
                     x = tl.load(pix[:, None] + rc[None, :], mask=inside[:, None] & in_c, other=0)
-                    if INTEGER:
-                        if x.dtype == tl.int8:  # codes: a padded pixel is the code of 0.0, the row zero
-                            x = tl.where(inside[:, None], x, zx_row[:, None])
-                    k0 = (kh * KW + kw) * C + c0
-                    acc, rowsum = _step(x, mask_m[:, None] & in_c, s, z, w_ptr, rn, mask_n, k0, K, stride_wn, sw, zw,
-                                        acc, rowsum, qmin, qmax, offset, W4, INTEGER, BLOCK_K)
+                    if INTEGER:  # a padded pixel is the code of 0.0, the row zero; channels past C are 0
+                        x = tl.where(in_c, tl.where(inside[:, None], x, zx_row[:, None]), 0).to(tl.int8)
+                        if ZW:
+                            rowsum += tl.sum(x.to(tl.int32), axis=1)
+                    b = _weight_tile(w_ptr, rb, wz, (kh * KW + kw) * C + c0, K, stride_wn, W4, False, BLOCK_K)
+                    acc = _mma(x, b, acc, wz, sw, W4, INTEGER)
         _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
-                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, HAS_BIAS)
+                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS)
 
-    _linear_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["M", "N", "K", "W4", "INTEGER"])(_linear_kernel)
-    _conv_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["M", "N", "K", "C", "W4", "INTEGER"])(_conv_kernel)
+    def _even_k(args) -> bool:
+        return args["K"] % args["BLOCK_K"] == 0
+
+    _tune = {"prune_configs_by": {"early_config_prune": _prune}}
+    _linear_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "W4", "INTEGER", "ZW"], **_tune)(
+        triton.heuristics({"EVEN_K": _even_k})(_linear_kernel))
+    _conv_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "C", "W4", "INTEGER", "ZW"],
+                                  **_tune)(_conv_kernel)
 
 
 def _grid(m: int, n: int):
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _bucket(m: int) -> int:
+    """The row count rounded up to a power of two (at least 16): the autotune key of M."""
+    return max(16, 1 << (max(1, m) - 1).bit_length())
 
 
 def _check_device(x: Tensor) -> None:
@@ -232,85 +294,88 @@ def _check_device(x: Tensor) -> None:
           "(or TRITON_INTERPRET=1); set deploy.linear_kernel / deploy.conv_kernel to int_mm / im2col")
 
 
-def _grid_args(x: Tensor, batch: int, act, col_scale: Tensor, col_zero: Tensor, col_sum: Tensor):
-    """Pointers of the per-sample input grid (or placeholders in weight-only mode) and the grid stride."""
+def _grid_args(x: Tensor, batch: int, act: tuple[Tensor, Tensor] | None, w: GemmWeights):
+    """Pointers of the per-sample input grid (placeholders in weight-only mode) and the grid stride."""
     if act is None:
-        return (col_scale, col_scale, col_zero), 0, (0.0, 0.0, 0.0)
-    scale, zero, row_zero, qmin, qmax, offset = act
-    stride = 1 if scale.shape[0] == batch and batch > 1 else 0
+        return (w.scale, w.zero), 0
+    check(x.dtype == torch.int8, f"the integer kernels take int8 codes of the input (quantize_codes), got {x.dtype}")
+    scale, row_zero = act
     check(scale.shape[0] in (1, batch), f"{scale.shape[0]} input grids for a batch of {batch}")
-    return (scale.float().contiguous(), zero.float().contiguous(), row_zero.to(torch.int32).contiguous()), stride, \
-        (float(qmin), float(qmax), float(offset))
+    stride = 1 if scale.shape[0] == batch and batch > 1 else 0
+    return (scale.float().contiguous(), row_zero.to(torch.int32).contiguous()), stride
 
 
-def linear(x: Tensor, codes: Tensor, bits: int, k: int, col_scale: Tensor, col_zero: Tensor, col_sum: Tensor,
-           bias: Tensor | None, rows: int, act: tuple | None, out_dtype: torch.dtype) -> Tensor:
-    """``y = x_hat @ w_hat^T + bias`` ``(M, N)`` of float rows ``x`` ``(M, K)`` in one kernel.
+def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple[Tensor, Tensor] | None,
+           out_dtype: torch.dtype, rowsum: Tensor | None = None) -> Tensor:
+    """``y = x_hat @ w_hat^T + bias`` ``(M, N)`` in one kernel.
 
     Args:
-        x: ``(M, K)`` float input rows (last dimension contiguous), or with ``act`` their int8 codes already
-            quantized with that grid (the kernel then skips its quantizing prologue); sample ``i`` owns rows
-            ``i*rows ... (i+1)*rows-1``.
-        codes: weight codes, uint8 ``(N, ceil(K/2))`` two per byte for ``bits`` 4, else int8 ``(N, K)``.
-        k: the reduction length K.
-        col_scale, col_zero, col_sum: float32 ``s_w``, int32 ``zw`` and int32 ``colsum(b)`` per output channel.
+        x: with ``act``: int8 codes ``a`` ``(M, K)`` of the input rows (last dimension contiguous); sample ``i``
+            owns rows ``i*rows ... (i+1)*rows-1``; without: float rows, multiplied in their own dtype.
+        w: the weight (:func:`gemm_weights`).
         bias: float32 ``(N,)`` or None.
-        act: ``(scale, zero_point, row_zero, qmin, qmax, offset)`` of the input quantizer (per-sample
-            tensors of length B or 1), or None for weight-only mode (``x`` multiplied in its own dtype).
+        act: ``(scale, row_zero)`` of the input grid: float32 ``s_x`` and int32 ``zx`` per sample (length B or
+            1), or None for weight-only mode.
         out_dtype: the output dtype.
+        rowsum: int32 ``rowsum(a)`` ``(M,)`` where the caller has it (8-bit weights with a zero point need it;
+            computed here otherwise).
     """
     _check_device(x)
-    m, n = x.shape[0], codes.shape[0]
+    m, n, k = x.shape[0], w.codes.shape[0], w.k
     check(x.ndim == 2 and x.shape[1] == k, f"linear input of shape {tuple(x.shape)} for K={k}")
     if x.stride(1) != 1:
         x = x.contiguous()
     batch = max(1, m // max(1, rows))
-    (p_s, p_z, p_zx), stride, (qmin, qmax, offset) = _grid_args(x, batch, act, col_scale, col_zero, col_sum)
+    (p_s, p_zx), stride = _grid_args(x, batch, act, w)
+    zw = act is not None and not w.zero_free
+    if zw and rowsum is None:
+        rowsum = x.sum(dim=1, dtype=torch.int32)
     out = torch.empty((m, n), device=x.device, dtype=out_dtype)
     if m == 0:
         return out
     _linear_tuned[_grid(m, n)](
-        x, codes, out, bias if bias is not None else col_scale, p_s, p_z, p_zx, col_scale, col_zero, col_sum,
-        m, n, k, max(1, rows), stride, x.stride(0), codes.stride(0), out.stride(0), qmin, qmax, offset,
-        W4=bits == 4, INTEGER=act is not None, HAS_BIAS=bias is not None)
+        x, w.codes, out, bias if bias is not None else w.scale, p_s, p_zx, rowsum if zw else w.zero, w.scale, w.zero,
+        w.col_sum, m, n, k, max(1, rows), stride, x.stride(0), w.codes.stride(0), out.stride(0), _bucket(m),
+        W4=w.bits == 4, INTEGER=act is not None, ZW=zw, HAS_BIAS=bias is not None)
     return out
 
 
-def conv2d(x: Tensor, codes: Tensor, bits: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-           padding: tuple[int, int], col_scale: Tensor, col_zero: Tensor, col_sum: Tensor, bias: Tensor | None,
-           act: tuple | None, out_dtype: torch.dtype) -> Tensor:
-    """A convolution (groups 1, dilation 1, zero padding) of a float input in one implicit-GEMM kernel.
+def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tuple[int, int],
+           padding: tuple[int, int], bias: Tensor | None, act: tuple[Tensor, Tensor] | None,
+           out_dtype: torch.dtype) -> Tensor:
+    """A convolution (groups 1, dilation 1, zero padding) in one implicit-GEMM kernel.
 
     Args:
-        x: ``(B, C, H, W)`` float input whose channels are contiguous (channels-last strides; a channel slice
-            of a channels-last tensor is fine), or with ``act`` its int8 codes (as :func:`linear`'s).
-        codes: weight codes in ``(kh, kw, c)`` reduction order, as :func:`linear`'s.
-        act: as :func:`linear`'s (per-sample grids of length B or 1), or None for weight-only mode.
+        x: ``(B, C, H, W)`` with channels contiguous (channels-last strides; a channel slice of a channels-last
+            tensor is fine): with ``act`` its int8 codes, without a float input (as :func:`linear`'s).
+        w: the weight, reduction in ``(kh, kw, c)`` order.
+        act: as :func:`linear`'s, or None for weight-only mode.
 
     Returns:
         ``(B, N, H_out, W_out)`` in ``out_dtype`` with channels-last strides.
     """
     _check_device(x)
-    b, c, h, w = x.shape
+    b, c, h, wd = x.shape
     kh, kw = kernel_size
     kk = kh * kw * c
-    if bits == 4 and c % 2:  # a (kh, kw) segment would start on an odd index: unpack (only tiny stem layers)
-        from gaq.deploy.packing import unpack_int4
-        codes, bits = unpack_int4(codes, kk).contiguous(), 8
+    check(kk == w.k, f"conv input of {c} channels and kernel {kernel_size} for K={w.k}")
+    if w.bits == 4 and c % 2:  # a (kh, kw) segment would start on an odd index: unpack (only tiny stem layers)
+        w = _unpacked(w)
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
     ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
-    n, m = codes.shape[0], b * ho * wo
-    (p_s, p_z, p_zx), gstride, (qmin, qmax, offset) = _grid_args(x, b, act, col_scale, col_zero, col_sum)
+    wo = (wd + 2 * padding[1] - kw) // stride[1] + 1
+    n, m = w.codes.shape[0], b * ho * wo
+    (p_s, p_zx), gstride = _grid_args(x, b, act, w)
     out = torch.empty((b, ho, wo, n), device=x.device, dtype=out_dtype)
     if m > 0:
         _conv_tuned[_grid(m, n)](
-            x, codes, out, bias if bias is not None else col_scale, p_s, p_z, p_zx, col_scale, col_zero, col_sum,
-            m, n, kk, c, h, w, ho, wo, gstride, x.stride(0), x.stride(2), x.stride(3), codes.stride(0), n,
-            stride[0], stride[1], padding[0], padding[1], qmin, qmax, offset,
-            KH=kh, KW=kw, W4=bits == 4, INTEGER=act is not None, HAS_BIAS=bias is not None)
+            x, w.codes, out, bias if bias is not None else w.scale, p_s, p_zx, w.scale, w.zero, w.col_sum,
+            m, n, kk, c, h, wd, ho, wo, gstride, x.stride(0), x.stride(2), x.stride(3), w.codes.stride(0), n,
+            stride[0], stride[1], padding[0], padding[1], _bucket(m),
+            KH=kh, KW=kw, W4=w.bits == 4, INTEGER=act is not None, ZW=act is not None and not w.zero_free,
+            HAS_BIAS=bias is not None, EVEN_K=False)
     return out.permute(0, 3, 1, 2)
 
 
-__all__ = ["AVAILABLE", "GEMM_SHAPES", "INTERPRET", "conv2d", "linear"]
+__all__ = ["AVAILABLE", "GEMM_SHAPES", "INTERPRET", "GemmWeights", "conv2d", "gemm_weights", "linear"]
