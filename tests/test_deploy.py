@@ -205,6 +205,9 @@ def test_triton_activation_quantizer_gives_the_reference_codes():
             ref = (torch.clamp(torch.round(x_in.float() / scale.view(shape)) + zero.view(shape), act.qmin, act.qmax)
                    - act.offset).to(torch.int8)
             assert out.dtype == torch.int8 and torch.equal(out, ref) and out.stride() == x_in.stride()
+            rows_in = x_in.reshape(3 * 5, 42)  # the rows of a linear layer: 5 per sample, with their sums
+            codes, sums = triton_quant.quantize_rows(rows_in, scale, zero, 5, act.qmin, act.qmax, act.offset, True)
+            assert torch.equal(codes, ref.reshape(15, 42)) and torch.equal(sums, ref.reshape(15, 42).sum(1, dtype=torch.int32))
 
 
 def test_a_bf16_deployed_model_takes_float32_inputs_and_keeps_the_timestep_exact():

@@ -106,6 +106,14 @@ class DeployedActQuant(_KeepDtype):
         a = kernels.activation_codes(x, scale, zero, self.qmin, self.qmax, self.offset)
         return a.contiguous(memory_format=_memory_format(x))
 
+    def rows(self, x: Tensor, scale: Tensor, zero: Tensor, rows: int, rowsum: bool) -> tuple[Tensor, Tensor | None]:
+        """int8 codes of a linear layer's rows ``x`` ``(M, K)`` (sample ``i`` owns rows ``i*rows ...``) and, with
+        ``rowsum``, the int32 sums of each row's codes (one pass on the GPU)."""
+        if _triton_ready(x.device, explicit=True) and not torch.compiler.is_compiling():
+            return triton_quant.quantize_rows(x, scale, zero, rows, self.qmin, self.qmax, self.offset, rowsum)
+        a = self.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(x.shape)
+        return a, a.sum(dim=1, dtype=torch.int32) if rowsum else None
+
     def dequantize(self, a: Tensor, scale: Tensor, row_zero: Tensor, dtype: torch.dtype) -> Tensor:
         """``x_hat = (a - zx) * s`` in ``dtype``."""
         shape = (scale.shape[0],) + (1,) * (a.ndim - 1)
@@ -287,10 +295,12 @@ class DeployedLinear(DeployedLayer):
             return F.linear(x2.to(dtype), part.dequantized_weight(dtype), None if bias is None else bias.to(dtype))
         scale, zero, row_zero = part.act.grid(batch)
         rows = x2.shape[0] // scale.shape[0]
-        a = part.act.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(-1, part.k)
         if self._use_triton(x.device, "linear_kernel"):  # codes in one pass first: measured faster on the H200
             # than quantizing in the GEMM's prologue, which repeats the work for every column block
-            return triton_kernels.linear(a, part.gemm(), bias, rows, (scale, row_zero), dtype)
+            w = part.gemm()
+            a, rowsum = part.act.rows(x2, scale, zero, rows, rowsum=not w.zero_free)
+            return triton_kernels.linear(a, w, bias, rows, (scale, row_zero), dtype, rowsum)
+        a = part.act.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(-1, part.k)
         acc = _int_mm_acc(a, part, kernels.per_row(row_zero, rows))
         return kernels.epilogue(acc, kernels.per_row(scale, rows), part.col_scale, bias, dtype)
 

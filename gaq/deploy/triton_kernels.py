@@ -111,9 +111,10 @@ GEMM_SHAPES = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop candidates whose row block exceeds the (bucketed) row count by more than 2x: they only waste rows."""
-    m = named_args["m_bucket"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * m)]
+    """Drop candidates whose row block exceeds the (bucketed) row count, or whose column block the column count,
+    by more than 2x: they only compute padding (and each candidate costs a compile)."""
+    m, n = named_args["m_bucket"], named_args["N"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * m) and c.kwargs["BLOCK_N"] <= max(64, 2 * n)]
     return kept or configs[-1:]
 
 
