@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile", action="store_true", help="torch.profiler of one call per configuration: the ops "
                    "with the most host and device time and the count of host syncs, in the results")
+    p.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
+                   help="torch.compile mode of the *_compile variants (reduce-overhead: CUDA graphs)")
     p.add_argument("--quick", action="store_true", help="the architectures at reduced width (smoke runs)")
     p.add_argument("--out", type=Path, default=Path("bench/results/deploy/h200"))
     return p.parse_args()
@@ -169,7 +171,7 @@ class Arch:
         return x.float()
 
 
-def build_variant(arch: Arch, variant: str, fakes: dict) -> tuple[torch.nn.Module, torch.dtype]:
+def build_variant(arch: Arch, variant: str, fakes: dict, compile_mode: str = "default") -> tuple[torch.nn.Module, torch.dtype]:
     """The model of ``variant`` and its input dtype."""
     if variant == "fp32":
         return arch.fp, torch.float32
@@ -178,7 +180,7 @@ def build_variant(arch: Arch, variant: str, fakes: dict) -> tuple[torch.nn.Modul
         if arch.is_unet:
             m = m.to(memory_format=torch.channels_last)
         if variant == "bf16_compile":
-            m = torch.compile(m)
+            m = torch.compile(m, mode=compile_mode)
         return m, torch.bfloat16
     bits = variant.split("_")[1]
     w_bits, a_bits = int(bits[1]), int(bits.split("a")[1])
@@ -193,7 +195,7 @@ def build_variant(arch: Arch, variant: str, fakes: dict) -> tuple[torch.nn.Modul
     m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
     fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):
-        m = torch.compile(m)
+        m = torch.compile(m, mode=compile_mode)
     return m, torch.bfloat16
 
 
@@ -350,7 +352,7 @@ def main() -> None:
                 info["variants"][variant] = {"skipped": "budget spent"}
                 continue
             t0 = time.perf_counter()
-            model, dtype = build_variant(arch, variant, fakes)
+            model, dtype = build_variant(arch, variant, fakes, args.compile_mode)
             plain = getattr(model, "_orig_mod", model)
             v = info["variants"][variant] = {"build_s": round(time.perf_counter() - t0, 2),
                                              "resident_bytes": tensor_bytes(plain), "weights": weight_bytes(plain),

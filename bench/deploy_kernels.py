@@ -64,11 +64,11 @@ def _codes(x, act):
     return triton_quant.quantize_codes(x, act[0], act[1], 0, 255, 128)
 
 
-def _rows(x, act, per, w):
-    """The codes of linear rows and what the kernel takes with them, as DeployedLinear runs it: ``(a, w)`` and
-    the row sums where the weights have zero points."""
+def _rows_gemm(x, act, per, w):
+    """A linear layer's int8 path as DeployedLinear runs it: the codes of the rows in one pass (with their row
+    sums where the weights have zero points), then the GEMM."""
     a, rowsum = triton_quant.quantize_rows(x, act[0], act[1], per, 0, 255, 128, rowsum=not w.zero_free)
-    return (a, w) if rowsum is None else (a, w, rowsum)
+    return triton_kernels.linear(a, w, None, per, (act[0], act[2]), torch.bfloat16, rowsum)
 
 
 def _err(y, ref):
@@ -163,8 +163,7 @@ def speed(dev, reps_ms: int) -> list[dict]:
                 xs = x.view(batch, per, k)
                 a = _codes(xs, act).view(m, k)
                 # as DeployedLinear runs them: the codes in one pass, then the GEMM (W8: and the row sums)
-                times[f"triton_w{bits}a8"] = bench(lambda: triton_kernels.linear(
-                    *_rows(x, act, per, w), None, per, grid, torch.bfloat16))
+                times[f"triton_w{bits}a8"] = bench(lambda: _rows_gemm(x, act, per, w))
                 times[f"gemm_w{bits}a8"] = bench(lambda: triton_kernels.linear(a, w, None, per, grid, torch.bfloat16))
                 if bits == 4:
                     times["triton_w4a16"] = bench(lambda: triton_kernels.linear(x, w, None, per, None, torch.bfloat16))

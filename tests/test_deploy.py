@@ -220,3 +220,24 @@ def test_a_bf16_deployed_model_takes_float32_inputs_and_keeps_the_timestep_exact
         out = d(x, torch.tensor([999.0, 1.0])).sample  # 999 is 1000 in bfloat16
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [999.0, 1.0]
+
+
+def test_quantized_attention_operands_are_fake_quantized_in_one_pass_as_the_fake_quantizer_does():
+    from gaq.deploy import DeployedFakeQuant, triton_quant
+    from gaq.quant.quantizer import ActQuantizer
+    q = _calibrated(_unet(), 4, 8, "qdiff_compat")
+    fakes = {n: m for n, m in q.named_modules() if isinstance(m, ActQuantizer) and m.enabled and ".processor." in n}
+    assert fakes, "the preset quantizes attention operands"
+    d = deploy(copy.deepcopy(q), DeployConfig(dtype="bfloat16"))
+    deployed = dict(d.named_modules())
+    assert all(isinstance(deployed[n], DeployedFakeQuant) and deployed[n].scale.dtype == torch.float32 for n in fakes)
+    g = torch.Generator().manual_seed(5)
+    step = torch.tensor([0, 3, 1])
+    q.gaq_quant.context.step_index = d.gaq_quant.context.step_index = step
+    for name, fake in fakes.items():
+        x = torch.randn(3, 2, 9, 8, generator=g) * 2
+        ref = fake(x)  # float32, the reference
+        assert torch.equal(deployed[name](x), ref) and deployed[name](x.to(torch.bfloat16)).dtype == torch.bfloat16
+        if triton_quant.AVAILABLE:  # the one-pass kernel (Triton's interpreter here)
+            s, z = deployed[name].step_grid(3)
+            assert torch.equal(triton_quant.fake_quantize(x, s, z, fake.qmin, fake.qmax), ref)

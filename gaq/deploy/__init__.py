@@ -5,8 +5,9 @@ convolution / linear layer of ``qmodel`` (:mod:`gaq.quant.layers`) by its deploy
 (:mod:`gaq.deploy.layers`): 4-bit weights resident two per byte and 8-bit ones as int8, inputs quantized
 with the calibrated static scales (per sampling step, selected on the device) and int8 GEMMs with exact
 integer accumulation (``torch._int_mm`` or gaq's Triton kernels, :mod:`gaq.deploy.triton_kernels`).
-Everything else of the model (norms, attention, layers kept FP, the quantized attention operands) runs
-in ``dtype``. The deployed model is a drop-in for the FP model in a diffusers pipeline.
+Everything else of the model (norms, attention, layers kept FP) runs in ``dtype``; the quantized
+operands it keeps in floating point (attention's queries, keys, values and probabilities) are
+fake-quantized in one pass each (:class:`gaq.deploy.layers.DeployedFakeQuant`, float32 inside). The deployed model is a drop-in for the FP model in a diffusers pipeline.
 
 Where it sits in the pipeline: it reads only the quantized model (``gaq.quant``), so evaluation can run
 a deployed model; it is the runtime form of a quantized model, not a file format: save the quantized
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from gaq.deploy.config import DTYPES, DeployConfig
-from gaq.deploy.layers import DEPLOYED_LAYERS, DeployedConv2d, DeployedLayer, DeployedLinear
+from gaq.deploy.layers import DEPLOYED_LAYERS, DeployedConv2d, DeployedFakeQuant, DeployedLayer, DeployedLinear
 from gaq.errors import GaqError, check
+from gaq.quant.quantizer import ActQuantizer
 from gaq.quant.step_context import timestep_argument
 from gaq.quant.wrap import iter_quant_layers, quant_info
 
@@ -87,8 +89,12 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in deployed:
                 parent._modules[key] = deployed[id(child)]
+    for parent in list(qmodel.modules()):  # the quantized operands kept in FP (attention): a one-pass fake quantizer
+        for key, child in list(parent._modules.items()):
+            if isinstance(child, ActQuantizer) and child.enabled and child.ready:
+                parent._modules[key] = DeployedFakeQuant(child)
     dtype = config.torch_dtype
-    keep = {id(m) for d in qmodel.modules() if isinstance(d, DeployedLayer) for m in d.modules()}
+    keep = {id(m) for d in qmodel.modules() if isinstance(d, (DeployedLayer, DeployedFakeQuant)) for m in d.modules()}
     for module in qmodel.modules():  # the FP parts to the compute dtype; deployed layers keep their dtypes
         if id(module) in keep:
             continue
@@ -103,4 +109,4 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
     return qmodel.eval()
 
 
-__all__ = ["DTYPES", "DeployConfig", "DeployedConv2d", "DeployedLayer", "DeployedLinear", "deploy"]
+__all__ = ["DTYPES", "DeployConfig", "DeployedConv2d", "DeployedFakeQuant", "DeployedLayer", "DeployedLinear", "deploy"]

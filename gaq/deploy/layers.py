@@ -59,25 +59,22 @@ class _KeepDtype(nn.Module):
         return super()._apply(lambda t: fn(t).to(t.dtype), recurse)
 
 
-class DeployedActQuant(_KeepDtype):
-    """Static input quantizer of a deployed layer: float input -> int8 codes ``a`` and per-sample grid.
+class _StaticGrid(_KeepDtype):
+    """The calibrated static grid of an activation quantizer, per sampling step where it has per-step scales.
 
-    Buffers: ``scale`` float32 ``(S,)``; ``zero_point`` float32 ``(S,)`` (the fake quantizer's ``z_x``);
-    ``row_zero`` int32 ``(S,)`` = ``z_x - offset``. S = calibrated steps (1 without per-step scales).
+    Buffers: ``scale`` float32 ``(S,)``; ``zero_point`` float32 ``(S,)`` (the fake quantizer's ``z_x``).
+    S = calibrated steps (1 without per-step scales).
     """
 
     def __init__(self, q: ActQuantizer):
         super().__init__()
-        check(q.bits <= 8, f"{q.name}: {q.bits}-bit activations have no int8 kernel; deploy keeps a_bits <= 8 inputs only")
         self.bits, self.qmin, self.qmax, self.name = q.bits, q.qmin, q.qmax, q.name
-        self.offset = 0 if q.symmetric else 2 ** (q.bits - 1)  # a = q_x - offset fits int8
         self.context: StepContext | None = q.context if q.num_steps > 1 else None
         scale = q.scale.detach().float()
         if q.learn_step:  # the fake quantizer clamps a learned step the same way
             scale = scale.clamp_min(MIN_SCALE)
         self.register_buffer("scale", scale.clone())
         self.register_buffer("zero_point", q.zero_point.detach().float().clone())
-        self.register_buffer("row_zero", (q.zero_point.detach().round() - self.offset).to(torch.int32))
 
     def steps(self, batch: int) -> Tensor | None:
         """The step index per sample (``(B,)`` or ``(1,)``) on the scales' device, or None for one scale."""
@@ -89,6 +86,42 @@ class DeployedActQuant(_KeepDtype):
                            "(its timestep sets the step) or gaq.quant.set_step_index first")
         check(step.shape[0] in (1, batch), f"{self.name}: {step.shape[0]} step indices for a batch of {batch}")
         return step.to(self.scale.device, non_blocking=True)
+
+    def step_grid(self, batch: int) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` per sample, each ``(B,)`` or ``(1,)``."""
+        step = self.steps(batch)
+        if step is None:
+            return self.scale, self.zero_point
+        return self.scale[step], self.zero_point[step]
+
+
+class DeployedFakeQuant(_StaticGrid):
+    """A quantized operand a deployed model keeps in floating point (attention's queries, keys, values and
+    probabilities): ``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s`` computed in float32, as the fake
+    quantizer computes it at float32, and returned in ``x``'s dtype; one Triton pass on a CUDA device (under
+    torch.compile the torch ops, which it fuses into the op producing ``x``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, zero = self.step_grid(x.shape[0])
+        if x.is_cuda and triton_quant.AVAILABLE and not torch.compiler.is_compiling():
+            return triton_quant.fake_quantize(x, scale, zero, self.qmin, self.qmax)
+        shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
+        s, z = scale.view(shape), zero.view(shape)
+        q = torch.clamp(torch.round(x.float() / s) + z, self.qmin, self.qmax)
+        return ((q - z) * s).to(x.dtype)
+
+
+class DeployedActQuant(_StaticGrid):
+    """Static input quantizer of a deployed layer: float input -> int8 codes ``a`` and per-sample grid.
+
+    Buffers: those of the grid, and ``row_zero`` int32 ``(S,)`` = ``z_x - offset``.
+    """
+
+    def __init__(self, q: ActQuantizer):
+        check(q.bits <= 8, f"{q.name}: {q.bits}-bit activations have no int8 kernel; deploy keeps a_bits <= 8 inputs only")
+        super().__init__(q)
+        self.offset = 0 if q.symmetric else 2 ** (q.bits - 1)  # a = q_x - offset fits int8
+        self.register_buffer("row_zero", (q.zero_point.detach().round() - self.offset).to(torch.int32))
 
     def grid(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(scale, zero_point, row_zero)`` per sample, each ``(B,)`` or ``(1,)``."""
@@ -403,4 +436,4 @@ def im2col(a: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], pad
 DEPLOYED_LAYERS: dict[type[QuantLayer], type[DeployedLayer]] = {QuantConv2d: DeployedConv2d, QuantLinear: DeployedLinear}
 
 
-__all__ = ["DEPLOYED_LAYERS", "DeployedActQuant", "DeployedConv2d", "DeployedLayer", "DeployedLinear", "im2col"]
+__all__ = ["DEPLOYED_LAYERS", "DeployedActQuant", "DeployedConv2d", "DeployedFakeQuant", "DeployedLayer", "DeployedLinear", "im2col"]

@@ -10,7 +10,9 @@ reference, which runs anywhere). Two kernels:
   outermost dimension in memory), read once in its own dtype and memory order; the int8 output keeps it.
   The grid is (blocks of a sample, samples), so no element divides its index to find its sample;
 - :func:`quantize_rows`: the rows ``(M, K)`` of a linear layer, and on request the int32 row sums of
-  the codes in the same pass (what 8-bit weights with a zero point need: ``rowsum(a)``).
+  the codes in the same pass (what 8-bit weights with a zero point need: ``rowsum(a)``);
+- :func:`fake_quantize`: ``x_hat = (q - z) * s`` in one pass, for the quantized operands a deployed model
+  keeps in floating point (attention's queries, keys, values and probabilities).
 """
 from __future__ import annotations
 
@@ -34,24 +36,33 @@ BLOCK, ROWS_BLOCK, COLS_BLOCK = 2048, 16, 128
 
 if AVAILABLE:
     @triton.jit
-    def _quantize(x, s, z, qmin, qmax, offset):
-        """int8 ``clamp(round_half_even(x / s) + z, qmin, qmax) - offset`` of a float32 tile."""
+    def _grid_code(x, s, z, qmin, qmax):
+        """``clamp(round_half_even(x / s) + z, qmin, qmax)`` of a float32 tile, in float32."""
         v = tl.math.div_rn(x, s)
         r = tl.floor(v + 0.5)  # round half to even: floor(v + 0.5), minus one on an odd tie
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
         r = tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
-        q = tl.minimum(tl.maximum(r + z, qmin), qmax)
-        return (q - offset).to(tl.int8)
+        return tl.minimum(tl.maximum(r + z, qmin), qmax)
 
     @triton.jit
-    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, zero_ptr, per_sample, qmin, qmax, offset, BLOCK: tl.constexpr):
+    def _quantize(x, s, z, qmin, qmax, offset):
+        """int8 ``clamp(round_half_even(x / s) + z, qmin, qmax) - offset`` of a float32 tile."""
+        return (_grid_code(x, s, z, qmin, qmax) - offset).to(tl.int8)
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, zero_ptr, per_sample, qmin, qmax, offset, FAKE: tl.constexpr,
+                         BLOCK: tl.constexpr):
         sample = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < per_sample
         base = sample.to(tl.int64) * per_sample
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        q = _quantize(x, tl.load(scale_ptr + sample), tl.load(zero_ptr + sample), qmin, qmax, offset)
-        tl.store(out_ptr + base + offs, q, mask=mask)
+        s, z = tl.load(scale_ptr + sample), tl.load(zero_ptr + sample)
+        if FAKE:  # x_hat = (q - z) * s in float32, stored in the input's dtype
+            q = _grid_code(x, s, z, qmin, qmax)
+            tl.store(out_ptr + base + offs, ((q - z) * s).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + base + offs, _quantize(x, s, z, qmin, qmax, offset), mask=mask)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, out_ptr, sum_ptr, scale_ptr, zero_ptr, M, K, rows, grid_stride, stride_xm,
@@ -85,13 +96,11 @@ def _per_sample(scale: Tensor, batch: int) -> bool:
     return scale.shape[0] == batch and batch > 1
 
 
-def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, offset: int) -> Tensor:
-    """int8 codes of ``x`` (batch first, contiguous or channels-last) with per-sample ``scale`` / ``zero``
-    (float32 ``(B,)`` or ``(1,)`` on ``x``'s device); same shape and memory format as ``x``."""
+def _elementwise(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, offset: int, fake: bool) -> Tensor:
     _check(x)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
-    out = torch.empty_like(x, dtype=torch.int8)
+    out = torch.empty_like(x) if fake else torch.empty_like(x, dtype=torch.int8)
     numel = x.numel()
     if numel == 0:
         return out
@@ -99,8 +108,21 @@ def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int,
     per_sample = numel // samples
     grid = (triton.cdiv(per_sample, BLOCK), samples)
     _quantize_kernel[grid](x, out, scale.float().contiguous(), zero.float().contiguous(), per_sample,
-                           float(qmin), float(qmax), float(offset), BLOCK=BLOCK)
+                           float(qmin), float(qmax), float(offset), FAKE=fake, BLOCK=BLOCK)
     return out
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, offset: int) -> Tensor:
+    """int8 codes of ``x`` (batch first, contiguous or channels-last) with per-sample ``scale`` / ``zero``
+    (float32 ``(B,)`` or ``(1,)`` on ``x``'s device); same shape and memory format as ``x``."""
+    return _elementwise(x, scale, zero, qmin, qmax, offset, fake=False)
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s`` of ``x`` in one pass, computed in float32 and
+    returned in ``x``'s dtype, shape and memory format (per-sample ``scale`` / ``zero`` as
+    :func:`quantize_codes`')."""
+    return _elementwise(x, scale, zero, qmin, qmax, 0, fake=True)
 
 
 def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, qmin: int, qmax: int, offset: int,
@@ -125,4 +147,4 @@ def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, qmin: int, 
     return out, sums
 
 
-__all__ = ["AVAILABLE", "quantize_codes", "quantize_rows"]
+__all__ = ["AVAILABLE", "fake_quantize", "quantize_codes", "quantize_rows"]
