@@ -94,3 +94,14 @@ def test_every_layer_on_the_triton_kernels_computes_its_fake_quantized_layer(a_b
     layers = [m for m in d.modules() if isinstance(m, DeployedLayer)]
     assert len(errors) == len(layers) and max(errors.values()) < 1e-5, max(errors.items(), key=lambda e: e[1])
     assert calls["conv2d"] > 0 and calls["linear"] > 0 and sum(calls.values()) >= len(layers), calls
+
+
+def test_a_deployed_model_on_the_triton_kernels_compiles_to_the_same_function():
+    # torch.compile sees the kernels as custom operators (gaq::triton_linear / gaq::triton_conv2d) and fuses the
+    # activation quantization and the attention operands' fake quantization into the ops around them
+    q = _calibrated(_unet(), 4, 8, "qdiff_compat")
+    d = deploy(copy.deepcopy(q), DeployConfig(dtype="float32", linear_kernel="triton", conv_kernel="triton"))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = _timesteps()[1]
+    with torch.no_grad():
+        assert torch.equal(torch.compile(d)(x, t).sample, d(x, t).sample)

@@ -271,14 +271,21 @@ if AVAILABLE:
         _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
                   sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS)
 
-    def _even_k(args) -> bool:
-        return args["K"] % args["BLOCK_K"] == 0
-
     _tune = {"prune_configs_by": {"early_config_prune": _prune}}
-    _linear_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "W4", "INTEGER", "ZW"], **_tune)(
-        triton.heuristics({"EVEN_K": _even_k})(_linear_kernel))
+    _linear_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "W4", "INTEGER", "ZW"],
+                                    **_tune)(_linear_kernel)
     _conv_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "C", "W4", "INTEGER", "ZW"],
                                   **_tune)(_conv_kernel)
+
+
+#: The largest candidate BLOCK_K; every candidate's (and the interpreter's 32) divides it.
+_K_STEP = max(k for _, _, k, _, _ in GEMM_SHAPES)
+assert all(_K_STEP % k == 0 for _, _, k, _, _ in GEMM_SHAPES) and _K_STEP % 32 == 0
+
+
+def _even_k(k: int) -> bool:
+    """Whether K is a multiple of every candidate's BLOCK_K, so no load needs a K mask."""
+    return k % _K_STEP == 0
 
 
 def _grid(m: int, n: int):
@@ -306,6 +313,59 @@ def _grid_args(x: Tensor, batch: int, act: tuple[Tensor, Tensor] | None, w: Gemm
     return (scale.float().contiguous(), row_zero.to(torch.int32).contiguous()), stride
 
 
+def _run_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
+                bias: Tensor | None, rows: int, grid_stride: int, act_scale: Tensor, act_zero: Tensor,
+                rowsum: Tensor | None, zw: bool, integer: bool, out_dtype: torch.dtype) -> Tensor:
+    m, n = x.shape[0], codes.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=out_dtype)
+    if m > 0:
+        _linear_tuned[_grid(m, n)](
+            x, codes, out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale,
+            zero, col_sum, m, n, k, rows, grid_stride, x.stride(0), codes.stride(0), out.stride(0), _bucket(m),
+            W4=bits == 4, INTEGER=integer, ZW=zw, HAS_BIAS=bias is not None, EVEN_K=_even_k(k))
+    return out
+
+
+def _run_conv(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
+              bias: Tensor | None, geometry: list[int], grid_stride: int, act_scale: Tensor, act_zero: Tensor,
+              zw: bool, integer: bool, out_dtype: torch.dtype) -> Tensor:
+    """The convolution's output ``(B, H_out, W_out, N)``; ``geometry`` = kh, kw, stride h / w, padding h / w."""
+    kh, kw, sh, sw, ph, pw = geometry
+    b, c, h, wd = x.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    n, m = codes.shape[0], b * ho * wo
+    out = torch.empty((b, ho, wo, n), device=x.device, dtype=out_dtype)
+    if m > 0:
+        _conv_tuned[_grid(m, n)](
+            x, codes, out, bias if bias is not None else scale, act_scale, act_zero, scale, zero, col_sum,
+            m, n, k, c, h, wd, ho, wo, grid_stride, x.stride(0), x.stride(2), x.stride(3), codes.stride(0), n,
+            sh, sw, ph, pw, _bucket(m), KH=kh, KW=kw, W4=bits == 4, INTEGER=integer, ZW=zw,
+            HAS_BIAS=bias is not None, EVEN_K=False)
+    return out
+
+
+def _conv_shape(x: Tensor, codes: Tensor, geometry: list[int]) -> tuple[int, int, int, int]:
+    kh, kw, sh, sw, ph, pw = geometry
+    return (x.shape[0], (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1, codes.shape[0])
+
+
+# torch.compile does not trace into the kernels: they are custom operators with their output shapes as fake
+# implementations (tracing user Triton kernels with an autotuner's pruning function failed in torch 2.11 with an
+# AssertionError building an AttrSource)
+if AVAILABLE:
+    _linear_op = torch.library.custom_op("gaq::triton_linear", _run_linear, mutates_args=(), schema=(
+        "(Tensor x, Tensor codes, int bits, int k, Tensor scale, Tensor zero, Tensor col_sum, Tensor? bias, int rows, "
+        "int grid_stride, Tensor act_scale, Tensor act_zero, Tensor? rowsum, bool zw, bool integer, "
+        "ScalarType out_dtype) -> Tensor"))
+    _linear_op.register_fake(lambda x, codes, *args: x.new_empty((x.shape[0], codes.shape[0]), dtype=args[-1]))
+    _conv_op = torch.library.custom_op("gaq::triton_conv2d", _run_conv, mutates_args=(), schema=(
+        "(Tensor x, Tensor codes, int bits, int k, Tensor scale, Tensor zero, Tensor col_sum, Tensor? bias, "
+        "int[] geometry, int grid_stride, Tensor act_scale, Tensor act_zero, bool zw, bool integer, "
+        "ScalarType out_dtype) -> Tensor"))
+    _conv_op.register_fake(lambda x, codes, bits, k, scale, zero, col_sum, bias, geometry, *args: x.new_empty(
+        _conv_shape(x, codes, geometry), dtype=args[-1]))
+
+
 def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple[Tensor, Tensor] | None,
            out_dtype: torch.dtype, rowsum: Tensor | None = None) -> Tensor:
     """``y = x_hat @ w_hat^T + bias`` ``(M, N)`` in one kernel.
@@ -322,7 +382,7 @@ def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple
             computed here otherwise).
     """
     _check_device(x)
-    m, n, k = x.shape[0], w.codes.shape[0], w.k
+    m, k = x.shape[0], w.k
     check(x.ndim == 2 and x.shape[1] == k, f"linear input of shape {tuple(x.shape)} for K={k}")
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -331,14 +391,9 @@ def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple
     zw = act is not None and not w.zero_free
     if zw and rowsum is None:
         rowsum = x.sum(dim=1, dtype=torch.int32)
-    out = torch.empty((m, n), device=x.device, dtype=out_dtype)
-    if m == 0:
-        return out
-    _linear_tuned[_grid(m, n)](
-        x, w.codes, out, bias if bias is not None else w.scale, p_s, p_zx, rowsum if zw else w.zero, w.scale, w.zero,
-        w.col_sum, m, n, k, max(1, rows), stride, x.stride(0), w.codes.stride(0), out.stride(0), _bucket(m),
-        W4=w.bits == 4, INTEGER=act is not None, ZW=zw, HAS_BIAS=bias is not None)
-    return out
+    run = _linear_op if torch.compiler.is_compiling() else _run_linear
+    return run(x, w.codes, w.bits, k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
+               rowsum if zw else None, zw, act is not None, out_dtype)
 
 
 def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tuple[int, int],
@@ -356,26 +411,17 @@ def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tupl
         ``(B, N, H_out, W_out)`` in ``out_dtype`` with channels-last strides.
     """
     _check_device(x)
-    b, c, h, wd = x.shape
-    kh, kw = kernel_size
-    kk = kh * kw * c
-    check(kk == w.k, f"conv input of {c} channels and kernel {kernel_size} for K={w.k}")
+    b, c = x.shape[:2]
+    check(kernel_size[0] * kernel_size[1] * c == w.k, f"conv input of {c} channels and kernel {kernel_size} for K={w.k}")
     if w.bits == 4 and c % 2:  # a (kh, kw) segment would start on an odd index: unpack (only tiny stem layers)
         w = _unpacked(w)
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
-    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - kw) // stride[1] + 1
-    n, m = w.codes.shape[0], b * ho * wo
     (p_s, p_zx), gstride = _grid_args(x, b, act, w)
-    out = torch.empty((b, ho, wo, n), device=x.device, dtype=out_dtype)
-    if m > 0:
-        _conv_tuned[_grid(m, n)](
-            x, w.codes, out, bias if bias is not None else w.scale, p_s, p_zx, w.scale, w.zero, w.col_sum,
-            m, n, kk, c, h, wd, ho, wo, gstride, x.stride(0), x.stride(2), x.stride(3), w.codes.stride(0), n,
-            stride[0], stride[1], padding[0], padding[1], _bucket(m),
-            KH=kh, KW=kw, W4=w.bits == 4, INTEGER=act is not None, ZW=act is not None and not w.zero_free,
-            HAS_BIAS=bias is not None, EVEN_K=False)
+    geometry = [*kernel_size, *stride, *padding]
+    run = _conv_op if torch.compiler.is_compiling() else _run_conv
+    out = run(x, w.codes, w.bits, w.k, w.scale, w.zero, w.col_sum, bias, geometry, gstride, p_s, p_zx,
+              act is not None and not w.zero_free, act is not None, out_dtype)
     return out.permute(0, 3, 1, 2)
 
 
