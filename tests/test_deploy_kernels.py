@@ -49,6 +49,10 @@ def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits
     acc = kernels.linear_reference(a, b, kernels.per_row(row_zero, rows), zw)
     ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(scale, rows), sw, bb, torch.float32)
     assert torch.equal(triton_kernels.linear(a, w, bb, rows, (scale, row_zero), torch.float32), ref)
+    if bits == 4:  # unpacked per call (zero point folded into int8 codes), then the plain int8 GEMM
+        flat = triton_kernels.unpacked(w)
+        assert torch.equal(flat.codes, (b.to(torch.int32) - zw[:, None]).to(torch.int8)) and flat.zero_free
+        assert torch.equal(triton_kernels.linear(a, flat, bb, rows, (scale, row_zero), torch.float32), ref)
     if not w.zero_free:  # the caller's row sums, as a deployed layer could pass them
         rowsum = a.sum(1, dtype=torch.int32)
         assert torch.equal(triton_kernels.linear(a, w, bb, rows, (scale, row_zero), torch.float32, rowsum), ref)
@@ -79,10 +83,11 @@ def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, 
     torch.testing.assert_close(y, F.conv2d(x, w, bb, stride, pad), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("a_bits", [8, 32])
-def test_every_layer_on_the_triton_kernels_computes_its_fake_quantized_layer(a_bits, monkeypatch):
+@pytest.mark.parametrize("a_bits,unpack", [(8, "in_kernel"), (8, "per_call"), (32, "in_kernel")])
+def test_every_layer_on_the_triton_kernels_computes_its_fake_quantized_layer(a_bits, unpack, monkeypatch):
     q = _calibrated(_unet(), 4, a_bits)
-    triton_only = DeployConfig(dtype="float32", linear_kernel="triton", conv_kernel="triton", weight_only_kernel="triton")
+    triton_only = DeployConfig(dtype="float32", linear_kernel="triton", conv_kernel="triton", weight_only_kernel="triton",
+                               int4_unpack=unpack)
     d = deploy(copy.deepcopy(q), triton_only)
     calls = {"linear": 0, "conv2d": 0}
     for name in calls:  # count the calls that reach the kernels; the kernels themselves run unchanged

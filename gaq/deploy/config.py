@@ -33,6 +33,10 @@ class DeployConfig:
             weight dequantized to ``dtype`` per call and run through PyTorch's own conv / linear; only
             the packed codes stay resident), or ``auto``: ``triton`` on a CUDA device where Triton is
             installed, else ``dequantize``.
+        int4_unpack: how the Triton GEMM of an int8-activation layer reads 4-bit weights: ``in_kernel`` (two
+            codes per byte unpacked in registers inside the GEMM's loop) or ``per_call`` (unpacked once per call
+            into a temporary int8 matrix with the zero point subtracted, one pass, then the plain int8 GEMM: the
+            resident weights stay packed, the temporary lives for one layer call).
         check_device_timesteps: warn about uncalibrated timesteps also when the timestep arrives as a
             device tensor (that check reads it back to the host, a synchronisation per model call);
             timesteps on the host, as diffusers pipelines pass them, are always checked.
@@ -44,6 +48,10 @@ class DeployConfig:
     # default dequantize: measured on an H200, DiT-XL/2 W4A32 at batch 64 ran one call in 102.9 ms on the Triton
     # weight-only kernel against 73.5 ms dequantizing per call into cuBLAS (bench/results/deploy/)
     weight_only_kernel: Literal["auto", "triton", "dequantize"] = "dequantize"
+    # default in_kernel, the measured path. On an H200 (bench/results/deploy/), DiT-XL/2 at batch 64, the same GEMMs
+    # took 29.5 ms with 4-bit weights unpacked in the loop against 20.0 ms with int8 weights; per_call pays one pass
+    # over the packed codes per layer call on top of the latter (not measured yet)
+    int4_unpack: Literal["in_kernel", "per_call"] = "in_kernel"
     check_device_timesteps: bool = False
 
     def __post_init__(self):
@@ -54,6 +62,8 @@ class DeployConfig:
               f"deploy.conv_kernel must be 'auto', 'triton' or 'im2col', got {self.conv_kernel!r}")
         check(self.weight_only_kernel in ("auto", "triton", "dequantize"),
               f"deploy.weight_only_kernel must be 'auto', 'triton' or 'dequantize', got {self.weight_only_kernel!r}")
+        check(self.int4_unpack in ("in_kernel", "per_call"),
+              f"deploy.int4_unpack must be 'in_kernel' or 'per_call', got {self.int4_unpack!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

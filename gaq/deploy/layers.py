@@ -286,6 +286,12 @@ class DeployedLayer(_KeepDtype):
             return True
         return which == "auto" and _triton_ready(device, explicit=False)
 
+    def _integer_weights(self, part: _Part) -> triton_kernels.GemmWeights:
+        """The weight of an int8-activation Triton GEMM: 4-bit codes unpacked per call where ``deploy.int4_unpack``
+        says ``per_call``."""
+        w = part.gemm()
+        return triton_kernels.unpacked(w) if w.bits == 4 and self.config.int4_unpack == "per_call" else w
+
     _kernel_key = ""
 
     def extra_repr(self) -> str:
@@ -330,7 +336,7 @@ class DeployedLinear(DeployedLayer):
         rows = x2.shape[0] // scale.shape[0]
         if self._use_triton(x.device, "linear_kernel"):  # codes in one pass first: measured faster on the H200
             # than quantizing in the GEMM's prologue, which repeats the work for every column block
-            w = part.gemm()
+            w = self._integer_weights(part)
             a, rowsum = part.act.rows(x2, scale, zero, rows, rowsum=not w.zero_free)
             return triton_kernels.linear(a, w, bias, rows, (scale, row_zero), dtype, rowsum)
         a = part.act.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(-1, part.k)
@@ -403,8 +409,8 @@ class DeployedConv2d(DeployedLayer):
         batch = x.shape[0]
         if self._use_triton(x.device, "conv_kernel"):  # codes in one pass first, as DeployedLinear's
             a = part.act.codes(x.contiguous(memory_format=torch.channels_last), scale, zero)
-            return triton_kernels.conv2d(a, part.gemm(), self.kernel_size, self.stride, pad, bias, (scale, row_zero),
-                                         dtype)
+            return triton_kernels.conv2d(a, self._integer_weights(part), self.kernel_size, self.stride, pad, bias,
+                                         (scale, row_zero), dtype)
         scale, row_zero = scale.expand(batch), row_zero.expand(batch)
         a = part.act.codes(x.contiguous(memory_format=torch.channels_last), scale.contiguous(), zero.expand(batch))
         cols, (ho, wo) = im2col(a, self.kernel_size, self.stride, pad, row_zero)

@@ -96,6 +96,26 @@ def _unpacked(w: GemmWeights) -> GemmWeights:
                        False)
 
 
+def unpacked(w: GemmWeights) -> GemmWeights:
+    """4-bit weights as int8 codes ``b - zw`` ``(N, K)`` with no zero point left (one pass over the packed bytes on a
+    GPU, torch ops elsewhere and under torch.compile): the plain int8 GEMM's weight for int8 activations, equal in
+    every product (``zero`` keeps the nibble zero, which only weight-only mode would read: not for that mode)."""
+    check(w.bits == 4, "unpacked takes 4-bit weights")
+    n = w.codes.shape[0]
+    if AVAILABLE and (w.codes.is_cuda or INTERPRET) and not torch.compiler.is_compiling():
+        out = torch.empty((n, w.k), device=w.codes.device, dtype=torch.int8)
+        _unpack_kernel[(n, triton.cdiv(w.codes.shape[1], UNPACK_BLOCK))](
+            w.codes, w.zero, out, w.k, w.codes.shape[1], BLOCK=UNPACK_BLOCK)
+    else:
+        from gaq.deploy.packing import unpack_int4
+        out = (unpack_int4(w.codes, w.k).to(torch.int32) + 8 - w.zero[:, None]).to(torch.int8)
+    return GemmWeights(out, 8, w.k, w.scale, w.zero, w.col_sum, True)
+
+
+#: Packed bytes per program of the unpacking kernel.
+UNPACK_BLOCK = 512
+
+
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
     """Autotune candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``; one small one in the interpreter."""
     if INTERPRET:
@@ -142,6 +162,17 @@ if AVAILABLE:
             else:
                 b = tl.load(ptrs, mask=rk[None, :] < K, other=0)
         return b
+
+    @triton.jit
+    def _unpack_kernel(p_ptr, zq_ptr, out_ptr, K, KB, BLOCK: tl.constexpr):
+        """Row ``program_id(0)`` of packed nibbles to int8 ``q - z_w`` (even index from the low nibble)."""
+        row = tl.program_id(0)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        p = tl.load(p_ptr + row.to(tl.int64) * KB + j, mask=j < KB, other=0)
+        zq = tl.load(zq_ptr + row)
+        base = out_ptr + row.to(tl.int64) * K
+        tl.store(base + 2 * j, ((p & 15).to(tl.int32) - zq).to(tl.int8), mask=2 * j < K)
+        tl.store(base + 2 * j + 1, ((p >> 4).to(tl.int32) - zq).to(tl.int8), mask=2 * j + 1 < K)
 
     @triton.jit
     def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -425,4 +456,4 @@ def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tupl
     return out.permute(0, 3, 1, 2)
 
 
-__all__ = ["AVAILABLE", "GEMM_SHAPES", "INTERPRET", "GemmWeights", "conv2d", "gemm_weights", "linear"]
+__all__ = ["AVAILABLE", "GEMM_SHAPES", "INTERPRET", "GemmWeights", "conv2d", "gemm_weights", "linear", "unpacked"]
