@@ -30,6 +30,7 @@ small configuration runs. torch.compile traces the kernel launches directly.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import NamedTuple
 
@@ -303,6 +304,8 @@ if AVAILABLE:
                   sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS)
 
     _tune = {"prune_configs_by": {"early_config_prune": _prune}}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:  # the choice per shape kept on disk
+        _tune["cache_results"] = True  # (Triton's cache folder), so a new process does not time the candidates again
     _linear_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "W4", "INTEGER", "ZW"],
                                     **_tune)(_linear_kernel)
     _conv_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "C", "W4", "INTEGER", "ZW"],
