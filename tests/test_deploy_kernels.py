@@ -110,3 +110,24 @@ def test_a_deployed_model_on_the_triton_kernels_compiles_to_the_same_function():
     t = _timesteps()[1]
     with torch.no_grad():
         assert torch.equal(torch.compile(d)(x, t).sample, d(x, t).sample)
+
+
+def test_4bit_weights_whose_zero_points_do_not_fold_into_int8_run_exactly_in_their_int8_form():
+    # a row of weights all of one sign with a narrow range: its zero point lies far outside the 4-bit grid
+    g = torch.Generator().manual_seed(11)
+    n, k, batch, rows = 12, 40, 2, 3
+    b = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    zw = torch.randint(-2, 3, (n,), dtype=torch.int32, generator=g)
+    zw[3], zw[7] = -400, 150
+    sw = torch.rand(n, generator=g) * 0.1
+    w = triton_kernels.gemm_weights(b, 4, sw, zw)
+    assert not triton_kernels.int4_foldable(w)
+    scale, zero, row_zero = _act_grid(batch, g)[:3]
+    a = kernels.activation_codes(torch.randn(batch, rows * k, generator=g), scale, zero, 0, 255, 128).reshape(-1, k)
+    acc = kernels.linear_reference(a, b, kernels.per_row(row_zero, rows), zw)
+    ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(scale, rows), sw, None, torch.float32)
+    assert torch.equal(triton_kernels.linear(a, triton_kernels.as_int8(w), None, rows, (scale, row_zero), torch.float32),
+                       ref)
+    from gaq.deploy.layers import _Part  # a deployed layer part with such weights takes the int8 form itself
+    part = _Part((b.to(torch.int16) + 8).to(torch.uint8), 4, sw, (zw + 8).float(), None)
+    assert not part.foldable and part.gemm().bits == 8 and torch.equal(part.gemm().codes, b)

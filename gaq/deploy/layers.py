@@ -176,14 +176,16 @@ class _Part(_KeepDtype):
         if bits == 4:
             self.register_buffer("nibble_zero", w.zero)
             self.register_buffer("folded_sum", w.col_sum)
-        self.zero_free = w.zero_free
+        self.zero_free, self.foldable = w.zero_free, triton_kernels.int4_foldable(w)
         self.act = act
 
     def gemm(self) -> triton_kernels.GemmWeights:
-        """The weight as gaq's Triton kernels take it (the buffers on their current device)."""
+        """The weight as gaq's Triton kernels take it (the buffers on their current device); 4-bit weights whose
+        zero points do not fold into int8 codes are unpacked per call to their int8 form."""
         if self.bits == 4:
-            return triton_kernels.GemmWeights(self.codes, 4, self.k, self.col_scale, self.nibble_zero,
-                                              self.folded_sum, True)
+            w = triton_kernels.GemmWeights(self.codes, 4, self.k, self.col_scale, self.nibble_zero, self.folded_sum,
+                                           True)
+            return w if self.foldable else triton_kernels.as_int8(w)
         return triton_kernels.GemmWeights(self.codes, 8, self.k, self.col_scale, self.col_zero, self.col_sum,
                                           self.zero_free)
 
@@ -289,7 +291,7 @@ class DeployedLayer(_KeepDtype):
     def _integer_weights(self, part: _Part) -> triton_kernels.GemmWeights:
         """The weight of an int8-activation Triton GEMM: 4-bit codes unpacked per call where ``deploy.int4_unpack``
         says ``per_call``."""
-        w = part.gemm()
+        w = part.gemm()  # bits 8 already where the 4-bit zero points do not fold
         return triton_kernels.unpacked(w) if w.bits == 4 and self.config.int4_unpack == "per_call" else w
 
     _kernel_key = ""

@@ -82,15 +82,21 @@ def gemm_weights(b: Tensor, bits: int, scale: Tensor, zw: Tensor, stored: Tensor
     colsum = b.sum(dim=1, dtype=torch.int32)
     scale = scale.float().contiguous()
     if bits == 4:
-        check(int(zw.abs().max()) <= 100 if zw.numel() else True, "4-bit weight zero points beyond +-100 do not fit "
-              "the kernel's int8 codes b - zw")
         codes = stored if stored is not None else pack_int4(b)
         return GemmWeights(codes, 4, k, scale, (zw + 8).contiguous(), (colsum - k * zw).contiguous(), True)
     return GemmWeights(b.contiguous(), 8, k, scale, zw, colsum, not bool(zw.any()))
 
 
-def _unpacked(w: GemmWeights) -> GemmWeights:
-    """The int8 form of 4-bit weights (for convolutions whose channel segments start on odd indices)."""
+def int4_foldable(w: GemmWeights) -> bool:
+    """Whether every 4-bit code minus its row's zero point, ``q - z_w``, fits int8 (``-112 <= z_w <= 128``): what
+    unpacking with the zero point folded in needs. A row of weights all of one sign with a narrow range can have its
+    zero point far outside the grid; such weights run as :func:`as_int8` (reads the device: call once, at build)."""
+    return w.bits != 4 or w.zero.numel() == 0 or bool(((w.zero >= -112) & (w.zero <= 128)).all())
+
+
+def as_int8(w: GemmWeights) -> GemmWeights:
+    """The int8 form ``b`` of 4-bit weights, with the zero point applied in the epilogue (for weights that
+    :func:`int4_foldable` refuses, and convolutions whose channel segments start on odd indices)."""
     from gaq.deploy.packing import unpack_int4
     zw = w.zero - 8
     return GemmWeights(unpack_int4(w.codes, w.k).contiguous(), 8, w.k, w.scale, zw, w.col_sum + w.k * zw,
@@ -100,7 +106,8 @@ def _unpacked(w: GemmWeights) -> GemmWeights:
 def unpacked(w: GemmWeights) -> GemmWeights:
     """4-bit weights as int8 codes ``b - zw`` ``(N, K)`` with no zero point left (one pass over the packed bytes on a
     GPU, torch ops elsewhere and under torch.compile): the plain int8 GEMM's weight for int8 activations, equal in
-    every product (``zero`` keeps the nibble zero, which only weight-only mode would read: not for that mode)."""
+    every product (``zero`` keeps the nibble zero, which only weight-only mode would read: not for that mode), for
+    weights :func:`int4_foldable` accepts."""
     check(w.bits == 4, "unpacked takes 4-bit weights")
     n = w.codes.shape[0]
     if AVAILABLE and (w.codes.is_cuda or INTERPRET) and not torch.compiler.is_compiling():
@@ -448,7 +455,7 @@ def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tupl
     b, c = x.shape[:2]
     check(kernel_size[0] * kernel_size[1] * c == w.k, f"conv input of {c} channels and kernel {kernel_size} for K={w.k}")
     if w.bits == 4 and c % 2:  # a (kh, kw) segment would start on an odd index: unpack (only tiny stem layers)
-        w = _unpacked(w)
+        w = as_int8(w)
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
     (p_s, p_zx), gstride = _grid_args(x, b, act, w)
@@ -459,4 +466,5 @@ def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tupl
     return out.permute(0, 3, 1, 2)
 
 
-__all__ = ["AVAILABLE", "GEMM_SHAPES", "INTERPRET", "GemmWeights", "conv2d", "gemm_weights", "linear", "unpacked"]
+__all__ = ["AVAILABLE", "GEMM_SHAPES", "INTERPRET", "GemmWeights", "as_int8", "conv2d", "gemm_weights", "int4_foldable",
+           "linear", "unpacked"]
