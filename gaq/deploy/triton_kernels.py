@@ -37,6 +37,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gaq.deploy.packing import pack_int4, unpack_int4
+from gaq.deploy.triton_quant import per_sample_grid
 from gaq.errors import check
 
 try:
@@ -76,7 +78,6 @@ class GemmWeights(NamedTuple):
 def gemm_weights(b: Tensor, bits: int, scale: Tensor, zw: Tensor, stored: Tensor | None = None) -> GemmWeights:
     """:class:`GemmWeights` of signed codes ``b`` (int8 ``(N, K)``, ``w_hat = (b - zw) * s_w``) and the per-channel
     ``scale`` / integer ``zw``; ``stored`` is the packed form of 4-bit codes where the caller holds it already."""
-    from gaq.deploy.packing import pack_int4
     k = int(b.shape[1])
     zw = zw.to(torch.int32).contiguous()
     colsum = b.sum(dim=1, dtype=torch.int32)
@@ -97,7 +98,6 @@ def int4_foldable(w: GemmWeights) -> bool:
 def as_int8(w: GemmWeights) -> GemmWeights:
     """The int8 form ``b`` of 4-bit weights, with the zero point applied in the epilogue (for weights that
     :func:`int4_foldable` refuses, and convolutions whose channel segments start on odd indices)."""
-    from gaq.deploy.packing import unpack_int4
     zw = w.zero - 8
     return GemmWeights(unpack_int4(w.codes, w.k).contiguous(), 8, w.k, w.scale, zw, w.col_sum + w.k * zw,
                        False)
@@ -115,7 +115,6 @@ def unpacked(w: GemmWeights) -> GemmWeights:
         _unpack_kernel[(n, triton.cdiv(w.codes.shape[1], UNPACK_BLOCK))](
             w.codes, w.zero, out, w.k, w.codes.shape[1], BLOCK=UNPACK_BLOCK)
     else:
-        from gaq.deploy.packing import unpack_int4
         out = (unpack_int4(w.codes, w.k).to(torch.int32) + 8 - w.zero[:, None]).to(torch.int8)
     return GemmWeights(out, 8, w.k, w.scale, w.zero, w.col_sum, True)
 
@@ -349,8 +348,7 @@ def _grid_args(x: Tensor, batch: int, act: tuple[Tensor, Tensor] | None, w: Gemm
         return (w.scale, w.zero), 0
     check(x.dtype == torch.int8, f"the integer kernels take int8 codes of the input (quantize_codes), got {x.dtype}")
     scale, row_zero = act
-    check(scale.shape[0] in (1, batch), f"{scale.shape[0]} input grids for a batch of {batch}")
-    stride = 1 if scale.shape[0] == batch and batch > 1 else 0
+    stride = 1 if per_sample_grid(scale, batch) else 0
     return (scale.float().contiguous(), row_zero.to(torch.int32).contiguous()), stride
 
 

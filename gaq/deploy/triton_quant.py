@@ -91,7 +91,9 @@ def _check(x: Tensor) -> None:
           "the Triton activation quantizer needs triton and a CUDA tensor")
 
 
-def _per_sample(scale: Tensor, batch: int) -> bool:
+def per_sample_grid(scale: Tensor, batch: int) -> bool:
+    """Whether a grid of ``scale.shape[0]`` entries is one per sample of a batch of ``batch`` (else one grid for the
+    whole batch); refuses any other length."""
     check(scale.shape[0] in (1, batch), f"{scale.shape[0]} input grids for a batch of {batch}")
     return scale.shape[0] == batch and batch > 1
 
@@ -104,7 +106,7 @@ def _elementwise(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, o
     numel = x.numel()
     if numel == 0:
         return out
-    samples = x.shape[0] if _per_sample(scale, x.shape[0]) else 1  # one grid: the whole tensor is one "sample"
+    samples = x.shape[0] if per_sample_grid(scale, x.shape[0]) else 1  # one grid: the whole tensor is one "sample"
     per_sample = numel // samples
     grid = (triton.cdiv(per_sample, BLOCK), samples)
     _quantize_kernel[grid](x, out, scale.float().contiguous(), zero.float().contiguous(), per_sample,
@@ -139,7 +141,7 @@ def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, qmin: int, 
     sums = torch.empty((m,), device=x.device, dtype=torch.int32) if rowsum else None
     if m == 0:
         return out, sums
-    stride = 1 if _per_sample(scale, max(1, m // max(1, rows))) else 0
+    stride = 1 if per_sample_grid(scale, max(1, m // max(1, rows))) else 0
     _quantize_rows_kernel[(triton.cdiv(m, ROWS_BLOCK),)](
         x, out, sums if rowsum else out, scale.float().contiguous(), zero.float().contiguous(), m, k, max(1, rows),
         stride, x.stride(0), float(qmin), float(qmax), float(offset), ROWSUM=rowsum, ROWS_BLOCK=ROWS_BLOCK,
@@ -147,4 +149,4 @@ def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, qmin: int, 
     return out, sums
 
 
-__all__ = ["AVAILABLE", "fake_quantize", "quantize_codes", "quantize_rows"]
+__all__ = ["AVAILABLE", "fake_quantize", "per_sample_grid", "quantize_codes", "quantize_rows"]
