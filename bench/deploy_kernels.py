@@ -13,8 +13,9 @@ median of ``triton.testing.do_bench``:
 - ``triton_w4a8`` / ``triton_w8a8``: as the deployed layers run them: the int8 codes of the bf16 input by
   ``triton_quant.quantize_codes``, then gaq's GEMM kernel on them (W8 with zero points: and the row sums of
   the codes, one reduction); ``gemm_*``: the GEMM kernel alone on codes already quantized;
-- ``unpack+gemm_w4a8``: the 4-bit codes unpacked per call to int8 with the zero point subtracted, then the
-  int8 kernel (no zero-point corrections but the rank-1 one), against unpacking in the kernel's registers;
+- ``unpack+gemm_w4a8``: the 4-bit codes unpacked per call to int8 with the zero point subtracted
+  (``triton_kernels.unpacked``, as ``deploy.int4_unpack: per_call``), then the int8 kernel (no zero-point
+  corrections but the rank-1 one), against unpacking in the kernel's registers;
 - ``triton_w4a16``: gaq's weight-only kernel (bf16 input, W4 codes dequantized in registers);
 - ``int_mm``: ``torch._int_mm`` (cuBLAS) alone on the codes (for convs on an already-built im2col matrix),
   no epilogue: the integer GEMM's ceiling; ``quant+int_mm``: with the quantization pass;
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 
 from gaq.deploy import kernels, triton_kernels, triton_quant
 from gaq.deploy.layers import im2col
-from gaq.deploy.packing import unpack_int4
 from gaq.provenance import device_name, git_commit
 
 PEAK = {"int8": 1979e12, "bf16": 989e12, "hbm": 4.8e12}  # H200 SXM datasheet, dense
@@ -167,12 +167,10 @@ def speed(dev, reps_ms: int) -> list[dict]:
                 times[f"gemm_w{bits}a8"] = bench(lambda: triton_kernels.linear(a, w, None, per, grid, torch.bfloat16))
                 if bits == 4:
                     times["triton_w4a16"] = bench(lambda: triton_kernels.linear(x, w, None, per, None, torch.bfloat16))
-                    # the 4-bit codes unpacked per call to int8 (zero point folded) and the int8 kernel without them
-                    flat = triton_kernels.gemm_weights(b, 8, sw, torch.zeros_like(zw))
-                    folded = flat._replace(col_sum=w.col_sum)
+                    # as deploy.int4_unpack: per_call: the 4-bit codes unpacked per call to int8 (zero point
+                    # folded, one pass) and the int8 kernel without row sums
                     times["unpack+gemm_w4a8"] = bench(lambda: triton_kernels.linear(
-                        a, folded._replace(codes=(unpack_int4(w.codes, k) - zw[:, None].to(torch.int8))), None, per,
-                        grid, torch.bfloat16))
+                        a, triton_kernels.unpacked(w), None, per, grid, torch.bfloat16))
                 if bits == 8:
                     bt = b.T  # column-major second operand, as torch._int_mm wants it
                     times["int_mm"] = bench(lambda: torch._int_mm(a, bt))
