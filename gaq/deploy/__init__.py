@@ -7,7 +7,8 @@ with the calibrated static scales (per sampling step, selected on the device) an
 integer accumulation (``torch._int_mm`` or gaq's Triton kernels, :mod:`gaq.deploy.triton_kernels`).
 Everything else of the model (norms, attention, layers kept FP) runs in ``dtype``; the quantized
 operands it keeps in floating point (attention's queries, keys, values and probabilities) are
-fake-quantized in one pass each (:class:`gaq.deploy.layers.DeployedFakeQuant`, float32 inside). The deployed model is a drop-in for the FP model in a diffusers pipeline.
+fake-quantized in one pass each (:class:`gaq.deploy.layers.DeployedFakeQuant`, float32 inside). The
+deployed model is a drop-in for the FP model in a diffusers pipeline.
 
 Where it sits in the pipeline: it reads only the quantized model (``gaq.quant``), so evaluation can run
 a deployed model; it is the runtime form of a quantized model, not a file format: save the quantized
