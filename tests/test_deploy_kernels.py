@@ -62,7 +62,8 @@ def test_linear_kernel_is_exact_with_int8_activations_and_close_weight_only(bits
 
 
 @pytest.mark.parametrize("bits,zero_points", [(4, True), (8, True), (8, False)])
-@pytest.mark.parametrize("c,h,n,k,stride,pad", [(6, 5, 20, 3, 1, 1), (6, 7, 12, 3, 2, 1), (8, 4, 9, 1, 1, 0), (5, 4, 8, 3, 1, 1)])
+@pytest.mark.parametrize("c,h,n,k,stride,pad", [(6, 5, 20, 3, 1, 1), (6, 7, 12, 3, 2, 1), (8, 4, 9, 1, 1, 0), (5, 4, 8, 3, 1, 1),
+                                                (128, 3, 8, 3, 1, 1)])  # 128 channels: the unmasked channel loads
 def test_conv_kernel_is_exact_with_int8_activations_and_close_weight_only(bits, zero_points, c, h, n, k, stride, pad):
     g = torch.Generator().manual_seed(bits * 100 + c * 10 + h)
     x = torch.randn(2, c, h, h + 1, generator=g).contiguous(memory_format=torch.channels_last)

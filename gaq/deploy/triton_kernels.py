@@ -298,13 +298,18 @@ if AVAILABLE:
                 pix = x_ptr + bi.to(tl.int64) * stride_xb + ih * stride_xh + iw * stride_xw
                 for c0 in range(0, C, BLOCK_K):
                     rc = c0 + tl.arange(0, BLOCK_K)
-                    in_c = rc[None, :] < C
-                    x = tl.load(pix[:, None] + rc[None, :], mask=inside[:, None] & in_c, other=0)
-                    if INTEGER:  # a padded pixel is the code of 0.0, the row zero; channels past C are 0
-                        x = tl.where(in_c, tl.where(inside[:, None], x, zx_row[:, None]), 0).to(tl.int8)
-                        if ZW:
-                            rowsum += tl.sum(x.to(tl.int32), axis=1)
-                    b = _weight_tile(w_ptr, rb, wz, (kh * KW + kw) * C + c0, K, stride_wn, W4, False, BLOCK_K)
+                    if EVEN_K:  # C a multiple of the K tile: every channel of the tile is real
+                        x = tl.load(pix[:, None] + rc[None, :], mask=inside[:, None], other=0)
+                        if INTEGER:  # a padded pixel is the code of 0.0, the row zero
+                            x = tl.where(inside[:, None], x, zx_row[:, None]).to(tl.int8)
+                    else:
+                        in_c = rc[None, :] < C
+                        x = tl.load(pix[:, None] + rc[None, :], mask=inside[:, None] & in_c, other=0)
+                        if INTEGER:  # a padded pixel is the code of 0.0, the row zero; channels past C are 0
+                            x = tl.where(in_c, tl.where(inside[:, None], x, zx_row[:, None]), 0).to(tl.int8)
+                    if INTEGER and ZW:
+                        rowsum += tl.sum(x.to(tl.int32), axis=1)
+                    b = _weight_tile(w_ptr, rb, wz, (kh * KW + kw) * C + c0, K, stride_wn, W4, EVEN_K, BLOCK_K)
                     acc = _mma(x, b, acc, wz, sw, W4, INTEGER)
         _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
                   sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS)
@@ -324,7 +329,8 @@ assert all(_K_STEP % k == 0 for _, _, k, _, _ in GEMM_SHAPES) and _K_STEP % 32 =
 
 
 def _even_k(k: int) -> bool:
-    """Whether K is a multiple of every candidate's BLOCK_K, so no load needs a K mask."""
+    """Whether K (a convolution: its channels C) is a multiple of every candidate's BLOCK_K, so no load needs a
+    K mask."""
     return k % _K_STEP == 0
 
 
@@ -379,7 +385,7 @@ def _run_conv(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: 
             x, codes, out, bias if bias is not None else scale, act_scale, act_zero, scale, zero, col_sum,
             m, n, k, c, h, wd, ho, wo, grid_stride, x.stride(0), x.stride(2), x.stride(3), codes.stride(0), n,
             sh, sw, ph, pw, _bucket(m), KH=kh, KW=kw, W4=bits == 4, INTEGER=integer, ZW=zw,
-            HAS_BIAS=bias is not None, EVEN_K=False)
+            HAS_BIAS=bias is not None, EVEN_K=_even_k(c))
     return out
 
 
