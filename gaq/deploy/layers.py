@@ -45,6 +45,12 @@ def _triton_ready(device: torch.device, explicit: bool) -> bool:
     return triton_kernels.AVAILABLE and (device.type == "cuda" or (explicit and triton_kernels.INTERPRET))
 
 
+def _one_pass(x: Tensor) -> bool:
+    """Whether ``x`` is quantized by a one-pass Triton kernel of :mod:`gaq.deploy.triton_quant`: on a CUDA device with
+    triton, outside torch.compile (which fuses the torch ops into the op producing ``x`` instead)."""
+    return x.is_cuda and triton_quant.AVAILABLE and not torch.compiler.is_compiling()
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     """channels-last for a 4-D channels-last (not also contiguous) tensor, else contiguous."""
     if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -103,7 +109,7 @@ class DeployedFakeQuant(_StaticGrid):
 
     def forward(self, x: Tensor) -> Tensor:
         scale, zero = self.step_grid(x.shape[0])
-        if x.is_cuda and triton_quant.AVAILABLE and not torch.compiler.is_compiling():
+        if _one_pass(x):
             return triton_quant.fake_quantize(x, scale, zero, self.qmin, self.qmax)
         shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
         s, z = scale.view(shape), zero.view(shape)
@@ -133,8 +139,7 @@ class DeployedActQuant(_StaticGrid):
     def codes(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         """int8 codes ``a = clamp(round(x / s) + z, qmin, qmax) - offset`` (batch first), in float32 as the fake
         quantizer computes them at float32."""
-        if x.is_cuda and triton_quant.AVAILABLE and not torch.compiler.is_compiling():  # one pass, same codes
-            # (under torch.compile the torch ops below are fused into the op that produces x instead)
+        if _one_pass(x):  # same codes as the torch ops below
             return triton_quant.quantize_codes(x, scale, zero, self.qmin, self.qmax, self.offset)
         a = kernels.activation_codes(x, scale, zero, self.qmin, self.qmax, self.offset)
         return a.contiguous(memory_format=_memory_format(x))
