@@ -12,8 +12,9 @@ batch size, per variant:
   preset, round-to-nearest weights, per-step activation ranges calibrated on a few random batches;
 - ``deploy_w4a32`` / ``deploy_w8a8`` / ``deploy_w4a8``: :func:`gaq.deploy.deploy` of the W4A32 / W8A8 /
   W4A8 model in bfloat16 with the default kernels (Triton on CUDA); ``*_intmm``: with ``torch._int_mm``
-  and an int8 im2col instead; ``*_unpacked``: 4-bit codes unpacked per call (``int4_unpack: per_call``)
-  instead of in the GEMM's registers; ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
+  and an int8 im2col instead; ``*_inkernel``: 4-bit codes unpacked in the GEMM's registers
+  (``int4_unpack: in_kernel``) instead of once per call (the default, ``per_call``; before 2026-12-03 the default
+  was ``in_kernel`` and the per-call variant was named ``*_unpacked``); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
   activation quantization and the attention operands' fake quantization into the ops around them; gaq's
   Triton GEMMs stay whole, as custom operators).
 
@@ -57,7 +58,7 @@ ARCHS = ("imagenet-dit-xl2", "lsun-bedrooms-ldm4", "cifar10-ddpm")
 PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "imagenet-dit-xl2": "qdiff_compat"}
 VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy_w8a8", "deploy_w4a8")
 EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a32_compile", "deploy_w8a8_compile",
-                  "deploy_w4a8_compile", "deploy_w4a8_unpacked", "deploy_w4a8_unpacked_compile")
+                  "deploy_w4a8_compile", "deploy_w4a8_inkernel", "deploy_w4a8_inkernel_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -193,7 +194,7 @@ def build_variant(arch: Arch, variant: str, fakes: dict, compile_mode: str = "de
     intmm = variant.endswith("_intmm")
     cfg = DeployConfig(dtype="bfloat16", linear_kernel="int_mm" if intmm else "auto",
                        conv_kernel="im2col" if intmm else "auto",
-                       int4_unpack="per_call" if "_unpacked" in variant else "in_kernel")
+                       int4_unpack="in_kernel" if "_inkernel" in variant else "per_call")
     m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
     fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):

@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--per_group", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hypergradient", nargs="+", default=["nested", "factored"],
-                    choices=["nested", "factored", "factored+batched"],
-                    help="gac.hypergradient; +batched: gac.batched_products")
+                    choices=["nested", "factored", "factored+batched", "factored+forward", "factored+forward+batched"],
+                    help="gac.hypergradient; +forward: gac.jacobian_products forward; +batched: gac.batched_products")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (as the engine runs them)")
     ap.add_argument("--cudnn_benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     args = ap.parse_args()
@@ -96,8 +96,9 @@ def main() -> None:
         torch.autograd.grad(loss, theta)
 
     def meta(val_batches, form):
-        hyper, _, batched = form.partition("+")
-        c = replace(cfg, hypergradient=hyper, batched_products=bool(batched))
+        hyper, *options = form.split("+")
+        c = replace(cfg, hypergradient=hyper, batched_products="batched" in options,
+                    jacobian_products="forward" if "forward" in options else "reverse")
         inputs = MetaStepInputs(unit=block, theta=theta, per_sample_loss=per_sample_loss, train_batch=batch,
                                 val_batches=val_batches, cfg=c)
         fn = lambda: meta_hypergradient_parts(inputs, weights, batch)  # noqa: E731

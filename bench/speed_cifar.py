@@ -101,8 +101,8 @@ def main() -> None:
     ap.add_argument("--cuda_graph", default="auto", choices=["auto", "on"], help="of the graph variant")
     ap.add_argument("--devices", type=int, default=1, help="GPUs per run (DDP when > 1; the global batch stays 32)")
     ap.add_argument("--gac_forms", nargs="+", default=["factored"],
-                    help="GAC runs: gac.hypergradient, '+batched' for gac.batched_products, ':N' for gac.val_per_group N "
-                         "(e.g. factored+batched:8)")
+                    help="GAC runs: gac.hypergradient, '+batched' for gac.batched_products, '+forward' for "
+                         "gac.jacobian_products forward, ':N' for gac.val_per_group N (e.g. factored+forward+batched:8)")
     ap.add_argument("--cache_dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
                     help="recon.cache_dtype of each run (a run per value)")
     ap.add_argument("--cudnn_benchmark", action="store_true", help="Trainer(benchmark=True): cuDNN times its algorithms")
@@ -191,10 +191,11 @@ def main() -> None:
 
 
 def gac_config(meta_iters: int, form: str) -> GACConfig:
-    """The GAC settings of a ``--gac_forms`` entry: ``hypergradient[:val_per_group]``."""
+    """The GAC settings of a ``--gac_forms`` entry: ``hypergradient[+option...][:val_per_group]``."""
     hypergradient, _, per_group = form.partition(":")
-    hypergradient, _, batched = hypergradient.partition("+")
-    return GACConfig(meta_iters=meta_iters, hypergradient=hypergradient, batched_products=batched == "batched",
+    hypergradient, *options = hypergradient.split("+")
+    return GACConfig(meta_iters=meta_iters, hypergradient=hypergradient, batched_products="batched" in options,
+                     jacobian_products="forward" if "forward" in options else "reverse",
                      val_per_group=int(per_group) if per_group else None)
 
 

@@ -186,17 +186,22 @@ def test_gac_with_a_validation_subsample_per_step_is_deterministic(setup, tmp_pa
 
 
 def test_factored_hypergradient_runs_the_same_calibration(setup, tmp_path):
-    """gac.hypergradient: factored through the whole driver gives the nested run's weights (float32)."""
+    """gac.hypergradient: factored through the whole driver gives the nested run's weights (float32), with
+    its J products by the double-VJP trick or by forward-mode AD (gac.jacobian_products) on gaq's real
+    quantized units (AdaRound weights, fake-quantized activations)."""
     den, calib = setup
     s = {}
-    for form in ("nested", "factored"):
+    for form in ("nested", "factored", "factored+forward"):
         dm = _dm(den, calib)
-        hooks = GACHooks(GACConfig(meta_iters=3, meta_batch=8, meta_lr=0.5, hypergradient=form), dm,
-                         tmp_path / form, DiagnosticsConfig(enabled=False))
+        hyper, _, products = form.partition("+")
+        cfg = GACConfig(meta_iters=3, meta_batch=8, meta_lr=0.5, hypergradient=hyper,
+                        jacobian_products=products or "reverse")
+        hooks = GACHooks(cfg, dm, tmp_path / form, DiagnosticsConfig(enabled=False))
         run_calibration(_job(den, calib, tmp_path / form, method="gac", iters=2, hooks=hooks, units=GAC_UNITS))
         s[form] = hooks.weights.s.clone()
     assert not torch.allclose(s["nested"], torch.full_like(s["nested"], 1 / 32))  # the weights moved
     torch.testing.assert_close(s["factored"], s["nested"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s["factored+forward"], s["factored"], rtol=1e-4, atol=1e-5)
 
 
 def test_nan_loss_names_unit_and_iteration_and_keeps_finished_units(setup, tmp_path):

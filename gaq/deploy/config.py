@@ -48,10 +48,10 @@ class DeployConfig:
     # default dequantize: measured on an H200, DiT-XL/2 W4A32 at batch 64 ran one call in 102.9 ms on the Triton
     # weight-only kernel against 73.5 ms dequantizing per call into cuBLAS (bench/results/deploy/)
     weight_only_kernel: Literal["auto", "triton", "dequantize"] = "dequantize"
-    # default in_kernel, the measured path. On an H200 (bench/results/deploy/), DiT-XL/2 at batch 64, the same GEMMs
-    # took 29.5 ms with 4-bit weights unpacked in the loop against 20.0 ms with int8 weights; per_call pays one pass
-    # over the packed codes per layer call on top of the latter (not measured yet)
-    int4_unpack: Literal["in_kernel", "per_call"] = "in_kernel"
+    # default per_call, measured on an H200 (bench/results/deploy/h200_dit_per_call.md), DiT-XL/2 W4A8 at batch 64
+    # under torch.compile: the GEMM kernels took 19.3 ms per call with the codes unpacked per call against 29.5 ms
+    # unpacking in the loop (52.6 against 54.0 ms per call); eager and the UNets' convs were not measured this way
+    int4_unpack: Literal["in_kernel", "per_call"] = "per_call"
     check_device_timesteps: bool = False
 
     def __post_init__(self):
