@@ -491,14 +491,18 @@ def measure_calibration(pc: PaperConfig, den, args, device: torch.device, workdi
     recon = replace(pc.recon, iters=args.iters, ckpt_every=0,
                     iters_per_step=args.iters_per_step or pc.recon.iters_per_step,
                     cuda_graph=args.cuda_graph or pc.recon.cuda_graph, tf32=args.tf32 or pc.recon.tf32)
-    out["measurement"].update(iters_per_step=recon.iters_per_step, cuda_graph=recon.cuda_graph, tf32=recon.tf32)
+    out["measurement"].update(iters_per_step=recon.iters_per_step, cuda_graph=recon.cuda_graph, tf32=recon.tf32,
+                              jacobian_products=args.jacobian_products or pc.gac.jacobian_products)
     timer = UnitTimer()
     subset = UnitSubset(args.units_per_kind, args.pick, n_paper, recon.cache_placement, args.emulate_placement,
                         args.free_gib)
     names = subset.plan(den, pc.quant, calib, recon.time_unit, device)
     _free(device)  # the planning copy of the quantized model
     cfg = CalibrationConfig(method=method, quant=pc.quant, recon=recon, split=msplit, units=names,
-                            on_unit_error="skip", gac=replace(pc.gac, meta_iters=args.meta_iters),
+                            on_unit_error="skip", gac=replace(pc.gac, meta_iters=args.meta_iters,
+                                                               jacobian_products=args.jacobian_products or pc.gac.jacobian_products,
+                                                               batched_products=pc.gac.batched_products if args.batched_products is None
+                                                               else bool(args.batched_products)),
                             diagnostics=replace(pc.diagnostics, enabled=args.diagnostics and pc.diagnostics.enabled))
     trainer = {"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1, "enable_progress_bar": False,
                "callbacks": [timer, subset]}
@@ -757,6 +761,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters_per_step", type=int, default=None, help="default: the config's recon.iters_per_step (quick 1)")
     ap.add_argument("--cuda_graph", default=None, choices=["auto", "on", "off"], help="default: the config's")
     ap.add_argument("--tf32", default=None, choices=["conv", "all", "none"], help="recon.tf32; default: the config's")
+    ap.add_argument("--jacobian_products", default=None, choices=["reverse", "forward"],
+                    help="gac.jacobian_products; default: the config's")
+    ap.add_argument("--batched_products", type=int, default=None, choices=[0, 1],
+                    help="gac.batched_products; default: the config's")
     ap.add_argument("--samples_per_step", type=int, default=1,
                     help="at least this many trajectories in the measurement set (default: the fewest that keep "
                          "the paper's validation tuples per kept step and a training batch)")

@@ -293,7 +293,8 @@ def test_non_finite_loss_names_the_unit_and_the_meta_step(resnet_problem):
 @pytest.mark.parametrize("kwargs, key", [
     (dict(tau=0.0), "gac.tau"), (dict(meta_iters=-1), "gac.meta_iters"), (dict(inner_lr=0.0), "gac.inner_lr"),
     (dict(alignment="sine"), "gac.alignment"), (dict(meta_batch=0), "gac.meta_batch"),
-    (dict(backend="jax"), "gac.backend"), (dict(jacobian_products="sideways"), "gac.jacobian_products"), (dict(gm_coef=0.0, val_coef=0.0), "gac.gm_coef"),
+    (dict(backend="jax"), "gac.backend"), (dict(jacobian_products="sideways"), "gac.jacobian_products"),
+    (dict(batched_products="yes"), "gac.batched_products"), (dict(gm_coef=0.0, val_coef=0.0), "gac.gm_coef"),
 ])
 def test_config_errors_are_one_line_and_name_the_key(kwargs, key):
     with pytest.raises(GaqError, match=key) as err:
@@ -331,7 +332,7 @@ def test_forward_mode_jacobian_products_give_the_factored_hypergradient(resnet_p
     """gac.jacobian_products: forward computes J z by forward-mode AD (torch.func.jvp, vmapped with
     batched_products) and gives the double-VJP trick's hypergradient and stats."""
     for p, inner_lr, extra in [(resnet_problem, 0.5, None), (adaround_problem, 50.0, adaround_problem["extra"])]:
-        g_rev, st_rev = hypergrad(p, GACConfig(inner_lr=inner_lr), extra)
+        g_rev, st_rev = hypergrad(p, GACConfig(inner_lr=inner_lr, jacobian_products="reverse"), extra)
         try:
             g_fwd, st_fwd = hypergrad(p, GACConfig(inner_lr=inner_lr, jacobian_products="forward",
                                                    batched_products=batched), extra)
@@ -348,9 +349,10 @@ def test_batched_products_give_the_factored_hypergradient_or_one_clear_error(res
     """gac.batched_products: the per-group products as one vmapped backward each give the looped numbers
     where PyTorch can batch the unit's backward (CUDA); where it cannot (some CPU ops), one GaqError."""
     for p, inner_lr, extra in [(resnet_problem, 0.5, None), (adaround_problem, 50.0, adaround_problem["extra"])]:
-        g_loop, _ = hypergrad(p, GACConfig(inner_lr=inner_lr), extra)
+        g_loop, _ = hypergrad(p, GACConfig(inner_lr=inner_lr, jacobian_products="reverse", batched_products=False), extra)
         try:
-            g_batched, _ = hypergrad(p, GACConfig(inner_lr=inner_lr, batched_products=True), extra)
+            g_batched, _ = hypergrad(p, GACConfig(inner_lr=inner_lr, jacobian_products="reverse", batched_products=True),
+                                     extra)
         except GaqError as err:
             assert "gac.batched_products: false" in str(err) and "\n" not in str(err)
             continue
