@@ -167,6 +167,7 @@ def main() -> None:
                 "name": u["name"], "kind": u["kind"], "sec_per_iter": per_iter, "sec_per_meta_step": per_meta,
                 "fixed_seconds": fixed, "meta_graphed": timer.meta_graphed.get(u["name"]), "cache_seconds": u["cache_seconds"], "error_after": u["error_after"],
                 "cache_gib": (u.get("cache_bytes") or 0) / 2**30, "cache_on": u.get("cache_on"),
+                "cache_reads": (u.get("extra") or {}).get("cache_reads"),
                 "peak_memory_gib": (u.get("peak_memory_bytes") or 0) / 2**30,
                 "projected_seconds": fixed + per_iter * args.paper_iters
                 + per_meta * (args.paper_meta_iters if metas else 0)})

@@ -81,6 +81,8 @@ def test_a_disk_cache_trains_bit_identically_to_memory_and_resumes(setup, tmp_pa
     assert any(f"on the disk at {path}" in r.getMessage() for r in caplog.records)  # the unit's log line
     served = [re.search(r"\((\d+) batches read ahead", r.getMessage()) for r in caplog.records]
     assert [int(m.group(1)) for m in served if m] == [30]  # every iteration's batch, none gathered on the spot
+    reads = u_disk["extra"]["cache_reads"]  # the same count in the unit's report (and the benches' unit rows)
+    assert reads["read_ahead"] == 30 and reads["direct"] >= 0 and "cache_reads" not in u_mem["extra"]
 
     # killed at iteration 25 (Lightning checkpoint at 20), the cache file left behind half-written
     run = tmp_path / "killed"

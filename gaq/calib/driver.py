@@ -422,6 +422,9 @@ def _reconstruct_unit(job: CalibrationJob, k: int, unit: Unit, qmodel: nn.Module
         report.extra.update(hooks.finish_unit(module, k, unit, cache))
     for p in rounding:
         p.requires_grad_(False)
+    reads = module.cache_reads()
+    if reads:  # how a host or disk cache's batches arrived: the overlap of its reads shows here
+        report.extra["cache_reads"] = reads
     module.unbind()
     cache.close()  # a disk cache's file goes with the unit (on a failure, when the cache is freed)
     del cache

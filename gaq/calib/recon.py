@@ -332,6 +332,17 @@ class UnitReconstruction(pl.LightningModule):
             self._source = self.cache.window(resident, batch)
         return self._source
 
+    def cache_reads(self) -> dict[str, int]:
+        """How the batches of a cache off the device arrived: ``read_ahead`` (gathered ahead by the cache's
+        thread) and ``direct`` (gathered on the spot), and ``landed`` (copied ahead to the device by the
+        window's side stream); empty for a cache on the device."""
+        if not self.cache.off_device:
+            return {}
+        stats = dict(self.cache.read_stats)
+        if self._source is not None and self._source is not self.cache:
+            stats["landed"] = int(self._source.landed_hits)
+        return stats
+
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
         fused = self.device.type == "cuda"  # one kernel for the whole update on a GPU
