@@ -228,4 +228,5 @@ def test_gac_on_a_disk_cache_gives_the_numbers_of_the_in_memory_cache(tmp_path):
     assert u_disk["cache_on"] == "disk" and u_mem["cache_on"] == "device"
     assert (u_disk["error_before"], u_disk["error_after"]) == (u_mem["error_before"], u_mem["error_after"])
     assert all(torch.equal(a, b) for a, b in zip(mem.state_dict().values(), disk.state_dict().values()))
-    assert u_mem["extra"] and u_disk["extra"] == u_mem["extra"]  # the weights' figures (spread, entropy)
+    assert u_mem["extra"]["gac"] and u_disk["extra"]["gac"] == u_mem["extra"]["gac"]  # the weights' figures
+    assert "cache_reads" in u_disk["extra"] and "cache_reads" not in u_mem["extra"]  # only a cache off the device

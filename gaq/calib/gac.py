@@ -375,10 +375,14 @@ def _forward_jvp(inputs: MetaStepInputs, batched: bool = False) -> Callable[[Seq
         try:
             return torch.func.vmap(one)(*[torch.stack([z[i] for z in zs]) for i in range(len(primals))])
         except RuntimeError as err:
-            raise GaqError(f"gac.batched_products: PyTorch cannot batch this unit's forward-mode product here "
-                           f"({str(err).splitlines()[0][:120]}); set gac.batched_products: false") from err
+            raise _unbatchable("forward-mode product", err) from err
 
     return jvp
+
+
+def _unbatchable(what: str, err: RuntimeError) -> GaqError:
+    return GaqError(f"gac.batched_products: PyTorch cannot batch this unit's {what} here "
+                    f"({str(err).splitlines()[0][:120]}); set gac.batched_products: false")
 
 
 def _batched_grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor]) -> tuple:
@@ -387,8 +391,7 @@ def _batched_grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outp
         return torch.autograd.grad(list(outputs), list(inputs), grad_outputs=list(grad_outputs), retain_graph=True,
                                    allow_unused=True, materialize_grads=True, is_grads_batched=True)
     except RuntimeError as err:
-        raise GaqError(f"gac.batched_products: PyTorch cannot batch this unit's backward here "
-                       f"({str(err).splitlines()[0][:120]}); set gac.batched_products: false") from err
+        raise _unbatchable("backward", err) from err
 
 
 # units on which the batched products failed once under batched_products="auto"; they run one product per group
@@ -422,8 +425,9 @@ def _factored_grad_w_at(inputs: MetaStepInputs, w: Tensor, batched: bool) -> tup
     * ``d/dw (c . G_g) = (eta/B)^2 J H_g J^T c`` for any ``c`` (``J`` does not depend on ``w``);
 
     so ``dL_VAL/dw = gm_coef * (eta/B)^2 J (sum_g H_g J^T c_g) + val_coef * mean_g G_g`` with
-    ``c_g = d(-alignment)/dG_g``. Every product is one (double) backward pass: ``J z`` by
-    :func:`_vjp_then_jvp`, ``J^T c`` a VJP, ``H_g v`` a Hessian-vector product through group g's
+    ``c_g = d(-alignment)/dG_g``. Every product is one pass: ``J z`` a forward-mode product
+    (:func:`_forward_jvp`) or a double backward (:func:`_vjp_then_jvp`), per ``gac.jacobian_products``;
+    ``J^T c`` a VJP; ``H_g v`` a Hessian-vector product through group g's
     validation losses. Equals the nested autograd of :func:`_outer_parts` (tested), at a fraction of
     its cost: no third-order graph over the validation set.
     """
