@@ -93,12 +93,14 @@ class _StaticGrid(_KeepDtype):
         check(step.shape[0] in (1, batch), f"{self.name}: {step.shape[0]} step indices for a batch of {batch}")
         return step.to(self.scale.device, non_blocking=True)
 
+    def per_sample(self, batch: int, *grids: Tensor) -> tuple[Tensor, ...]:
+        """The per-step buffers ``grids`` at each sample's step, each ``(B,)`` or ``(1,)``."""
+        step = self.steps(batch)
+        return grids if step is None else tuple(g[step] for g in grids)
+
     def step_grid(self, batch: int) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point)`` per sample, each ``(B,)`` or ``(1,)``."""
-        step = self.steps(batch)
-        if step is None:
-            return self.scale, self.zero_point
-        return self.scale[step], self.zero_point[step]
+        return self.per_sample(batch, self.scale, self.zero_point)
 
 
 class DeployedFakeQuant(_StaticGrid):
@@ -131,10 +133,7 @@ class DeployedActQuant(_StaticGrid):
 
     def grid(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(scale, zero_point, row_zero)`` per sample, each ``(B,)`` or ``(1,)``."""
-        step = self.steps(batch)
-        if step is None:
-            return self.scale, self.zero_point, self.row_zero
-        return self.scale[step], self.zero_point[step], self.row_zero[step]
+        return self.per_sample(batch, self.scale, self.zero_point, self.row_zero)
 
     def codes(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
         """int8 codes ``a = clamp(round(x / s) + z, qmin, qmax) - offset`` (batch first), in float32 as the fake
