@@ -14,7 +14,9 @@ batch size, per variant:
   W4A8 model in bfloat16 with the default kernels (Triton on CUDA); ``*_intmm``: with ``torch._int_mm``
   and an int8 im2col instead; ``*_inkernel``: 4-bit codes unpacked in the GEMM's registers
   (``int4_unpack: in_kernel``) instead of once per call (the default, ``per_call``; before 2026-12-03 the default
-  was ``in_kernel`` and the per-call variant was named ``*_unpacked``); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
+  was ``in_kernel`` and the per-call variant was named ``*_unpacked``); ``*_fused``: the one-kernel quantized
+  attention (``attention_kernel: triton``) and the feed-forward GELU in the first GEMM's epilogue
+  (``fuse_feedforward``), both off by default; ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
   activation quantization and the attention operands' fake quantization into the ops around them; gaq's
   Triton GEMMs stay whole, as custom operators).
 
@@ -58,7 +60,8 @@ ARCHS = ("imagenet-dit-xl2", "lsun-bedrooms-ldm4", "cifar10-ddpm")
 PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "imagenet-dit-xl2": "qdiff_compat"}
 VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy_w8a8", "deploy_w4a8")
 EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a32_compile", "deploy_w8a8_compile",
-                  "deploy_w4a8_compile", "deploy_w4a8_inkernel", "deploy_w4a8_inkernel_compile")
+                  "deploy_w4a8_compile", "deploy_w4a8_inkernel", "deploy_w4a8_inkernel_compile", "deploy_w4a8_fused",
+                  "deploy_w4a8_fused_compile", "deploy_w8a8_fused_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -194,7 +197,9 @@ def build_variant(arch: Arch, variant: str, fakes: dict, compile_mode: str = "de
     intmm = variant.endswith("_intmm")
     cfg = DeployConfig(dtype="bfloat16", linear_kernel="int_mm" if intmm else "auto",
                        conv_kernel="im2col" if intmm else "auto",
-                       int4_unpack="in_kernel" if "_inkernel" in variant else "per_call")
+                       int4_unpack="in_kernel" if "_inkernel" in variant else "per_call",
+                       attention_kernel="triton" if "_fused" in variant else "explicit",
+                       fuse_feedforward="_fused" in variant)
     m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
     fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from gaq.deploy import DeployConfig, DeployedLayer, deploy, kernels, triton_kernels  # noqa: E402
+from gaq.errors import GaqError  # noqa: E402
 
 from test_deploy import _calibrated, _teacher_forced_errors, _timesteps, _unet  # noqa: E402
 
@@ -132,3 +133,88 @@ def test_4bit_weights_whose_zero_points_do_not_fold_into_int8_run_exactly_in_the
     from gaq.deploy.layers import _Part  # a deployed layer part with such weights takes the int8 form itself
     part = _Part((b.to(torch.int16) + 8).to(torch.uint8), 4, sw, (zw + 8).float(), None)
     assert not part.foldable and part.gemm().bits == 8 and torch.equal(part.gemm().codes, b)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_gemm_epilogue_hands_the_next_layer_its_input_codes(activation, bits):
+    # linear_codes: the integer GEMM, the activation and the next quantizer's grid in one kernel; the codes equal
+    # quantizing the float32 output (the epilogue multiplies by the reciprocal step: a code may move by one where
+    # y / s lies within a rounding of a half-integer) and the row sums are the codes' own
+    g = torch.Generator().manual_seed(21)
+    batch, rows, k, n = 3, 5, 40, 24
+    b, w, sw, zw = _weights(n, k, bits, g)
+    scale, zero, row_zero, qmin, qmax, offset = _act_grid(batch, g)
+    a = kernels.activation_codes(torch.randn(batch, rows * k, generator=g), scale, zero, qmin, qmax, offset).reshape(-1, k)
+    bias = torch.randn(n, generator=g) * 0.1
+    y = triton_kernels.linear(a, w, bias, rows, (scale, row_zero), torch.float32)
+    y = {"none": y, "gelu": F.gelu(y), "gelu_tanh": F.gelu(y, approximate="tanh")}[activation]
+    o_scale = y.reshape(batch, -1).abs().amax(dim=1) / 100
+    o_zero = torch.tensor([120.0, 128.0, 131.0])
+    ref = kernels.activation_codes(y.reshape(batch, -1), o_scale, o_zero, 0, 255, 128).reshape(-1, n)
+    codes, sums = triton_kernels.linear_codes(a, w, bias, rows, (scale, row_zero), activation,
+                                              (o_scale, o_zero, 0, 255, 128), True)
+    assert codes.dtype == torch.int8 and codes.shape == ref.shape
+    assert (codes.int() - ref.int()).abs().max() <= 1 and (codes == ref).float().mean() > 0.99
+    assert torch.equal(sums, codes.sum(dim=1, dtype=torch.int32))
+
+
+def _dit():
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    fp = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8,
+                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                               norm_num_groups=8).eval()
+    from test_deploy import STEPS
+    return _calibrated(fp, preset="qdiff_compat", shape=(4, 8, 8), cond={"class_labels": torch.arange(STEPS)})
+
+
+def test_the_one_kernel_quantized_attention_computes_the_explicit_one(monkeypatch):
+    from diffusers.models.attention_processor import Attention
+    from gaq.deploy import DeployedAttnProcessor, triton_attention
+    q = _dit()
+    d = deploy(copy.deepcopy(q), DeployConfig(dtype="float32", linear_kernel="triton", attention_kernel="triton"))
+    calls = []
+    kernel = triton_attention.attention
+    monkeypatch.setattr(triton_attention, "attention", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    attn = next(m for m in d.modules() if isinstance(m, Attention))
+    proc = attn.processor
+    assert isinstance(proc, DeployedAttnProcessor)
+    d.gaq_quant.context.step_index = torch.tensor([0, 3, 1])  # per-sample grids
+    g = torch.Generator().manual_seed(4)
+    c = attn.to_q.in_features
+    # one pass (the keys fit a block: the interpreter's blocks are 32 keys), two passes, keys of another length
+    for lq, lk in ((20, 20), (45, 45), (20, 45)):
+        h, enc = torch.randn(3, lq, c, generator=g), torch.randn(3, lk, c, generator=g)
+        with torch.no_grad():
+            proc.kernel = "triton"
+            fused = proc.attention(attn, h, enc, None)
+            proc.kernel = "explicit"
+            ref = proc.attention(attn, h, enc, None)
+        assert fused.shape == ref.shape == (3, lq, c)
+        assert float((fused - ref).norm() / ref.norm()) < 1e-4
+    assert len(calls) == 3
+    with pytest.raises(GaqError, match="int8 codes"):
+        triton_attention.attention(*(torch.zeros(1, 2, 4, 8),) * 3, torch.zeros(1, 8), 1.0, (0, 255), torch.float32)
+
+
+def test_a_dit_deployed_with_the_fused_attention_and_feed_forward_predicts_what_the_fake_quantized_one_does():
+    from gaq.deploy import DeployedAttnProcessor, DeployedFeedForward
+    q = _dit()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t, labels = _timesteps()[1:3], torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = q(x, timestep=t, class_labels=labels).sample
+    fused = deploy(copy.deepcopy(q), DeployConfig(dtype="float32", linear_kernel="triton", attention_kernel="triton",
+                                                  fuse_feedforward=True))
+    assert sum(isinstance(m, DeployedFeedForward) for m in fused.modules()) == 2
+    assert sum(isinstance(m, DeployedAttnProcessor) for m in fused.modules()) == 2
+    with torch.no_grad():
+        out = fused(x, timestep=t, class_labels=labels).sample
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
+    plain = deploy(copy.deepcopy(q), DeployConfig(dtype="float32"))  # the defaults: neither fusion
+    assert not any(isinstance(m, DeployedFeedForward) for m in plain.modules())
+    with pytest.raises(GaqError, match="attention_kernel"):
+        DeployConfig(attention_kernel="flash")
+    with pytest.raises(GaqError, match="fuse_feedforward"):
+        DeployConfig(fuse_feedforward="yes")

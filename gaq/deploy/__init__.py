@@ -7,7 +7,11 @@ with the calibrated static scales (per sampling step, selected on the device) an
 integer accumulation (``torch._int_mm`` or gaq's Triton kernels, :mod:`gaq.deploy.triton_kernels`).
 Everything else of the model (norms, attention, layers kept FP) runs in ``dtype``; the quantized
 operands it keeps in floating point (attention's queries, keys, values and probabilities) are
-fake-quantized in one pass each (:class:`gaq.deploy.layers.DeployedFakeQuant`, float32 inside). The
+fake-quantized in one pass each (:class:`gaq.deploy.layers.DeployedFakeQuant`, float32 inside), and on a GPU
+the quantized attention can run as one kernel (``attention_kernel``,
+:class:`gaq.deploy.attention.DeployedAttnProcessor`) and a GELU feed-forward block's hidden activations leave
+the first GEMM as the second's int8 codes (``fuse_feedforward``, :class:`gaq.deploy.feedforward.DeployedFeedForward`).
+The
 deployed model is a drop-in for the FP model in a diffusers pipeline.
 
 Where it sits in the pipeline: it reads only the quantized model (``gaq.quant``), so evaluation can run
@@ -19,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gaq.deploy.attention import DeployedAttnProcessor, deploy_attention
 from gaq.deploy.config import DTYPES, DeployConfig
+from gaq.deploy.feedforward import DeployedFeedForward, deploy_feedforward
 from gaq.deploy.layers import DEPLOYED_LAYERS, DeployedConv2d, DeployedFakeQuant, DeployedLayer, DeployedLinear
 from gaq.errors import GaqError, check
 from gaq.quant.quantizer import ActQuantizer
@@ -90,7 +96,10 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in deployed:
                 parent._modules[key] = deployed[id(child)]
-    for parent in list(qmodel.modules()):  # the quantized operands kept in FP (attention): a one-pass fake quantizer
+    deploy_attention(qmodel, config)  # quantized attention: one kernel where it runs
+    if config.fuse_feedforward:  # GELU feed-forward blocks: the activation and fc2's codes in fc1's epilogue
+        deploy_feedforward(qmodel)
+    for parent in list(qmodel.modules()):  # other quantized operands kept in FP: a one-pass fake quantizer
         for key, child in list(parent._modules.items()):
             if isinstance(child, ActQuantizer) and child.enabled and child.ready:
                 parent._modules[key] = DeployedFakeQuant(child)
@@ -110,4 +119,4 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
     return qmodel.eval()
 
 
-__all__ = ["DTYPES", "DeployConfig", "DeployedConv2d", "DeployedFakeQuant", "DeployedLayer", "DeployedLinear", "deploy"]
+__all__ = ["DTYPES", "DeployConfig", "DeployedAttnProcessor", "DeployedFeedForward", "DeployedConv2d", "DeployedFakeQuant", "DeployedLayer", "DeployedLinear", "deploy"]

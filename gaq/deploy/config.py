@@ -37,6 +37,14 @@ class DeployConfig:
             codes per byte unpacked in registers inside the GEMM's loop) or ``per_call`` (unpacked once per call
             into a temporary int8 matrix with the zero point subtracted, one pass, then the plain int8 GEMM: the
             resident weights stay packed, the temporary lives for one layer call).
+        attention_kernel: attention whose query, key, value and probabilities are quantized: ``triton`` (the
+            projections quantize their outputs in their GEMMs and one kernel computes the quantized attention on the
+            int8 codes, :mod:`gaq.deploy.triton_attention`, where it covers the call: no mask, no query / key norm,
+            head dim <= 256, grids <= 8 bits; the explicit form otherwise), ``explicit`` (the fake-quantized
+            processor's matmuls and softmax in ``dtype``), or ``auto``: ``triton`` on a CUDA device where Triton and
+            gaq's linear kernel run, else ``explicit``.
+        fuse_feedforward: run a GELU feed-forward block's activation and its second layer's input quantization in the
+            first layer's GEMM epilogue (:mod:`gaq.deploy.feedforward`; where gaq's Triton linear kernel runs).
         check_device_timesteps: warn about uncalibrated timesteps also when the timestep arrives as a
             device tensor (that check reads it back to the host, a synchronisation per model call);
             timesteps on the host, as diffusers pipelines pass them, are always checked.
@@ -52,6 +60,13 @@ class DeployConfig:
     # under torch.compile: the GEMM kernels took 19.3 ms per call with the codes unpacked per call against 29.5 ms
     # unpacking in the loop (52.6 against 54.0 ms per call); eager and the UNets' convs were not measured this way
     int4_unpack: Literal["in_kernel", "per_call"] = "per_call"
+    # default explicit, measured on an H200 (bench/results/deploy/h200_dit_fused.md), DiT-XL/2 W4A8 at batch 64 under
+    # torch.compile with CUDA graphs: 53.5 ms per call with the one-kernel attention (16.3 ms in its 28 launches, its
+    # one-pass blocks spill registers) against 44.0 ms with the explicit form
+    attention_kernel: Literal["auto", "triton", "explicit"] = "explicit"
+    # default off, measured there too: the GELU + quantization epilogue added 3.7 ms to the GEMMs and saved the 3.4 ms
+    # of the separate GELU + quantization kernels
+    fuse_feedforward: bool = False
     check_device_timesteps: bool = False
 
     def __post_init__(self):
@@ -62,6 +77,10 @@ class DeployConfig:
               f"deploy.conv_kernel must be 'auto', 'triton' or 'im2col', got {self.conv_kernel!r}")
         check(self.weight_only_kernel in ("auto", "triton", "dequantize"),
               f"deploy.weight_only_kernel must be 'auto', 'triton' or 'dequantize', got {self.weight_only_kernel!r}")
+        check(self.attention_kernel in ("auto", "triton", "explicit"),
+              f"deploy.attention_kernel must be 'auto', 'triton' or 'explicit', got {self.attention_kernel!r}")
+        check(isinstance(self.fuse_feedforward, bool),
+              f"deploy.fuse_feedforward must be true or false, got {self.fuse_feedforward!r}")
         check(self.int4_unpack in ("in_kernel", "per_call"),
               f"deploy.int4_unpack must be 'in_kernel' or 'per_call', got {self.int4_unpack!r}")
 

@@ -39,7 +39,7 @@ from gaq.quant.step_context import StepContext
 INT_MM_MIN_ROWS, INT_MM_MULTIPLE = 17, 8
 
 
-def _triton_ready(device: torch.device, explicit: bool) -> bool:
+def triton_ready(device: torch.device, explicit: bool) -> bool:
     """Whether gaq's Triton kernels run on ``device``: CUDA with triton installed, or (asked for explicitly, as
     the CPU tests do) Triton's interpreter."""
     return triton_kernels.AVAILABLE and (device.type == "cuda" or (explicit and triton_kernels.INTERPRET))
@@ -75,6 +75,7 @@ class _StaticGrid(_KeepDtype):
     def __init__(self, q: ActQuantizer):
         super().__init__()
         self.bits, self.qmin, self.qmax, self.name = q.bits, q.qmin, q.qmax, q.name
+        self.offset = 0 if q.symmetric else 2 ** (q.bits - 1)  # codes q_x - offset fit int8 (bits <= 8)
         self.context: StepContext | None = q.context if q.num_steps > 1 else None
         scale = q.scale.detach().float()
         if q.learn_step:  # the fake quantizer clamps a learned step the same way
@@ -128,7 +129,6 @@ class DeployedActQuant(_StaticGrid):
     def __init__(self, q: ActQuantizer):
         check(q.bits <= 8, f"{q.name}: {q.bits}-bit activations have no int8 kernel; deploy keeps a_bits <= 8 inputs only")
         super().__init__(q)
-        self.offset = 0 if q.symmetric else 2 ** (q.bits - 1)  # a = q_x - offset fits int8
         self.register_buffer("row_zero", (q.zero_point.detach().round() - self.offset).to(torch.int32))
 
     def grid(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,7 +146,7 @@ class DeployedActQuant(_StaticGrid):
     def rows(self, x: Tensor, scale: Tensor, zero: Tensor, rows: int, rowsum: bool) -> tuple[Tensor, Tensor | None]:
         """int8 codes of a linear layer's rows ``x`` ``(M, K)`` (sample ``i`` owns rows ``i*rows ...``) and, with
         ``rowsum``, the int32 sums of each row's codes (one pass on the GPU)."""
-        if _triton_ready(x.device, explicit=True) and not torch.compiler.is_compiling():
+        if triton_ready(x.device, explicit=True) and not torch.compiler.is_compiling():
             return triton_quant.quantize_rows(x, scale, zero, rows, self.qmin, self.qmax, self.offset, rowsum)
         a = self.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(x.shape)
         return a, a.sum(dim=1, dtype=torch.int32) if rowsum else None
@@ -192,6 +192,11 @@ class _Part(_KeepDtype):
             return w if self.foldable else triton_kernels.as_int8(w)
         return triton_kernels.GemmWeights(self.codes, 8, self.k, self.col_scale, self.col_zero, self.col_sum,
                                           self.zero_free)
+
+    def needs_no_rowsum(self) -> bool:
+        """Whether the integer GEMM of this part's weights needs no row sums of its input codes (4-bit weights, and
+        8-bit ones without zero points)."""
+        return self.zero_free and (self.bits != 4 or self.foldable)
 
     def weight_codes(self) -> Tensor:
         """int8 ``b`` ``(N, K)``."""
@@ -286,11 +291,11 @@ class DeployedLayer(_KeepDtype):
         """Whether this call runs gaq's Triton kernel, by ``deploy.<key>`` (``auto``, ``triton`` or a torch path)."""
         which = getattr(self.config, key)
         if which == "triton":
-            ready = _triton_ready(device, explicit=True)
+            ready = triton_ready(device, explicit=True)
             check(ready, f"layer {self.path}: the Triton kernel needs a CUDA device and triton installed; "
                   f"set deploy.{key}: auto")
             return True
-        return which == "auto" and _triton_ready(device, explicit=False)
+        return which == "auto" and triton_ready(device, explicit=False)
 
     def _integer_weights(self, part: _Part) -> triton_kernels.GemmWeights:
         """The weight of an int8-activation Triton GEMM: 4-bit codes unpacked per call where ``deploy.int4_unpack``
@@ -338,16 +343,60 @@ class DeployedLinear(DeployedLayer):
             if self._use_triton(x.device, "weight_only_kernel"):
                 return triton_kernels.linear(x2.to(dtype), part.gemm(), bias, x2.shape[0], None, dtype)
             return F.linear(x2.to(dtype), part.dequantized_weight(dtype), None if bias is None else bias.to(dtype))
-        scale, zero, row_zero = part.act.grid(batch)
-        rows = x2.shape[0] // scale.shape[0]
         if self._use_triton(x.device, "linear_kernel"):  # codes in one pass first: measured faster on the H200
             # than quantizing in the GEMM's prologue, which repeats the work for every column block
             w = self._integer_weights(part)
-            a, rowsum = part.act.rows(x2, scale, zero, rows, rowsum=not w.zero_free)
-            return triton_kernels.linear(a, w, bias, rows, (scale, row_zero), dtype, rowsum)
+            a, rowsum = self._input_codes(x2, part, batch, w)
+            return self._from_codes(a, rowsum, part, w, bias, batch, dtype)
+        scale, zero, row_zero = part.act.grid(batch)
+        rows = x2.shape[0] // scale.shape[0]
         a = part.act.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(-1, part.k)
         acc = _int_mm_acc(a, part, kernels.per_row(row_zero, rows))
         return kernels.epilogue(acc, kernels.per_row(scale, rows), part.col_scale, bias, dtype)
+
+
+    @staticmethod
+    def _input_codes(x2: Tensor, part: _Part, batch: int, w: triton_kernels.GemmWeights) -> tuple[Tensor, Tensor | None]:
+        """int8 codes of rows ``x2`` ``(M, K)`` in ``part``'s input grid, and their row sums where ``w`` needs them."""
+        scale, zero, _ = part.act.grid(batch)
+        return part.act.rows(x2, scale, zero, x2.shape[0] // scale.shape[0], rowsum=not w.zero_free)
+
+    def fuses_output(self, x: Tensor) -> bool:
+        """Whether this layer's output can leave its kernel as the next layer's int8 codes
+        (:meth:`codes_out`, :meth:`from_codes`): one part, int8 input, the Triton GEMM on ``x``'s device."""
+        return len(self.parts) == 1 and self.integer and self._use_triton(x.device, "linear_kernel")
+
+    def codes_out(self, x: Tensor, activation: str, grid: tuple[Tensor, Tensor], code_range: tuple[int, int, int],
+                  rowsum: bool) -> tuple[Tensor, Tensor | None]:
+        """The int8 codes ``clamp(round(y / s) + z, qmin, qmax) - offset`` of ``y = activation(self(x))`` ``(M, N)``
+        in one GEMM (:func:`gaq.deploy.triton_kernels.linear_codes`), and with ``rowsum`` their row sums: the
+        next layer's input without ``y`` in memory. Only where :meth:`fuses_output`.
+
+        Args:
+            grid: the next quantizer's ``(scale, zero)`` per sample (``(B,)`` or ``(1,)``).
+            code_range: its ``(qmin, qmax, offset)``.
+        """
+        part = self.parts[0]
+        batch = x.shape[0] if x.ndim > 1 else 1
+        w = self._integer_weights(part)
+        a, in_rowsum = self._input_codes(x.reshape(-1, part.k), part, batch, w)
+        scale, _, row_zero = part.act.grid(batch)
+        return triton_kernels.linear_codes(a, w, self.bias, a.shape[0] // scale.shape[0], (scale, row_zero), activation,
+                                           (*grid, *code_range), rowsum, in_rowsum)
+
+    def from_codes(self, a: Tensor, rowsum: Tensor | None, lead: torch.Size) -> Tensor:
+        """This layer's output ``(*lead, N)`` of its input codes ``a`` ``(M, K)`` from :meth:`codes_out` (``lead``: the
+        input's leading shape, batch first)."""
+        part = self.parts[0]
+        batch = lead[0] if len(lead) else 1
+        return self._from_codes(a, rowsum, part, self._integer_weights(part), self.bias, batch,
+                                self.out_dtype).reshape(*lead, self.out_features)
+
+    @staticmethod
+    def _from_codes(a: Tensor, rowsum: Tensor | None, part: _Part, w: triton_kernels.GemmWeights, bias: Tensor | None,
+                    batch: int, dtype: torch.dtype) -> Tensor:
+        scale, _, row_zero = part.act.grid(batch)
+        return triton_kernels.linear(a, w, bias, a.shape[0] // scale.shape[0], (scale, row_zero), dtype, rowsum)
 
 
 class DeployedConv2d(DeployedLayer):

@@ -48,6 +48,10 @@ try:
 except ImportError:  # CPU installs without triton: gaq.deploy falls back to torch._int_mm
     triton, tl, AVAILABLE = None, None, False
 
+#: Activations the linear kernel's epilogue applies before quantizing its output for the next layer (the
+#: ``ACT`` constant of the kernel): diffusers' ``GELU`` module, ``F.gelu`` with ``approximate`` none or tanh.
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
+
 #: Whether kernels run in Triton's interpreter (numpy on the CPU), as the CPU tests run them.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -114,7 +118,8 @@ def unpacked(w: GemmWeights) -> GemmWeights:
         out = torch.empty((n, w.k), device=w.codes.device, dtype=torch.int8)
         _unpack_kernel[(n, triton.cdiv(w.codes.shape[1], UNPACK_BLOCK))](
             w.codes, w.zero, out, w.k, w.codes.shape[1], BLOCK=UNPACK_BLOCK)
-    else:
+    else:  # under torch.compile Inductor fuses these ops into the kernels around them: measured on an H200 (DiT-XL/2
+        # W4A8, batch 64), the unpacking as a custom operator of its own took 1.1 ms in 257 launches and saved nothing
         out = (unpack_int4(w.codes, w.k).to(torch.int32) + 8 - w.zero[:, None]).to(torch.int8)
     return GemmWeights(out, 8, w.k, w.scale, w.zero, w.col_sum, True)
 
@@ -146,6 +151,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 if AVAILABLE:
+    from gaq.deploy.triton_quant import _round_half_even
+
     @triton.jit
     def _weight_tile(w_ptr, rn, wz, k0, K, stride_wn, W4: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
         """int8 weight codes ``(BLOCK_N, BLOCK_K)`` of rows ``rn`` at reduction indices ``k0 ... k0 + BLOCK_K - 1``
@@ -211,9 +218,23 @@ if AVAILABLE:
         return acc
 
     @triton.jit
+    def _activation(y, ACT: tl.constexpr):
+        """The epilogue's activation of a float32 tile (:data:`ACTIVATIONS`)."""
+        if ACT == 1:  # GELU, erf form
+            y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+        elif ACT == 2:  # GELU, tanh form: tanh(u) = 2 * sigmoid(2u) - 1 (u clamped where sigmoid is 0 or 1 in float32)
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = y * tl.sigmoid(2.0 * tl.minimum(tl.maximum(u, -40.0), 40.0))
+        return y
+
+    @triton.jit
     def _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
-                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Corrections, scales and bias of an accumulator tile; stores the output dtype."""
+                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  ACT: tl.constexpr, QOUT: tl.constexpr, QROWSUM: tl.constexpr, out_sample, os_ptr, oz_ptr, ors_ptr,
+                  oqmin, oqmax, ooffset):
+        """Corrections, scales and bias of an accumulator tile, then the activation; stores the output dtype, or
+        with ``QOUT`` the int8 codes of the next layer's input grid (``out_sample`` selects it per row) and, with
+        ``QROWSUM``, adds each row's code sums to ``ors_ptr``."""
         if INTEGER:
             zx = tl.load(zx_ptr + sample, mask=mask_m, other=0)
             cs = tl.load(cs_ptr + rn, mask=mask_n, other=0)
@@ -228,13 +249,29 @@ if AVAILABLE:
             y = acc
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        y = _activation(y, ACT)
+        mask = mask_m[:, None] & mask_n[None, :]
+        ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        if QOUT:
+            # times the reciprocal step, not the IEEE division of the one-pass quantizer: an epilogue that divides every
+            # element costs the GEMM more than the pass it saves; the codes differ only where y / s lies within a
+            # rounding of a half-integer
+            inv = 1.0 / tl.load(os_ptr + out_sample, mask=mask_m, other=1.0)
+            zo = tl.load(oz_ptr + out_sample, mask=mask_m, other=0.0)
+            q = tl.minimum(tl.maximum(_round_half_even(y * inv[:, None]) + zo[:, None], oqmin), oqmax)
+            c = (q - ooffset).to(tl.int8)
+            tl.store(ptrs, c, mask=mask)
+            if QROWSUM:
+                tl.atomic_add(ors_ptr + rm, tl.sum(tl.where(mask, c.to(tl.int32), 0), axis=1), mask=mask_m)
+        else:
+            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr,
-                       M, N, K, rows, grid_stride, stride_xm, stride_wn, stride_om, m_bucket,
+                       os_ptr, oz_ptr, ors_ptr, M, N, K, rows, grid_stride, out_grid_stride, stride_xm, stride_wn,
+                       stride_om, m_bucket, oqmin, oqmax, ooffset,
                        W4: tl.constexpr, INTEGER: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ACT: tl.constexpr, QOUT: tl.constexpr, QROWSUM: tl.constexpr,
                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -263,7 +300,8 @@ if AVAILABLE:
         else:
             rowsum = rm
         _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
-                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS)
+                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS, ACT, QOUT, QROWSUM,
+                  (rm // rows) * out_grid_stride, os_ptr, oz_ptr, ors_ptr, oqmin, oqmax, ooffset)
 
     @triton.jit
     def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, sx_ptr, zx_ptr, sw_ptr, zw_ptr, cs_ptr,
@@ -312,12 +350,13 @@ if AVAILABLE:
                     b = _weight_tile(w_ptr, rb, wz, (kh * KW + kw) * C + c0, K, stride_wn, W4, EVEN_K, BLOCK_K)
                     acc = _mma(x, b, acc, wz, sw, W4, INTEGER)
         _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,
-                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS)
+                  sw_ptr, zw_ptr, cs_ptr, K, INTEGER, ZW, HAS_BIAS, 0, False, False, sample, sx_ptr, sx_ptr, zx_ptr,
+                  0.0, 0.0, 0.0)
 
     _tune = {"prune_configs_by": {"early_config_prune": _prune}}
     if "cache_results" in inspect.signature(triton.autotune).parameters:  # the choice per shape kept on disk
         _tune["cache_results"] = True  # (Triton's cache folder), so a new process does not time the candidates again
-    _linear_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "W4", "INTEGER", "ZW"],
+    _linear_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "W4", "INTEGER", "ZW", "ACT", "QOUT"],
                                     **_tune)(_linear_kernel)
     _conv_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "C", "W4", "INTEGER", "ZW"],
                                   **_tune)(_conv_kernel)
@@ -358,17 +397,46 @@ def _grid_args(x: Tensor, batch: int, act: tuple[Tensor, Tensor] | None, w: Gemm
     return (scale.float().contiguous(), row_zero.to(torch.int32).contiguous()), stride
 
 
+def _launch_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
+                   bias: Tensor | None, rows: int, grid_stride: int, act_scale: Tensor, act_zero: Tensor,
+                   rowsum: Tensor | None, zw: bool, integer: bool, out: Tensor, activation: int = 0,
+                   out_grid: tuple[Tensor, Tensor, int, list[float]] | None = None,
+                   out_rowsum: Tensor | None = None) -> None:
+    """One launch of the linear kernel into ``out``; ``out_grid`` = (scale, zero, grid stride, [qmin, qmax,
+    offset]) of the next layer's input quantizer makes ``out`` its int8 codes (``out_rowsum``: their row sums,
+    added to a zeroed buffer)."""
+    m, n = x.shape[0], codes.shape[0]
+    if m == 0:
+        return
+    o_scale, o_zero, o_stride, (o_min, o_max, o_off) = out_grid if out_grid is not None else (
+        scale, scale, 0, [0.0, 0.0, 0.0])
+    _linear_tuned[_grid(m, n)](
+        x, codes, out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale,
+        zero, col_sum, o_scale, o_zero, out_rowsum if out_rowsum is not None else zero, m, n, k, rows, grid_stride,
+        o_stride, x.stride(0), codes.stride(0), out.stride(0), _bucket(m), float(o_min), float(o_max), float(o_off),
+        W4=bits == 4, INTEGER=integer, ZW=zw, HAS_BIAS=bias is not None, ACT=int(activation),
+        QOUT=out_grid is not None, QROWSUM=out_rowsum is not None, EVEN_K=_even_k(k))
+
+
 def _run_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
                 bias: Tensor | None, rows: int, grid_stride: int, act_scale: Tensor, act_zero: Tensor,
                 rowsum: Tensor | None, zw: bool, integer: bool, out_dtype: torch.dtype) -> Tensor:
-    m, n = x.shape[0], codes.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=out_dtype)
-    if m > 0:
-        _linear_tuned[_grid(m, n)](
-            x, codes, out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale,
-            zero, col_sum, m, n, k, rows, grid_stride, x.stride(0), codes.stride(0), out.stride(0), _bucket(m),
-            W4=bits == 4, INTEGER=integer, ZW=zw, HAS_BIAS=bias is not None, EVEN_K=_even_k(k))
+    out = torch.empty((x.shape[0], codes.shape[0]), device=x.device, dtype=out_dtype)
+    _launch_linear(x, codes, bits, k, scale, zero, col_sum, bias, rows, grid_stride, act_scale, act_zero, rowsum, zw,
+                   integer, out)
     return out
+
+
+def _run_linear_codes(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
+                      bias: Tensor | None, rows: int, grid_stride: int, act_scale: Tensor, act_zero: Tensor,
+                      rowsum: Tensor | None, zw: bool, activation: int, out_scale: Tensor, out_zero: Tensor,
+                      out_grid_stride: int, out_range: list[float], out_rowsum: bool) -> tuple[Tensor, Tensor]:
+    m, n = x.shape[0], codes.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=torch.int8)
+    sums = torch.zeros((m if out_rowsum else 0,), device=x.device, dtype=torch.int32)
+    _launch_linear(x, codes, bits, k, scale, zero, col_sum, bias, rows, grid_stride, act_scale, act_zero, rowsum, zw,
+                   True, out, activation, (out_scale, out_zero, out_grid_stride, out_range), sums if out_rowsum else None)
+    return out, sums
 
 
 def _run_conv(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
@@ -403,6 +471,13 @@ if AVAILABLE:
         "int grid_stride, Tensor act_scale, Tensor act_zero, Tensor? rowsum, bool zw, bool integer, "
         "ScalarType out_dtype) -> Tensor"))
     _linear_op.register_fake(lambda x, codes, *args: x.new_empty((x.shape[0], codes.shape[0]), dtype=args[-1]))
+    _linear_codes_op = torch.library.custom_op("gaq::triton_linear_codes", _run_linear_codes, mutates_args=(), schema=(
+        "(Tensor x, Tensor codes, int bits, int k, Tensor scale, Tensor zero, Tensor col_sum, Tensor? bias, int rows, "
+        "int grid_stride, Tensor act_scale, Tensor act_zero, Tensor? rowsum, bool zw, int activation, "
+        "Tensor out_scale, Tensor out_zero, int out_grid_stride, float[] out_range, bool out_rowsum) -> (Tensor, Tensor)"))
+    _linear_codes_op.register_fake(lambda x, codes, *args: (
+        x.new_empty((x.shape[0], codes.shape[0]), dtype=torch.int8),
+        x.new_empty((x.shape[0] if args[-1] else 0,), dtype=torch.int32)))
     _conv_op = torch.library.custom_op("gaq::triton_conv2d", _run_conv, mutates_args=(), schema=(
         "(Tensor x, Tensor codes, int bits, int k, Tensor scale, Tensor zero, Tensor col_sum, Tensor? bias, "
         "int[] geometry, int grid_stride, Tensor act_scale, Tensor act_zero, bool zw, bool integer, "
@@ -441,6 +516,43 @@ def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple
                rowsum if zw else None, zw, act is not None, out_dtype)
 
 
+def linear_codes(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple[Tensor, Tensor],
+                 activation: str, out_grid: tuple[Tensor, Tensor, int, int, int], out_rowsum: bool,
+                 rowsum: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The next layer's int8 input codes of ``activation(x_hat @ w_hat^T + bias)``, in one kernel: the integer GEMM of
+    :func:`linear`, its epilogue applying ``activation`` (:data:`ACTIVATIONS`) in float32 and quantizing with the
+    next layer's grid, so the float output never reaches memory.
+
+    Args:
+        x, w, bias, rows, act, rowsum: as :func:`linear`'s (int8 activations only).
+        activation: a key of :data:`ACTIVATIONS`.
+        out_grid: ``(scale, zero, qmin, qmax, offset)`` of the next layer's input quantizer (per sample or one, as
+            ``act``): codes ``clamp(round(y / s) + z, qmin, qmax) - offset``.
+        out_rowsum: also return the int32 row sums of the codes (what 8-bit weights with a zero point need).
+
+    Returns:
+        int8 codes ``(M, N)`` and their row sums ``(M,)`` (None without ``out_rowsum``).
+    """
+    _check_device(x)
+    check(activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    m, k = x.shape[0], w.k
+    check(x.ndim == 2 and x.shape[1] == k, f"linear input of shape {tuple(x.shape)} for K={k}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    batch = max(1, m // max(1, rows))
+    (p_s, p_zx), stride = _grid_args(x, batch, act, w)
+    o_scale, o_zero, o_min, o_max, o_off = out_grid
+    o_stride = 1 if per_sample_grid(o_scale, batch) else 0
+    zw = not w.zero_free
+    if zw and rowsum is None:
+        rowsum = x.sum(dim=1, dtype=torch.int32)
+    run = _linear_codes_op if torch.compiler.is_compiling() else _run_linear_codes
+    codes, sums = run(x, w.codes, w.bits, k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
+                      rowsum if zw else None, zw, ACTIVATIONS[activation], o_scale.float().contiguous(),
+                      o_zero.float().contiguous(), o_stride, [float(o_min), float(o_max), float(o_off)], out_rowsum)
+    return codes, sums if out_rowsum else None
+
+
 def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tuple[int, int],
            padding: tuple[int, int], bias: Tensor | None, act: tuple[Tensor, Tensor] | None,
            out_dtype: torch.dtype) -> Tensor:
@@ -470,5 +582,5 @@ def conv2d(x: Tensor, w: GemmWeights, kernel_size: tuple[int, int], stride: tupl
     return out.permute(0, 3, 1, 2)
 
 
-__all__ = ["AVAILABLE", "GEMM_SHAPES", "INTERPRET", "GemmWeights", "as_int8", "conv2d", "gemm_weights", "int4_foldable",
-           "linear", "unpacked"]
+__all__ = ["ACTIVATIONS", "AVAILABLE", "GEMM_SHAPES", "INTERPRET", "GemmWeights", "as_int8", "conv2d", "gemm_weights", "int4_foldable",
+           "linear", "linear_codes", "unpacked"]

@@ -36,13 +36,16 @@ BLOCK, ROWS_BLOCK, COLS_BLOCK = 2048, 16, 128
 
 if AVAILABLE:
     @triton.jit
+    def _round_half_even(v):
+        """``torch.round`` of a float32 tile: floor(v + 0.5), minus one on an odd tie."""
+        r = tl.floor(v + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
+
+    @triton.jit
     def _grid_code(x, s, z, qmin, qmax):
         """``clamp(round_half_even(x / s) + z, qmin, qmax)`` of a float32 tile, in float32."""
-        v = tl.math.div_rn(x, s)
-        r = tl.floor(v + 0.5)  # round half to even: floor(v + 0.5), minus one on an odd tie
-        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-        r = tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
-        return tl.minimum(tl.maximum(r + z, qmin), qmax)
+        return tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, s)) + z, qmin), qmax)
 
     @triton.jit
     def _quantize(x, s, z, qmin, qmax, offset):

@@ -71,14 +71,26 @@ class QuantAttnProcessor(nn.Module):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        hidden_states = self.attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def attention(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor,
+                  attention_mask: Tensor | None) -> Tensor:
+        """Projections and attention, ``(B, L, C)`` -> ``(B, L_q, heads * head_dim)`` (before the output projection)."""
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -87,8 +99,13 @@ class QuantAttnProcessor(nn.Module):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        return self.attend(attn, query, key, value, attention_mask)
 
+    def attend(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """The attention of per-head ``query`` / ``key`` / ``value`` ``(B, heads, L, head_dim)`` with its operands
+        fake-quantized: ``(B, L_q, heads * head_dim)`` in the query's dtype."""
         out_dtype = query.dtype
+        batch_size, heads, _, head_dim = query.shape
         query, key = self.q_quantizer(query), self.k_quantizer(key)
         if attn.upcast_attention:
             query, key = query.float(), key.float()
@@ -100,15 +117,7 @@ class QuantAttnProcessor(nn.Module):
         probs = scores.softmax(dim=-1).to(out_dtype)
         probs, value = self.softmax_quantizer(probs), self.v_quantizer(value)
         hidden_states = torch.matmul(probs, value)
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(out_dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(out_dtype)
 
 
 def install_quant_attention(attn: Attention, bits: int, softmax_bits: int, settings: QuantSettings,

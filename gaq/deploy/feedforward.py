@@ -1,0 +1,69 @@
+"""The deployed feed-forward block: its GELU and the second layer's input quantization in the first GEMM's epilogue.
+
+A diffusers ``FeedForward`` with a ``GELU`` activation (DiT, PixArt, the UNets' transformer blocks with
+``activation_fn`` ``gelu`` / ``gelu-approximate``) computes ``fc2(gelu(fc1(x)))``; with both layers deployed as
+int8-activation GEMMs, fc2 quantizes fc1's activated output at once. :class:`DeployedFeedForward` runs fc1's
+GEMM with the GELU and fc2's input quantization in its epilogue
+(:meth:`gaq.deploy.layers.DeployedLinear.codes_out`): the hidden activations (4x the model width per token)
+reach memory once, as int8 codes, instead of three times in the compute dtype. It keeps the block's ``net``
+(module paths unchanged) and runs it module by module where the fused kernel does not apply (another
+device, a split layer, training mode).
+"""
+from __future__ import annotations
+
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
+from torch import Tensor, nn
+
+from gaq.deploy.layers import DeployedLinear
+
+#: diffusers GELU's ``approximate`` -> the epilogue's activation (:data:`gaq.deploy.triton_kernels.ACTIVATIONS`).
+_GELU = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+class DeployedFeedForward(nn.Module):
+    """A deployed ``FeedForward`` of ``net = [GELU(proj), Dropout, Linear(, Dropout)]`` (see the module docstring)."""
+
+    def __init__(self, ff: FeedForward):
+        super().__init__()
+        self.net = ff.net
+        self.activation = _GELU[ff.net[0].approximate]
+
+    @staticmethod
+    def fusable(module: nn.Module) -> bool:
+        """Whether ``module`` is a ``FeedForward`` this class runs: GELU first, both layers deployed with int8
+        inputs, dropouts only between and after them."""
+        if type(module) is not FeedForward:
+            return False
+        net = list(module.net)
+        return (len(net) in (3, 4) and type(net[0]) is GELU and net[0].approximate in _GELU
+                and isinstance(net[0].proj, DeployedLinear) and net[0].proj.integer
+                and all(isinstance(m, nn.Dropout) for m in net[1::2])
+                and isinstance(net[2], DeployedLinear) and net[2].integer)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        fc1, fc2 = self.net[0].proj, self.net[2]
+        if self.training or not (fc1.fuses_output(hidden_states) and fc2.fuses_output(hidden_states)):
+            for module in self.net:
+                hidden_states = module(hidden_states)
+            return hidden_states
+        act = fc2.parts[0].act
+        scale, zero, _ = act.grid(hidden_states.shape[0] if hidden_states.ndim > 1 else 1)
+        codes, rowsum = fc1.codes_out(hidden_states, self.activation, (scale, zero), (act.qmin, act.qmax, act.offset),
+                                      not fc2.parts[0].needs_no_rowsum())  # the dropouts are identities in eval
+        return fc2.from_codes(codes, rowsum, hidden_states.shape[:-1])
+
+
+def deploy_feedforward(model: nn.Module) -> int:
+    """Replace every fusable ``FeedForward`` of ``model`` (:meth:`DeployedFeedForward.fusable`) by a
+    :class:`DeployedFeedForward`; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and DeployedFeedForward.fusable(child):
+                parent._modules[key] = DeployedFeedForward(child)
+                count += 1
+    return count
+
+
+__all__ = ["DeployedFeedForward", "deploy_feedforward"]
