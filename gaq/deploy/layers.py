@@ -343,23 +343,32 @@ class DeployedLinear(DeployedLayer):
             if self._use_triton(x.device, "weight_only_kernel"):
                 return triton_kernels.linear(x2.to(dtype), part.gemm(), bias, x2.shape[0], None, dtype)
             return F.linear(x2.to(dtype), part.dequantized_weight(dtype), None if bias is None else bias.to(dtype))
+        grid = part.act.grid(batch)  # (scale, zero, row_zero) per sample
         if self._use_triton(x.device, "linear_kernel"):  # codes in one pass first: measured faster on the H200
             # than quantizing in the GEMM's prologue, which repeats the work for every column block
             w = self._integer_weights(part)
-            a, rowsum = self._input_codes(x2, part, batch, w)
-            return self._from_codes(a, rowsum, part, w, bias, batch, dtype)
-        scale, zero, row_zero = part.act.grid(batch)
+            a, rowsum = self._input_codes(x2, part, grid, w)
+            return self._gemm(a, rowsum, grid, w, bias, dtype)
+        scale, zero, row_zero = grid
         rows = x2.shape[0] // scale.shape[0]
         a = part.act.codes(x.reshape(scale.shape[0], -1), scale, zero).reshape(-1, part.k)
         acc = _int_mm_acc(a, part, kernels.per_row(row_zero, rows))
         return kernels.epilogue(acc, kernels.per_row(scale, rows), part.col_scale, bias, dtype)
 
+    @staticmethod
+    def _input_codes(x2: Tensor, part: _Part, grid: tuple[Tensor, Tensor, Tensor],
+                     w: triton_kernels.GemmWeights) -> tuple[Tensor, Tensor | None]:
+        """int8 codes of rows ``x2`` ``(M, K)`` in ``part``'s input ``grid``, and their row sums where ``w`` needs
+        them."""
+        scale, zero, _ = grid
+        return part.act.rows(x2, scale, zero, x2.shape[0] // scale.shape[0], rowsum=not w.zero_free)
 
     @staticmethod
-    def _input_codes(x2: Tensor, part: _Part, batch: int, w: triton_kernels.GemmWeights) -> tuple[Tensor, Tensor | None]:
-        """int8 codes of rows ``x2`` ``(M, K)`` in ``part``'s input grid, and their row sums where ``w`` needs them."""
-        scale, zero, _ = part.act.grid(batch)
-        return part.act.rows(x2, scale, zero, x2.shape[0] // scale.shape[0], rowsum=not w.zero_free)
+    def _gemm(a: Tensor, rowsum: Tensor | None, grid: tuple[Tensor, Tensor, Tensor], w: triton_kernels.GemmWeights,
+              bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The Triton GEMM of input codes ``a`` in ``grid``."""
+        scale, _, row_zero = grid
+        return triton_kernels.linear(a, w, bias, a.shape[0] // scale.shape[0], (scale, row_zero), dtype, rowsum)
 
     def fuses_output(self, x: Tensor) -> bool:
         """Whether this layer's output can leave its kernel as the next layer's int8 codes
@@ -377,10 +386,10 @@ class DeployedLinear(DeployedLayer):
             code_range: its ``(qmin, qmax, offset)``.
         """
         part = self.parts[0]
-        batch = x.shape[0] if x.ndim > 1 else 1
+        in_grid = part.act.grid(x.shape[0] if x.ndim > 1 else 1)
         w = self._integer_weights(part)
-        a, in_rowsum = self._input_codes(x.reshape(-1, part.k), part, batch, w)
-        scale, _, row_zero = part.act.grid(batch)
+        a, in_rowsum = self._input_codes(x.reshape(-1, part.k), part, in_grid, w)
+        scale, _, row_zero = in_grid
         return triton_kernels.linear_codes(a, w, self.bias, a.shape[0] // scale.shape[0], (scale, row_zero), activation,
                                            (*grid, *code_range), rowsum, in_rowsum)
 
@@ -388,15 +397,9 @@ class DeployedLinear(DeployedLayer):
         """This layer's output ``(*lead, N)`` of its input codes ``a`` ``(M, K)`` from :meth:`codes_out` (``lead``: the
         input's leading shape, batch first)."""
         part = self.parts[0]
-        batch = lead[0] if len(lead) else 1
-        return self._from_codes(a, rowsum, part, self._integer_weights(part), self.bias, batch,
-                                self.out_dtype).reshape(*lead, self.out_features)
-
-    @staticmethod
-    def _from_codes(a: Tensor, rowsum: Tensor | None, part: _Part, w: triton_kernels.GemmWeights, bias: Tensor | None,
-                    batch: int, dtype: torch.dtype) -> Tensor:
-        scale, _, row_zero = part.act.grid(batch)
-        return triton_kernels.linear(a, w, bias, a.shape[0] // scale.shape[0], (scale, row_zero), dtype, rowsum)
+        grid = part.act.grid(lead[0] if len(lead) else 1)
+        y = self._gemm(a, rowsum, grid, self._integer_weights(part), self.bias, self.out_dtype)
+        return y.reshape(*lead, self.out_features)
 
 
 class DeployedConv2d(DeployedLayer):

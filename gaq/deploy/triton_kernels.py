@@ -501,19 +501,26 @@ def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple
         rowsum: int32 ``rowsum(a)`` ``(M,)`` where the caller has it (8-bit weights with a zero point need it;
             computed here otherwise).
     """
+    x, batch, (p_s, p_zx), stride, zw, rowsum = _linear_args(x, w, rows, act, rowsum)
+    run = _linear_op if torch.compiler.is_compiling() else _run_linear
+    return run(x, w.codes, w.bits, w.k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
+               rowsum if zw else None, zw, act is not None, out_dtype)
+
+
+def _linear_args(x: Tensor, w: GemmWeights, rows: int, act: tuple[Tensor, Tensor] | None, rowsum: Tensor | None):
+    """The checked input rows of :func:`linear` / :func:`linear_codes`, the batch, the input grid's pointers and
+    stride, whether the weights' zero points need row sums, and the row sums (computed where needed and not given)."""
     _check_device(x)
     m, k = x.shape[0], w.k
     check(x.ndim == 2 and x.shape[1] == k, f"linear input of shape {tuple(x.shape)} for K={k}")
     if x.stride(1) != 1:
         x = x.contiguous()
     batch = max(1, m // max(1, rows))
-    (p_s, p_zx), stride = _grid_args(x, batch, act, w)
+    grid, stride = _grid_args(x, batch, act, w)
     zw = act is not None and not w.zero_free
     if zw and rowsum is None:
         rowsum = x.sum(dim=1, dtype=torch.int32)
-    run = _linear_op if torch.compiler.is_compiling() else _run_linear
-    return run(x, w.codes, w.bits, k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
-               rowsum if zw else None, zw, act is not None, out_dtype)
+    return x, batch, grid, stride, zw, rowsum
 
 
 def linear_codes(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple[Tensor, Tensor],
@@ -533,21 +540,12 @@ def linear_codes(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act:
     Returns:
         int8 codes ``(M, N)`` and their row sums ``(M,)`` (None without ``out_rowsum``).
     """
-    _check_device(x)
     check(activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    m, k = x.shape[0], w.k
-    check(x.ndim == 2 and x.shape[1] == k, f"linear input of shape {tuple(x.shape)} for K={k}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    batch = max(1, m // max(1, rows))
-    (p_s, p_zx), stride = _grid_args(x, batch, act, w)
+    x, batch, (p_s, p_zx), stride, zw, rowsum = _linear_args(x, w, rows, act, rowsum)
     o_scale, o_zero, o_min, o_max, o_off = out_grid
     o_stride = 1 if per_sample_grid(o_scale, batch) else 0
-    zw = not w.zero_free
-    if zw and rowsum is None:
-        rowsum = x.sum(dim=1, dtype=torch.int32)
     run = _linear_codes_op if torch.compiler.is_compiling() else _run_linear_codes
-    codes, sums = run(x, w.codes, w.bits, k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
+    codes, sums = run(x, w.codes, w.bits, w.k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
                       rowsum if zw else None, zw, ACTIVATIONS[activation], o_scale.float().contiguous(),
                       o_zero.float().contiguous(), o_stride, [float(o_min), float(o_max), float(o_off)], out_rowsum)
     return codes, sums if out_rowsum else None
