@@ -42,7 +42,8 @@ class DeployedAttnProcessor(QuantAttnProcessor):
         self.kernel, self.path = config.attention_kernel, path
 
     def set_quant_state(self, act: bool) -> None:
-        check(bool(act), "a deployed model's attention quantization cannot be turned off")
+        check(bool(act), "a deployed model's attention quantization cannot be turned off: set the quantization state "
+              "on the quantized model before gaq.deploy")
 
     def _fused(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor,
                attention_mask: Tensor | None) -> bool:

@@ -86,7 +86,8 @@ class QuantAttnProcessor(nn.Module):
 
     def attention(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor,
                   attention_mask: Tensor | None) -> Tensor:
-        """Projections and attention, ``(B, L, C)`` -> ``(B, L_q, heads * head_dim)`` (before the output projection)."""
+        """Projections and attention with the operands fake-quantized, ``(B, L, C)`` -> ``(B, L_q, heads * head_dim)``
+        in the query's dtype (before the output projection)."""
         batch_size = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
@@ -99,13 +100,7 @@ class QuantAttnProcessor(nn.Module):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        return self.attend(attn, query, key, value, attention_mask)
-
-    def attend(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """The attention of per-head ``query`` / ``key`` / ``value`` ``(B, heads, L, head_dim)`` with its operands
-        fake-quantized: ``(B, L_q, heads * head_dim)`` in the query's dtype."""
         out_dtype = query.dtype
-        batch_size, heads, _, head_dim = query.shape
         query, key = self.q_quantizer(query), self.k_quantizer(key)
         if attn.upcast_attention:
             query, key = query.float(), key.float()
@@ -117,7 +112,7 @@ class QuantAttnProcessor(nn.Module):
         probs = scores.softmax(dim=-1).to(out_dtype)
         probs, value = self.softmax_quantizer(probs), self.v_quantizer(value)
         hidden_states = torch.matmul(probs, value)
-        return hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(out_dtype)
+        return hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(out_dtype)
 
 
 def install_quant_attention(attn: Attention, bits: int, softmax_bits: int, settings: QuantSettings,
