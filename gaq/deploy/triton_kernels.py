@@ -4,7 +4,8 @@ Two kernels, each in two modes:
 
 - :func:`linear` (``(M, K) x (N, K)^T``) and :func:`conv2d` (implicit GEMM over a channels-last input:
   the reduction runs over ``(kh, kw, c)`` with channels fastest, as :mod:`gaq.deploy.kernels` orders the
-  weight codes; no im2col buffer);
+  weight codes; no im2col buffer); :func:`linear_codes` is the linear kernel whose epilogue also applies an
+  activation and quantizes the result with the next layer's grid (int8 codes out);
 - *integer* mode: the input arrives as int8 codes ``a`` (quantized in one pass by
   :func:`gaq.deploy.triton_quant.quantize_codes`: quantizing in this kernel's prologue repeated the work
   for every block of output columns and measured slower on the H200), multiplied on the int8 tensor cores
