@@ -58,7 +58,8 @@ def compile_resources(fn, pointers: dict[str, str], floats: set[str], constexprs
 
 
 def attention_rows(arch: int, head_dim: int) -> list[dict]:
-    pointers = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "o_ptr": "*bf16", "grid_ptr": "*fp32"}
+    pointers = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*i8", "o_ptr": "*bf16", "grid_ptr": "*fp32",
+                "ksum_ptr": "*i32", "vsum_ptr": "*i32"}
     rows = []
     for m, n, w, s in triton_attention.ATTENTION_CONFIGS:
         one_pass = n >= 256

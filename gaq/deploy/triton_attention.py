@@ -13,6 +13,8 @@ a deployed DiT-XL/2 about 8 ms per call at batch 64 on an H200. Here the project
 ``a = c - offset`` (their GEMMs quantize in the epilogue, :func:`gaq.deploy.triton_kernels.linear_codes`), and
 one program takes ``BLOCK_M`` queries of one (sample, head):
 
+- a first small kernel sums each key's codes over the head dim and the value codes over the keys, so the
+  main kernel's key and value tiles feed only its MMAs (loaded straight to shared memory, fewer registers);
 - scores on the int8 tensor cores, exact in int32: with ``o = offset - z``,
   ``sum_d (c_q - z_q)(c_k - z_k) = a_q.a_k + o_k * sum_d a_q + o_q * sum_d a_k + D * o_q * o_k``;
 - the exact softmax: where a block of keys holds the whole row (autotuned blocks up to 256 keys) one pass;
@@ -45,36 +47,58 @@ except ImportError:  # CPU installs without triton: the explicit attention runs 
 
 #: Largest operand grid (bits) whose codes fit int8 with an offset, largest head dim, most keys (int32 sums).
 MAX_BITS, MAX_HEAD_DIM, MAX_KEYS = 8, 256, 16384
+#: Keys per block of the pass that sums the key and value codes.
+SUMS_BLOCK = 64
 
 
 if AVAILABLE:
     from gaq.deploy.triton_quant import _round_half_even
 
     @triton.jit
-    def _scores(q, q_sum, k_base, n0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N: tl.constexpr):
-        """Scores ``(BLOCK_M, BLOCK_N)`` of keys ``n0 ...`` times ``log2(e)``, float32; ``-inf`` past ``LK``."""
+    def _sums_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, H, LK, D, stride_kb, stride_kh, stride_kl, stride_vb,
+                     stride_vh, stride_vl, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Per (sample, head): each key's code sum over the head dim, and the value codes' sums over the keys."""
+        bh = tl.program_id(0)
+        b, h = bh // H, bh % H
+        rd = tl.arange(0, BLOCK_D)
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+        v_sum = tl.zeros((BLOCK_D,), dtype=tl.int32)
+        for l0 in range(0, LK, BLOCK_L):
+            rl = l0 + tl.arange(0, BLOCK_L)
+            mask = (rl[:, None] < LK) & (rd[None, :] < D)
+            k = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=mask, other=0)
+            tl.store(ksum_ptr + bh.to(tl.int64) * LK + rl, tl.sum(k.to(tl.int32), axis=1), mask=rl < LK)
+            v = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=mask, other=0)
+            v_sum += tl.sum(v.to(tl.int32), axis=0)
+        tl.store(vsum_ptr + bh.to(tl.int64) * D + rd, v_sum, mask=rd < D)
+
+    @triton.jit
+    def _scores(q, q_sum, k_base, ksum_base, n0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N: tl.constexpr):
+        """Scores ``(BLOCK_M, BLOCK_N)`` of keys ``n0 ...`` times ``log2(e)``, float32; ``-inf`` past ``LK``. The key
+        tile feeds only the MMA (its sums come from :func:`_sums_kernel`), so it goes to shared memory directly."""
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < LK
         k = tl.load(k_base + rn[:, None] * stride_kl + rd[None, :], mask=mask_n[:, None] & (rd[None, :] < D), other=0)
-        k_sum = tl.sum(k.to(tl.int32), axis=1)
+        k_sum = tl.load(ksum_base + rn, mask=mask_n, other=0)
         acc = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
         acc = acc + o_k * q_sum[:, None] + o_q * k_sum[None, :] + D * o_q * o_k
         return tl.where(mask_n[None, :], acc.to(tl.float32) * qk_scale, float("-inf"))
 
     @triton.jit
-    def _probs_times_values(s, m, inv, acc, u_sum, v_sum, v_base, n0, rd, stride_vl, LK, D, z_p, pmin, pmax,
+    def _probs_times_values(s, m, inv, acc, u_sum, v_base, n0, rd, stride_vl, LK, D, z_p, pmin, pmax,
                             BLOCK_N: tl.constexpr):
-        """Adds the block's ``u @ a_v`` to ``acc`` and its sums; ``inv`` = ``1 / (row sum * s_p)``."""
+        """Adds the block's ``u @ a_v`` to ``acc`` and the row sums of ``u``; ``inv`` = ``1 / (row sum * s_p)``."""
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < LK
         c = tl.minimum(tl.maximum(_round_half_even(tl.exp2(s - m[:, None]) * inv[:, None]) + z_p, pmin), pmax)
         u = (tl.where(mask_n[None, :], c, z_p) - 128.0).to(tl.int8)
         v = tl.load(v_base + rn[:, None] * stride_vl + rd[None, :], mask=mask_n[:, None] & (rd[None, :] < D), other=0)
         acc = tl.dot(u, v, acc, out_dtype=tl.int32)
-        return acc, u_sum + tl.sum(u.to(tl.int32), axis=1), v_sum + tl.sum(v.to(tl.int32), axis=0)
+        return acc, u_sum + tl.sum(u.to(tl.int32), axis=1)
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, grid_ptr, H, LQ, LK, D, sm_scale,
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, grid_ptr, ksum_ptr, vsum_ptr, H, LQ, LK, D, sm_scale,
                           stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                           stride_vb, stride_vh, stride_vl, stride_ob, stride_ol, pmin, pmax, lk_bucket,
                           ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -94,32 +118,33 @@ if AVAILABLE:
         q_sum = tl.sum(q.to(tl.int32), axis=1)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+        ksum_base = ksum_ptr + bh.to(tl.int64) * LK
         qk_scale = s_q * s_k * sm_scale * 1.4426950408889634  # log2(e): the softmax in exp2
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
         u_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        v_sum = tl.zeros((BLOCK_D,), dtype=tl.int32)
         if ONE_PASS:  # the whole row in one block
-            s = _scores(q, q_sum, k_base, 0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N)
+            s = _scores(q, q_sum, k_base, ksum_base, 0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N)
             m = tl.max(s, axis=1)
             inv = 1.0 / (tl.sum(tl.exp2(s - m[:, None]), axis=1) * s_p)
-            acc, u_sum, v_sum = _probs_times_values(s, m, inv, acc, u_sum, v_sum, v_base, 0, rd, stride_vl, LK, D,
-                                                    z_p, pmin, pmax, BLOCK_N)
+            acc, u_sum = _probs_times_values(s, m, inv, acc, u_sum, v_base, 0, rd, stride_vl, LK, D, z_p, pmin, pmax,
+                                             BLOCK_N)
             n_total = BLOCK_N
         else:
             m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             total = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for n0 in range(0, LK, BLOCK_N):  # pass 1: row maxima and sums of exp
-                s = _scores(q, q_sum, k_base, n0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N)
+                s = _scores(q, q_sum, k_base, ksum_base, n0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N)
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 total = total * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
                 m = m_new
             inv = 1.0 / (total * s_p)
             for n0 in range(0, LK, BLOCK_N):  # pass 2: the probability codes times the value codes
-                s = _scores(q, q_sum, k_base, n0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N)
-                acc, u_sum, v_sum = _probs_times_values(s, m, inv, acc, u_sum, v_sum, v_base, n0, rd, stride_vl, LK,
-                                                        D, z_p, pmin, pmax, BLOCK_N)
+                s = _scores(q, q_sum, k_base, ksum_base, n0, rd, stride_kl, LK, D, o_q, o_k, qk_scale, BLOCK_N)
+                acc, u_sum = _probs_times_values(s, m, inv, acc, u_sum, v_base, n0, rd, stride_vl, LK, D, z_p, pmin,
+                                                 pmax, BLOCK_N)
             n_total = tl.cdiv(LK, BLOCK_N) * BLOCK_N
         o_p = (128.0 - z_p).to(tl.int32)
+        v_sum = tl.load(vsum_ptr + bh.to(tl.int64) * D + rd, mask=rd < D, other=0)
         acc = acc + o_v * u_sum[:, None] + o_p * v_sum[None, :] + n_total * o_p * o_v
         out = acc.to(tl.float32) * (s_p * s_v)
         o = o_ptr + b.to(tl.int64) * stride_ob + rm[:, None] * stride_ol + h * D + rd[None, :]
@@ -154,8 +179,12 @@ def _run(q: Tensor, k: Tensor, v: Tensor, grids: Tensor, sm_scale: float, pmin: 
     out = torch.empty((b, lq, h * d), device=q.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
+    k_sum = torch.empty((b * h, lk), device=q.device, dtype=torch.int32)
+    v_sum = torch.empty((b * h, d), device=q.device, dtype=torch.int32)
+    _sums_kernel[(b * h,)](k, v, k_sum, v_sum, h, lk, d, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                           v.stride(1), v.stride(2), BLOCK_L=SUMS_BLOCK, BLOCK_D=max(32, triton.next_power_of_2(d)))
     _attention_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
-        q, k, v, out, grids, h, lq, lk, d, float(sm_scale), q.stride(0), q.stride(1), q.stride(2),
+        q, k, v, out, grids, k_sum, v_sum, h, lq, lk, d, float(sm_scale), q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         float(pmin), float(pmax), max(16, triton.next_power_of_2(lk)), BLOCK_D=max(32, triton.next_power_of_2(d)))
     return out
