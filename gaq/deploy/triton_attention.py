@@ -25,6 +25,9 @@ one program takes ``BLOCK_M`` queries of one (sample, head):
   (a padded key has ``c_p = z_p``: it adds nothing);
 - the output ``(B, L_q, H * D)`` in the compute dtype, the output projection's input.
 
+Measured on an H200 (``bench/results/deploy/h200_dit_fused.md``) before the sums kernel, it was slower than the
+explicit form (16.3 against about 8 ms per DiT-XL/2 call), so ``deploy.attention_kernel`` defaults to ``explicit``.
+
 The result equals the fake-quantized attention up to float32 rounding of the softmax: ``exp2`` and one
 division per row instead of ``exp`` and one per probability can move a probability across a grid boundary
 (rare; one code). Integer sums stay below 2^31 for up to :data:`MAX_KEYS` keys.
