@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from gaq.deploy import triton_attention
 from gaq.deploy.config import DeployConfig
-from gaq.deploy.layers import DeployedFakeQuant, DeployedLinear, triton_ready
+from gaq.deploy.layers import DeployedFakeQuant, DeployedLinear, use_triton
 from gaq.errors import check
 from gaq.quant.attention import QuantAttnProcessor
 from gaq.quant.quantizer import ActQuantizer
@@ -48,11 +48,7 @@ class DeployedAttnProcessor(QuantAttnProcessor):
     def _fused(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor,
                attention_mask: Tensor | None) -> bool:
         """Whether this call runs the one-kernel attention (see :class:`DeployedAttnProcessor`)."""
-        if self.kernel == "explicit":
-            return False
-        if not triton_ready(hidden_states.device, explicit=self.kernel == "triton"):
-            check(self.kernel != "triton", f"attention {self.path}: the Triton kernel needs a CUDA device and triton "
-                  "installed; set deploy.attention_kernel: auto")
+        if not use_triton(self.kernel, hidden_states.device, f"attention {self.path}", "attention_kernel"):
             return False
         projections = (attn.to_q, attn.to_k, attn.to_v)
         if attention_mask is not None or attn.norm_q is not None or attn.norm_k is not None or not all(

@@ -45,6 +45,17 @@ def triton_ready(device: torch.device, explicit: bool) -> bool:
     return triton_kernels.AVAILABLE and (device.type == "cuda" or (explicit and triton_kernels.INTERPRET))
 
 
+def use_triton(which: str, device: torch.device, what: str, key: str) -> bool:
+    """Whether a call on ``device`` runs gaq's Triton kernel by the setting ``deploy.<key>`` = ``which`` (``triton``:
+    always, refused where Triton cannot run; ``auto``: where it runs on a CUDA device; anything else: never);
+    ``what`` names the caller in the refusal."""
+    if which == "triton":
+        check(triton_ready(device, explicit=True), f"{what}: the Triton kernel needs a CUDA device and triton "
+              f"installed; set deploy.{key}: auto")
+        return True
+    return which == "auto" and triton_ready(device, explicit=False)
+
+
 def _one_pass(x: Tensor) -> bool:
     """Whether ``x`` is quantized by a one-pass Triton kernel of :mod:`gaq.deploy.triton_quant`: on a CUDA device with
     triton, outside torch.compile (which fuses the torch ops into the op producing ``x`` instead)."""
@@ -289,13 +300,7 @@ class DeployedLayer(_KeepDtype):
 
     def _use_triton(self, device: torch.device, key: str) -> bool:
         """Whether this call runs gaq's Triton kernel, by ``deploy.<key>`` (``auto``, ``triton`` or a torch path)."""
-        which = getattr(self.config, key)
-        if which == "triton":
-            ready = triton_ready(device, explicit=True)
-            check(ready, f"layer {self.path}: the Triton kernel needs a CUDA device and triton installed; "
-                  f"set deploy.{key}: auto")
-            return True
-        return which == "auto" and triton_ready(device, explicit=False)
+        return use_triton(getattr(self.config, key), device, f"layer {self.path}", key)
 
     def _integer_weights(self, part: _Part) -> triton_kernels.GemmWeights:
         """The weight of an int8-activation Triton GEMM: 4-bit codes unpacked per call where ``deploy.int4_unpack``

@@ -34,11 +34,10 @@ division per row instead of ``exp`` and one per probability can move a probabili
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
+from gaq.deploy.triton_kernels import INTERPRET
 from gaq.errors import check
 
 try:
@@ -167,8 +166,7 @@ def _prune_attention(configs, named_args, **kwargs):
 
 
 if AVAILABLE:
-    _interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    _candidates = [(16, 32, 4, 1)] if _interpret else ATTENTION_CONFIGS
+    _candidates = [(16, 32, 4, 1)] if INTERPRET else ATTENTION_CONFIGS
     _attention_tuned = triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _candidates],
         key=["lk_bucket", "LQ", "D"], prune_configs_by={"early_config_prune": _prune_attention})(
