@@ -16,7 +16,8 @@ batch size, per variant:
   (``int4_unpack: in_kernel``) instead of once per call (the default, ``per_call``; before 2026-12-03 the default
   was ``in_kernel`` and the per-call variant was named ``*_unpacked``); ``*_fused``: the one-kernel quantized
   attention (``attention_kernel: triton``) and the feed-forward GELU in the first GEMM's epilogue
-  (``fuse_feedforward``), both off by default; ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
+  (``fuse_feedforward``), both off by default; ``*_tma``: the linear kernel reading its operands through TMA
+  descriptors, persistent over its output tiles (``gemm_loads: tma``); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
   activation quantization and the attention operands' fake quantization into the ops around them; gaq's
   Triton GEMMs stay whole, as custom operators).
 
@@ -56,12 +57,15 @@ from gaq.provenance import device_name, git_commit  # noqa: E402
 from gaq.quant import QuantConfig, WeightRangeConfig, calibrate_activations, quantize  # noqa: E402
 
 ARCHS = ("imagenet-dit-xl2", "lsun-bedrooms-ldm4", "cifar10-ddpm")
-#: the paper configs' presets (configs/paper/*.yaml)
-PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "imagenet-dit-xl2": "qdiff_compat"}
+#: the paper configs' presets (configs/paper/*.yaml); before 2026-12-04 the bench ran DiT-XL/2 under qdiff_compat
+#: (attention operands quantized, so explicit attention) while its paper config says tfmq_compat: ``--preset``
+#: reproduces those runs
+PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "imagenet-dit-xl2": "tfmq_compat"}
 VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy_w8a8", "deploy_w4a8")
 EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a32_compile", "deploy_w8a8_compile",
                   "deploy_w4a8_compile", "deploy_w4a8_inkernel", "deploy_w4a8_inkernel_compile", "deploy_w4a8_fused",
-                  "deploy_w4a8_fused_compile", "deploy_w8a8_fused_compile")
+                  "deploy_w4a8_fused_compile", "deploy_w8a8_fused_compile", "deploy_w4a8_tma_compile",
+                  "deploy_w8a8_tma_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--batches", nargs="+", type=int, default=[64, 1, 16, 256])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
+    p.add_argument("--preset", default=None, help="quantization preset of every architecture (default: its paper "
+                   "config's, PRESETS)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the timed trajectory and of the per-step scales")
     p.add_argument("--reps", type=int, default=10, help="timed calls per configuration (fewer when a call is slow)")
     p.add_argument("--call_budget_s", type=float, default=2.0, help="timed seconds per configuration at most")
@@ -129,8 +135,9 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 class Arch:
     """One architecture: its FP model, timesteps, inputs and call."""
 
-    def __init__(self, name: str, device: torch.device, quick: bool, steps: int):
+    def __init__(self, name: str, device: torch.device, quick: bool, steps: int, preset: str | None = None):
         den, self.info = build_paper_denoiser(name, device, quick=quick, decoder=False)
+        self.preset = preset or PRESETS[name]
         self.name, self.fp, self.device = name, den.model, device
         self.shape = tuple(den.sample_shape)
         self.is_unet = "UNet" in type(self.fp).__name__
@@ -155,7 +162,7 @@ class Arch:
     def fake(self, w_bits: int, a_bits: int) -> torch.nn.Module:
         """The fake-quantized model, round-to-nearest weights, activations calibrated on random batches
         (on the host; moved to the device while it is measured)."""
-        cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, preset=PRESETS[self.name], w_range=WeightRangeConfig(method="minmax"))
+        cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, preset=self.preset, w_range=WeightRangeConfig(method="minmax"))
         q = quantize(self.fp, cfg, timesteps=self.timesteps)
         if a_bits < 32:
             g = torch.Generator(device=self.device).manual_seed(0)
@@ -199,7 +206,7 @@ def build_variant(arch: Arch, variant: str, fakes: dict, compile_mode: str = "de
                        conv_kernel="im2col" if intmm else "auto",
                        int4_unpack="in_kernel" if "_inkernel" in variant else "per_call",
                        attention_kernel="triton" if "_fused" in variant else "explicit",
-                       fuse_feedforward="_fused" in variant)
+                       fuse_feedforward="_fused" in variant, gemm_loads="tma" if "_tma" in variant else "pointer")
     m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
     fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):
@@ -352,8 +359,8 @@ def main() -> None:
     print(json.dumps({"quantizer_check": res["quantizer_check"]}), flush=True)
     start = time.perf_counter()
     for name in args.archs:
-        arch = Arch(name, dev, args.quick, args.steps)
-        info = res["archs"][name] = {**arch.info, "variants": {}}
+        arch = Arch(name, dev, args.quick, args.steps, args.preset)
+        info = res["archs"][name] = {**arch.info, "preset": arch.preset, "variants": {}}
         fakes: dict = {}
         for variant in args.variants:
             if time.perf_counter() - start > args.budget_s:

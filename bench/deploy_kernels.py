@@ -95,6 +95,9 @@ def exactness(dev, quick: bool) -> list[dict]:
             ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(act[0], per), sw, bias, torch.float32)
             row = {"kind": "linear", "bits": bits, "M": batch * per, "K": k, "N": n,
                    "integer_mismatches": int((y != ref).sum()), "elements": y.numel()}
+            flat = triton_kernels.unpacked(w) if bits == 4 else w  # the TMA kernel reads int8 codes
+            y = triton_kernels.linear(a, flat, bias, per, (act[0], act[2]), torch.float32, tma=True)
+            row["tma_integer_mismatches"] = int((y != ref).sum())
             if bits == 4:
                 yw = triton_kernels.linear(x.to(wo_dtype), w, bias, per, None, torch.float32)
                 w_ref = ((b.float() - zw[:, None].float()) * sw[:, None]).to(wo_dtype).float()
@@ -171,7 +174,11 @@ def speed(dev, reps_ms: int) -> list[dict]:
                     # folded, one pass) and the int8 kernel without row sums
                     times["unpack+gemm_w4a8"] = bench(lambda: triton_kernels.linear(
                         a, triton_kernels.unpacked(w), None, per, grid, torch.bfloat16))
+                    times["unpack+gemm_w4a8_tma"] = bench(lambda: triton_kernels.linear(
+                        a, triton_kernels.unpacked(w), None, per, grid, torch.bfloat16, tma=True))
                 if bits == 8:
+                    times["gemm_w8a8_tma"] = bench(lambda: triton_kernels.linear(a, w, None, per, grid, torch.bfloat16,
+                                                                                 tma=True))
                     bt = b.T  # column-major second operand, as torch._int_mm wants it
                     times["int_mm"] = bench(lambda: torch._int_mm(a, bt))
                     times["quant+int_mm"] = bench(lambda: torch._int_mm(_codes(xs, act).view(m, k), bt))
@@ -215,9 +222,11 @@ def markdown(result: dict) -> str:
         shape = f"M {r['M']} K {r['K']} N {r['N']}" if r["kind"] == "linear" else f"C {r['C']} HW {r['HW']} N {r['N']}"
         wo = r.get("weight_only_bf16")
         wo = f"{wo['rel_l2']:.2e} / {wo['max_abs']:.2e}" if wo else "-"
-        lines.append(f"| {r['kind']} | W{r['bits']} | {shape} | {r['integer_mismatches']} of {r['elements']} | {wo} |")
-    variants = ["triton_w4a8", "triton_w8a8", "gemm_w4a8", "gemm_w8a8", "unpack+gemm_w4a8", "triton_w4a16",
-                "int_mm", "quant+int_mm", "bf16"]
+        mismatches = r["integer_mismatches"] if "tma_integer_mismatches" not in r else \
+            f"{r['integer_mismatches']} (TMA kernel {r['tma_integer_mismatches']})"
+        lines.append(f"| {r['kind']} | W{r['bits']} | {shape} | {mismatches} of {r['elements']} | {wo} |")
+    variants = ["triton_w4a8", "triton_w8a8", "gemm_w4a8", "gemm_w8a8", "gemm_w8a8_tma", "unpack+gemm_w4a8",
+                "unpack+gemm_w4a8_tma", "triton_w4a16", "int_mm", "quant+int_mm", "bf16"]
     lines += ["", "## Speed (ms, median; TOP/s; share of the roofline)", "",
               "| shape | M | K | N | " + " | ".join(variants) + " |", "|---" * (4 + len(variants)) + "|"]
     for r in result["speed"]:

@@ -159,6 +159,35 @@ def test_a_gemm_epilogue_hands_the_next_layer_its_input_codes(activation, bits):
     assert torch.equal(sums, codes.sum(dim=1, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("bits,zero_points", [(4, True), (8, True), (8, False)])
+@pytest.mark.parametrize("batch,rows,k,n", [(2, 5, 48, 20), (3, 7, 80, 40), (1, 3, 37, 33)])  # K 37: rows not aligned
+def test_the_tma_kernel_computes_what_the_pointer_kernel_does(bits, zero_points, batch, rows, k, n, monkeypatch):
+    # persistent over 4 programs in the interpreter, so the programs walk several output tiles; rows past M and
+    # reduction indices past K read as zeros from the descriptors; a call that does not qualify takes the pointer kernel
+    g = torch.Generator().manual_seed(bits * 10 + k)
+    b, w, sw, zw = _weights(n, k, bits, g, zero_points)
+    w = triton_kernels.unpacked(w) if bits == 4 else w
+    scale, zero, row_zero, qmin, qmax, offset = _act_grid(batch, g)
+    a = kernels.activation_codes(torch.randn(batch, rows * k, generator=g), scale, zero, qmin, qmax, offset).reshape(-1, k)
+    bias = torch.randn(n, generator=g)
+    acc = kernels.linear_reference(a, b, kernels.per_row(row_zero, rows), zw)
+    ref = kernels.epilogue(acc.to(torch.int32), kernels.per_row(scale, rows), sw, bias, torch.float32)
+    assert triton_kernels.tma_ready(a.device)
+    launches, run = [], triton_kernels._linear_tma_tuned.run
+    monkeypatch.setattr(triton_kernels._linear_tma_tuned, "run", lambda *x, **kw: launches.append(1) or run(*x, **kw))
+    assert torch.equal(triton_kernels.linear(a, w, bias, rows, (scale, row_zero), torch.float32, tma=True), ref)
+    out_grid = (torch.full((batch,), 0.05), torch.tensor([120.0, 128.0, 131.0])[:batch], qmin, qmax, offset)
+    pointer = triton_kernels.linear_codes(a, w, bias, rows, (scale, row_zero), "gelu_tanh", out_grid, True)
+    tma = triton_kernels.linear_codes(a, w, bias, rows, (scale, row_zero), "gelu_tanh", out_grid, True, tma=True)
+    assert torch.equal(tma[0], pointer[0]) and torch.equal(tma[1], pointer[1])
+    assert len(launches) == (0 if k % 16 else 2)
+
+
+def test_deploy_gemm_loads_is_checked():
+    with pytest.raises(GaqError, match="gemm_loads"):
+        DeployConfig(gemm_loads="cp.async")
+
+
 def _dit():
     from diffusers import DiTTransformer2DModel
     torch.manual_seed(0)

@@ -37,6 +37,10 @@ class DeployConfig:
             codes per byte unpacked in registers inside the GEMM's loop) or ``per_call`` (unpacked once per call
             into a temporary int8 matrix with the zero point subtracted, one pass, then the plain int8 GEMM: the
             resident weights stay packed, the temporary lives for one layer call).
+        gemm_loads: how gaq's Triton linear kernel reads its int8 operands (int8 activations with 8-bit or per-call
+            unpacked 4-bit weights): ``pointer`` (per-thread loads, a program per output tile, any GPU), ``tma``
+            (tensor-memory-accelerator descriptors, persistent over the output tiles, GPUs of compute capability 9.0
+            and later; other calls and devices take the pointer kernel), or ``auto``: ``tma`` where it runs.
         attention_kernel: attention whose query, key, value and probabilities are quantized: ``triton`` (the
             projections quantize their outputs in their GEMMs and one kernel computes the quantized attention on the
             int8 codes, :mod:`gaq.deploy.triton_attention`, where it covers the call: no mask, no query / key norm,
@@ -60,6 +64,7 @@ class DeployConfig:
     # under torch.compile: the GEMM kernels took 19.3 ms per call with the codes unpacked per call against 29.5 ms
     # unpacking in the loop (52.6 against 54.0 ms per call); eager and the UNets' convs were not measured this way
     int4_unpack: Literal["in_kernel", "per_call"] = "per_call"
+    gemm_loads: Literal["auto", "pointer", "tma"] = "pointer"
     # default explicit, measured on an H200 (bench/results/deploy/h200_dit_fused.md), DiT-XL/2 W4A8 at batch 64 under
     # torch.compile with CUDA graphs: 53.5 ms per call with the one-kernel attention (16.3 ms in its 28 launches, its
     # one-pass blocks spill registers) against 44.0 ms with the explicit form
@@ -77,6 +82,8 @@ class DeployConfig:
               f"deploy.conv_kernel must be 'auto', 'triton' or 'im2col', got {self.conv_kernel!r}")
         check(self.weight_only_kernel in ("auto", "triton", "dequantize"),
               f"deploy.weight_only_kernel must be 'auto', 'triton' or 'dequantize', got {self.weight_only_kernel!r}")
+        check(self.gemm_loads in ("auto", "pointer", "tma"),
+              f"deploy.gemm_loads must be 'auto', 'pointer' or 'tma', got {self.gemm_loads!r}")
         check(self.attention_kernel in ("auto", "triton", "explicit"),
               f"deploy.attention_kernel must be 'auto', 'triton' or 'explicit', got {self.attention_kernel!r}")
         check(isinstance(self.fuse_feedforward, bool),

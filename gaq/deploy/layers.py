@@ -368,12 +368,17 @@ class DeployedLinear(DeployedLayer):
         scale, zero, _ = grid
         return part.act.rows(x2, scale, zero, x2.shape[0] // scale.shape[0], rowsum=not w.zero_free)
 
-    @staticmethod
-    def _gemm(a: Tensor, rowsum: Tensor | None, grid: tuple[Tensor, Tensor, Tensor], w: triton_kernels.GemmWeights,
-              bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    def _gemm(self, a: Tensor, rowsum: Tensor | None, grid: tuple[Tensor, Tensor, Tensor],
+              w: triton_kernels.GemmWeights, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         """The Triton GEMM of input codes ``a`` in ``grid``."""
         scale, _, row_zero = grid
-        return triton_kernels.linear(a, w, bias, a.shape[0] // scale.shape[0], (scale, row_zero), dtype, rowsum)
+        return triton_kernels.linear(a, w, bias, a.shape[0] // scale.shape[0], (scale, row_zero), dtype, rowsum,
+                                     self._tma(a.device))
+
+    def _tma(self, device: torch.device) -> bool:
+        """Whether the linear kernel reads its operands through TMA descriptors (``deploy.gemm_loads``)."""
+        loads = self.config.gemm_loads
+        return loads == "tma" or (loads == "auto" and triton_kernels.tma_ready(device))
 
     def fuses_output(self, x: Tensor) -> bool:
         """Whether this layer's output can leave its kernel as the next layer's int8 codes
@@ -396,7 +401,7 @@ class DeployedLinear(DeployedLayer):
         a, in_rowsum = self._input_codes(x.reshape(-1, part.k), part, in_grid, w)
         scale, _, row_zero = in_grid
         return triton_kernels.linear_codes(a, w, self.bias, a.shape[0] // scale.shape[0], (scale, row_zero), activation,
-                                           (*grid, *code_range), rowsum, in_rowsum)
+                                           (*grid, *code_range), rowsum, in_rowsum, self._tma(a.device))
 
     def from_codes(self, a: Tensor, rowsum: Tensor | None, lead: torch.Size) -> Tensor:
         """This layer's output ``(*lead, N)`` of its input codes ``a`` ``(M, K)`` from :meth:`codes_out` (``lead``: the

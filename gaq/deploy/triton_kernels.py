@@ -48,6 +48,10 @@ try:
     AVAILABLE = True
 except ImportError:  # CPU installs without triton: gaq.deploy falls back to torch._int_mm
     triton, tl, AVAILABLE = None, None, False
+try:  # host-side tensor-memory-accelerator descriptors (Triton 3.4 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 #: Activations the linear kernel's epilogue applies before quantizing its output for the next layer (the
 #: ``ACT`` constant of the kernel): diffusers' ``GELU`` module, ``F.gelu`` with ``approximate`` none or tanh.
@@ -129,18 +133,30 @@ def unpacked(w: GemmWeights) -> GemmWeights:
 UNPACK_BLOCK = 512
 
 
-def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
+def _configs(shapes: list[tuple[int, int, int, int, int]], pre_hook=None) -> list:
     """Autotune candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``; one small one in the interpreter."""
     if INTERPRET:
         shapes = [(32, 32, 32, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                          pre_hook=pre_hook) for m, n, k, w, s in shapes]
 
 
 #: Candidates for the GEMMs of diffusion models on Hopper-class GPUs (int8 MMAs want K tiles of 128 bytes):
 #: N from 32 to 6,912, K from 16 to 4,608, M from one row per sample to 65,536 tokens.
 GEMM_SHAPES = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
                (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 64, 4, 4)]
+
+
+#: Candidates of the TMA kernel: every stage holds a (BLOCK_M + BLOCK_N) x BLOCK_K operand tile in shared memory
+#: (at most 3 x 48 KB here, of the 227 KB an H100 / H200 block may use).
+TMA_SHAPES = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3),
+              (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
+
+
+def _tma_blocks(nargs: dict) -> None:
+    """Autotune pre-hook: the candidate's operand tiles as the descriptors' block shapes."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -191,8 +207,12 @@ if AVAILABLE:
 
     @triton.jit
     def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """Row and column block of this program, grouped along M so neighbours share weight tiles in L2."""
-        pid = tl.program_id(0)
+        """Row and column block of this program (:func:`_tile_of`)."""
+        return _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    @triton.jit
+    def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Row and column block of output tile ``pid``, grouped along M so neighbours share weight tiles in L2."""
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n
@@ -305,6 +325,36 @@ if AVAILABLE:
                   (rm // rows) * out_grid_stride, os_ptr, oz_ptr, ors_ptr, oqmin, oqmax, ooffset)
 
     @triton.jit
+    def _linear_tma_kernel(x_desc, w_desc, out_ptr, bias_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr,
+                           os_ptr, oz_ptr, ors_ptr, M, N, K, rows, grid_stride, out_grid_stride, stride_om, m_bucket,
+                           oqmin, oqmax, ooffset,
+                           ZW: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, QOUT: tl.constexpr,
+                           QROWSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr):
+        """The integer mode of :func:`_linear_kernel` with int8 weight codes, its operands read by the tensor memory
+        accelerator (one descriptor each; rows and reduction indices past the ends read as zeros), persistent: each
+        program walks output tiles ``program_id, program_id + programs, ...``, so the loads of its next tile are
+        issued while the current one's epilogue runs."""
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                x = x_desc.load([pid_m * BLOCK_M, k0])
+                b = w_desc.load([pid_n * BLOCK_N, k0])
+                acc = tl.dot(x, b.T, acc, out_dtype=tl.int32)
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_m, mask_n = rm < M, rn < N
+            if ZW:
+                rowsum = tl.load(rs_ptr + rm, mask=mask_m, other=0)
+            else:
+                rowsum = rm
+            _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, (rm // rows) * grid_stride, out_ptr, stride_om, bias_ptr,
+                      sx_ptr, zx_ptr, sw_ptr, zw_ptr, cs_ptr, K, True, ZW, HAS_BIAS, ACT, QOUT, QROWSUM,
+                      (rm // rows) * out_grid_stride, os_ptr, oz_ptr, ors_ptr, oqmin, oqmax, ooffset)
+
+    @triton.jit
     def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, sx_ptr, zx_ptr, sw_ptr, zw_ptr, cs_ptr,
                      M, N, K, C, H, W, HO, WO, grid_stride, stride_xb, stride_xh, stride_xw, stride_wn, stride_om,
                      SH, SW, PH, PW, m_bucket,
@@ -361,6 +411,8 @@ if AVAILABLE:
                                     **_tune)(_linear_kernel)
     _conv_tuned = triton.autotune(_configs(GEMM_SHAPES), key=["m_bucket", "N", "K", "C", "W4", "INTEGER", "ZW"],
                                   **_tune)(_conv_kernel)
+    _linear_tma_tuned = triton.autotune(_configs(TMA_SHAPES, _tma_blocks),
+                                        key=["m_bucket", "N", "K", "ZW", "ACT", "QOUT"], **_tune)(_linear_tma_kernel)
 
 
 #: The largest candidate BLOCK_K; every candidate's (and the interpreter's 32) divides it.
@@ -398,19 +450,51 @@ def _grid_args(x: Tensor, batch: int, act: tuple[Tensor, Tensor] | None, w: Gemm
     return (scale.float().contiguous(), row_zero.to(torch.int32).contiguous()), stride
 
 
+def tma_ready(device: torch.device) -> bool:
+    """Whether the TMA linear kernel can run on ``device``: Triton with host-side descriptors and a GPU of compute
+    capability 9.0 (Hopper) or later, or Triton's interpreter."""
+    if not AVAILABLE or TensorDescriptor is None:
+        return False
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_fits(t: Tensor) -> bool:
+    """Whether an int8 matrix can be a TMA operand: 16-byte aligned start and row stride, contiguous rows."""
+    return t.dtype == torch.int8 and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of the persistent kernel: one per streaming multiprocessor (4 in the interpreter)."""
+    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
                    bias: Tensor | None, rows: int, grid_stride: int, act_scale: Tensor, act_zero: Tensor,
                    rowsum: Tensor | None, zw: bool, integer: bool, out: Tensor, activation: int = 0,
                    out_grid: tuple[Tensor, Tensor, int, list[float]] | None = None,
-                   out_rowsum: Tensor | None = None) -> None:
+                   out_rowsum: Tensor | None = None, tma: bool = False) -> None:
     """One launch of the linear kernel into ``out``; ``out_grid`` = (scale, zero, grid stride, [qmin, qmax,
     offset]) of the next layer's input quantizer makes ``out`` its int8 codes (``out_rowsum``: their row sums,
-    added to a zeroed buffer)."""
+    added to a zeroed buffer). ``tma``: the TMA kernel where the call qualifies (int8 codes on both sides, aligned;
+    :func:`tma_ready`), the pointer kernel otherwise."""
     m, n = x.shape[0], codes.shape[0]
     if m == 0:
         return
     o_scale, o_zero, o_stride, (o_min, o_max, o_off) = out_grid if out_grid is not None else (
         scale, scale, 0, [0.0, 0.0, 0.0])
+    if tma and integer and bits == 8 and _tma_fits(x) and _tma_fits(codes) and tma_ready(x.device):
+        programs = _programs(x.device)
+        _linear_tma_tuned[lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)](
+            TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 16]),
+            TensorDescriptor(codes, list(codes.shape), list(codes.stride()), [1, 16]),
+            out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale, zero,
+            col_sum, o_scale, o_zero, out_rowsum if out_rowsum is not None else zero, m, n, k, rows, grid_stride,
+            o_stride, out.stride(0), _bucket(m), float(o_min), float(o_max), float(o_off),
+            ZW=zw, HAS_BIAS=bias is not None, ACT=int(activation), QOUT=out_grid is not None,
+            QROWSUM=out_rowsum is not None)
+        return
     _linear_tuned[_grid(m, n)](
         x, codes, out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale,
         zero, col_sum, o_scale, o_zero, out_rowsum if out_rowsum is not None else zero, m, n, k, rows, grid_stride,
@@ -421,22 +505,24 @@ def _launch_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, z
 
 def _run_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
                 bias: Tensor | None, rows: int, grid_stride: int, act_scale: Tensor, act_zero: Tensor,
-                rowsum: Tensor | None, zw: bool, integer: bool, out_dtype: torch.dtype) -> Tensor:
+                rowsum: Tensor | None, zw: bool, integer: bool, out_dtype: torch.dtype, tma: bool) -> Tensor:
     out = torch.empty((x.shape[0], codes.shape[0]), device=x.device, dtype=out_dtype)
     _launch_linear(x, codes, bits, k, scale, zero, col_sum, bias, rows, grid_stride, act_scale, act_zero, rowsum, zw,
-                   integer, out)
+                   integer, out, tma=tma)
     return out
 
 
 def _run_linear_codes(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
                       bias: Tensor | None, rows: int, grid_stride: int, act_scale: Tensor, act_zero: Tensor,
                       rowsum: Tensor | None, zw: bool, activation: int, out_scale: Tensor, out_zero: Tensor,
-                      out_grid_stride: int, out_range: list[float], out_rowsum: bool) -> tuple[Tensor, Tensor]:
+                      out_grid_stride: int, out_range: list[float], out_rowsum: bool,
+                      tma: bool) -> tuple[Tensor, Tensor]:
     m, n = x.shape[0], codes.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=torch.int8)
     sums = torch.zeros((m if out_rowsum else 0,), device=x.device, dtype=torch.int32)
     _launch_linear(x, codes, bits, k, scale, zero, col_sum, bias, rows, grid_stride, act_scale, act_zero, rowsum, zw,
-                   True, out, activation, (out_scale, out_zero, out_grid_stride, out_range), sums if out_rowsum else None)
+                   True, out, activation, (out_scale, out_zero, out_grid_stride, out_range), sums if out_rowsum else None,
+                   tma)
     return out, sums
 
 
@@ -470,15 +556,16 @@ if AVAILABLE:
     _linear_op = torch.library.custom_op("gaq::triton_linear", _run_linear, mutates_args=(), schema=(
         "(Tensor x, Tensor codes, int bits, int k, Tensor scale, Tensor zero, Tensor col_sum, Tensor? bias, int rows, "
         "int grid_stride, Tensor act_scale, Tensor act_zero, Tensor? rowsum, bool zw, bool integer, "
-        "ScalarType out_dtype) -> Tensor"))
-    _linear_op.register_fake(lambda x, codes, *args: x.new_empty((x.shape[0], codes.shape[0]), dtype=args[-1]))
+        "ScalarType out_dtype, bool tma) -> Tensor"))
+    _linear_op.register_fake(lambda x, codes, *args: x.new_empty((x.shape[0], codes.shape[0]), dtype=args[-2]))
     _linear_codes_op = torch.library.custom_op("gaq::triton_linear_codes", _run_linear_codes, mutates_args=(), schema=(
         "(Tensor x, Tensor codes, int bits, int k, Tensor scale, Tensor zero, Tensor col_sum, Tensor? bias, int rows, "
         "int grid_stride, Tensor act_scale, Tensor act_zero, Tensor? rowsum, bool zw, int activation, "
-        "Tensor out_scale, Tensor out_zero, int out_grid_stride, float[] out_range, bool out_rowsum) -> (Tensor, Tensor)"))
+        "Tensor out_scale, Tensor out_zero, int out_grid_stride, float[] out_range, bool out_rowsum, bool tma) -> "
+        "(Tensor, Tensor)"))
     _linear_codes_op.register_fake(lambda x, codes, *args: (
         x.new_empty((x.shape[0], codes.shape[0]), dtype=torch.int8),
-        x.new_empty((x.shape[0] if args[-1] else 0,), dtype=torch.int32)))
+        x.new_empty((x.shape[0] if args[-2] else 0,), dtype=torch.int32)))
     _conv_op = torch.library.custom_op("gaq::triton_conv2d", _run_conv, mutates_args=(), schema=(
         "(Tensor x, Tensor codes, int bits, int k, Tensor scale, Tensor zero, Tensor col_sum, Tensor? bias, "
         "int[] geometry, int grid_stride, Tensor act_scale, Tensor act_zero, bool zw, bool integer, "
@@ -488,7 +575,7 @@ if AVAILABLE:
 
 
 def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple[Tensor, Tensor] | None,
-           out_dtype: torch.dtype, rowsum: Tensor | None = None) -> Tensor:
+           out_dtype: torch.dtype, rowsum: Tensor | None = None, tma: bool = False) -> Tensor:
     """``y = x_hat @ w_hat^T + bias`` ``(M, N)`` in one kernel.
 
     Args:
@@ -501,11 +588,13 @@ def linear(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple
         out_dtype: the output dtype.
         rowsum: int32 ``rowsum(a)`` ``(M,)`` where the caller has it (8-bit weights with a zero point need it;
             computed here otherwise).
+        tma: run the persistent TMA kernel where the call qualifies (int8 activations and int8 weight codes, 16-byte
+            aligned rows, :func:`tma_ready`); the pointer kernel otherwise.
     """
     x, batch, (p_s, p_zx), stride, zw, rowsum = _linear_args(x, w, rows, act, rowsum)
     run = _linear_op if torch.compiler.is_compiling() else _run_linear
     return run(x, w.codes, w.bits, w.k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
-               rowsum if zw else None, zw, act is not None, out_dtype)
+               rowsum if zw else None, zw, act is not None, out_dtype, tma)
 
 
 def _linear_args(x: Tensor, w: GemmWeights, rows: int, act: tuple[Tensor, Tensor] | None, rowsum: Tensor | None):
@@ -526,13 +615,13 @@ def _linear_args(x: Tensor, w: GemmWeights, rows: int, act: tuple[Tensor, Tensor
 
 def linear_codes(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act: tuple[Tensor, Tensor],
                  activation: str, out_grid: tuple[Tensor, Tensor, int, int, int], out_rowsum: bool,
-                 rowsum: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                 rowsum: Tensor | None = None, tma: bool = False) -> tuple[Tensor, Tensor | None]:
     """The next layer's int8 input codes of ``activation(x_hat @ w_hat^T + bias)``, in one kernel: the integer GEMM of
     :func:`linear`, its epilogue applying ``activation`` (:data:`ACTIVATIONS`) in float32 and quantizing with the
     next layer's grid, so the float output never reaches memory.
 
     Args:
-        x, w, bias, rows, act, rowsum: as :func:`linear`'s (int8 activations only).
+        x, w, bias, rows, act, rowsum, tma: as :func:`linear`'s (int8 activations only).
         activation: a key of :data:`ACTIVATIONS`.
         out_grid: ``(scale, zero, qmin, qmax, offset)`` of the next layer's input quantizer (per sample or one, as
             ``act``): codes ``clamp(round(y / s) + z, qmin, qmax) - offset``.
@@ -548,7 +637,8 @@ def linear_codes(x: Tensor, w: GemmWeights, bias: Tensor | None, rows: int, act:
     run = _linear_codes_op if torch.compiler.is_compiling() else _run_linear_codes
     codes, sums = run(x, w.codes, w.bits, w.k, w.scale, w.zero, w.col_sum, bias, max(1, rows), stride, p_s, p_zx,
                       rowsum if zw else None, zw, ACTIVATIONS[activation], o_scale.float().contiguous(),
-                      o_zero.float().contiguous(), o_stride, [float(o_min), float(o_max), float(o_off)], out_rowsum)
+                      o_zero.float().contiguous(), o_stride, [float(o_min), float(o_max), float(o_off)], out_rowsum,
+                      tma)
     return codes, sums if out_rowsum else None
 
 
