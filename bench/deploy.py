@@ -17,7 +17,7 @@ batch size, per variant:
   was ``in_kernel`` and the per-call variant was named ``*_unpacked``); ``*_fused``: the one-kernel quantized
   attention (``attention_kernel: triton``) and the feed-forward GELU in the first GEMM's epilogue
   (``fuse_feedforward``), both off by default; ``*_tma``: the linear kernel reading its operands through TMA
-  descriptors, persistent over its output tiles (``gemm_loads: tma``); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
+  descriptors, persistent over its output tiles (``gemm_loads: tma``; ``*_tmaauto``: ``auto``, TMA for the long GEMMs); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
   activation quantization and the attention operands' fake quantization into the ops around them; gaq's
   Triton GEMMs stay whole, as custom operators).
 
@@ -65,7 +65,7 @@ VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy
 EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a32_compile", "deploy_w8a8_compile",
                   "deploy_w4a8_compile", "deploy_w4a8_inkernel", "deploy_w4a8_inkernel_compile", "deploy_w4a8_fused",
                   "deploy_w4a8_fused_compile", "deploy_w8a8_fused_compile", "deploy_w4a8_tma_compile",
-                  "deploy_w8a8_tma_compile")
+                  "deploy_w8a8_tma_compile", "deploy_w4a8_tmaauto_compile", "deploy_w8a8_tmaauto_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -206,7 +206,7 @@ def build_variant(arch: Arch, variant: str, fakes: dict, compile_mode: str = "de
                        conv_kernel="im2col" if intmm else "auto",
                        int4_unpack="in_kernel" if "_inkernel" in variant else "per_call",
                        attention_kernel="triton" if "_fused" in variant else "explicit",
-                       fuse_feedforward="_fused" in variant, gemm_loads="tma" if "_tma" in variant else "pointer")
+                       fuse_feedforward="_fused" in variant, gemm_loads="auto" if "_tmaauto" in variant else "tma" if "_tma" in variant else "pointer")
     m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
     fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):

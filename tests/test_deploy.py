@@ -222,6 +222,20 @@ def test_a_bf16_deployed_model_takes_float32_inputs_and_keeps_the_timestep_exact
     assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [999.0, 1.0]
 
 
+def test_the_step_lookup_holds_its_device_timesteps_from_deploy_not_from_a_compiled_call():
+    # copies made inside torch.compile are a compiled graph's outputs: under CUDA graphs their memory is reused by the
+    # next replay, so the lookup must not keep them (a later call read overwritten timesteps, seen on an H200)
+    from gaq.quant.step_context import StepContext
+    from gaq.quant.wrap import quant_info
+    ctx = StepContext(torch.tensor([999.0, 500.0, 1.0]))
+    lookup = torch.compile(ctx.steps_for_timesteps, backend="eager")
+    assert lookup(torch.tensor([480.0, 2.0])).tolist() == [1, 2] and ctx._device_cache == {}
+    ctx.keep_on("cpu")
+    assert list(ctx._device_cache) == [torch.device("cpu")]
+    d = deploy(copy.deepcopy(_calibrated(_unet())), DeployConfig(dtype="float32"))
+    assert list(quant_info(d).context._device_cache) == [torch.device("cpu")]
+
+
 def test_quantized_attention_operands_are_fake_quantized_in_one_pass_as_the_fake_quantizer_does():
     from gaq.deploy import DeployedFakeQuant, triton_quant
     from gaq.quant.quantizer import ActQuantizer

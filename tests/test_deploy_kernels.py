@@ -183,9 +183,16 @@ def test_the_tma_kernel_computes_what_the_pointer_kernel_does(bits, zero_points,
     assert len(launches) == (0 if k % 16 else 2)
 
 
-def test_deploy_gemm_loads_is_checked():
+def test_deploy_gemm_loads_is_checked_and_auto_takes_tma_for_the_long_gemms():
+    from types import SimpleNamespace
+    from gaq.deploy.layers import DeployedLinear
     with pytest.raises(GaqError, match="gemm_loads"):
         DeployConfig(gemm_loads="cp.async")
+    cpu, side = torch.device("cpu"), triton_kernels.TMA_MIN_SIDE  # the interpreter counts as a TMA device
+    for loads, widths, expected in [("auto", (side, 8), True), ("auto", (side - 1, side - 1), False),
+                                    ("tma", (8, 8), True), ("pointer", (side, side), False)]:
+        layer = SimpleNamespace(config=DeployConfig(gemm_loads=loads), in_features=widths[0], out_features=widths[1])
+        assert DeployedLinear._tma(layer, cpu) is expected
 
 
 def _dit():

@@ -113,6 +113,9 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
                 t.data = t.data.to(dtype)
     if info.context is not None:
         info.context.check_device_timesteps = config.check_device_timesteps
+        device = next((t.device for t in qmodel.buffers()), None)
+        if device is not None:  # the step lookup's timesteps on the device before any compiled call
+            info.context.keep_on(device)
     qmodel.register_forward_pre_hook(InputCast(dtype, timestep_argument(qmodel)), with_kwargs=True)
     qmodel.save_pretrained = DeployedSavePretrained()
     qmodel.gaq_deploy = config

@@ -40,7 +40,8 @@ class DeployConfig:
         gemm_loads: how gaq's Triton linear kernel reads its int8 operands (int8 activations with 8-bit or per-call
             unpacked 4-bit weights): ``pointer`` (per-thread loads, a program per output tile, any GPU), ``tma``
             (tensor-memory-accelerator descriptors, persistent over the output tiles, GPUs of compute capability 9.0
-            and later; other calls and devices take the pointer kernel), or ``auto``: ``tma`` where it runs.
+            and later; other calls and devices take the pointer kernel), or ``auto``: ``tma`` where it runs and the
+            layer's input or output width is at least ``triton_kernels.TMA_MIN_SIDE`` (where it measured faster).
         attention_kernel: attention whose query, key, value and probabilities are quantized: ``triton`` (the
             projections quantize their outputs in their GEMMs and one kernel computes the quantized attention on the
             int8 codes, :mod:`gaq.deploy.triton_attention`, where it covers the call: no mask, no query / key norm,

@@ -61,9 +61,20 @@ class StepContext:
         return 1 if self.timesteps is None else int(self.timesteps.numel())
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if device not in self._device_cache:
-            self._device_cache[device] = (self.timesteps.to(device), self.canonical.to(device))
-        return self._device_cache[device]
+        cached = self._device_cache.get(device)
+        if cached is None:
+            cached = (self.timesteps.to(device), self.canonical.to(device))
+            # not kept from inside torch.compile: there the copies are a compiled graph's outputs, whose memory CUDA
+            # graphs reuse on the next replay (a later call would read overwritten values; :meth:`keep_on` instead)
+            if not torch.compiler.is_compiling():
+                self._device_cache[device] = cached
+        return cached
+
+    def keep_on(self, device: torch.device | str) -> None:
+        """Hold the calibrated timesteps on ``device`` for the calls to come (call it outside torch.compile: the
+        model's calls then read these copies instead of making their own)."""
+        if self.timesteps is not None:
+            self._on(torch.device(device))
 
     def __deepcopy__(self, memo):  # device caches are not state
         new = StepContext.__new__(StepContext)
