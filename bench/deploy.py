@@ -16,8 +16,9 @@ batch size, per variant:
   (``int4_unpack: in_kernel``) instead of once per call (the default, ``per_call``; before 2026-12-03 the default
   was ``in_kernel`` and the per-call variant was named ``*_unpacked``); ``*_fused``: the one-kernel quantized
   attention (``attention_kernel: triton``) and the feed-forward GELU in the first GEMM's epilogue
-  (``fuse_feedforward``), both off by default; ``*_tma``: the linear kernel reading its operands through TMA
-  descriptors, persistent over its output tiles (``gemm_loads: tma``; ``*_tmaauto``: ``auto``, TMA for the long GEMMs); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
+  (``fuse_feedforward``), both off by default; ``*_pointer``: the linear kernel's per-thread loads instead of
+  the default TMA descriptors (``gemm_loads: pointer``; before 2026-12-04 the pointer kernel was the only one, and the
+  session's runs named the TMA variants ``*_tma``); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
   activation quantization and the attention operands' fake quantization into the ops around them; gaq's
   Triton GEMMs stay whole, as custom operators).
 
@@ -64,8 +65,8 @@ PRESETS = {"cifar10-ddpm": "tfmq_compat", "lsun-bedrooms-ldm4": "tfmq_compat", "
 VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy_w8a8", "deploy_w4a8")
 EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a32_compile", "deploy_w8a8_compile",
                   "deploy_w4a8_compile", "deploy_w4a8_inkernel", "deploy_w4a8_inkernel_compile", "deploy_w4a8_fused",
-                  "deploy_w4a8_fused_compile", "deploy_w8a8_fused_compile", "deploy_w4a8_tma_compile",
-                  "deploy_w8a8_tma_compile", "deploy_w4a8_tmaauto_compile", "deploy_w8a8_tmaauto_compile")
+                  "deploy_w4a8_fused_compile", "deploy_w8a8_fused_compile", "deploy_w4a8_pointer_compile",
+                  "deploy_w8a8_pointer_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -206,7 +207,7 @@ def build_variant(arch: Arch, variant: str, fakes: dict, compile_mode: str = "de
                        conv_kernel="im2col" if intmm else "auto",
                        int4_unpack="in_kernel" if "_inkernel" in variant else "per_call",
                        attention_kernel="triton" if "_fused" in variant else "explicit",
-                       fuse_feedforward="_fused" in variant, gemm_loads="auto" if "_tmaauto" in variant else "tma" if "_tma" in variant else "pointer")
+                       fuse_feedforward="_fused" in variant, gemm_loads="pointer" if "_pointer" in variant else "auto")
     m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
     fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):

@@ -183,16 +183,17 @@ def test_the_tma_kernel_computes_what_the_pointer_kernel_does(bits, zero_points,
     assert len(launches) == (0 if k % 16 else 2)
 
 
-def test_deploy_gemm_loads_is_checked_and_auto_takes_tma_for_the_long_gemms():
+def test_deploy_gemm_loads_is_checked_and_auto_takes_tma_where_it_runs(monkeypatch):
     from types import SimpleNamespace
     from gaq.deploy.layers import DeployedLinear
     with pytest.raises(GaqError, match="gemm_loads"):
         DeployConfig(gemm_loads="cp.async")
-    cpu, side = torch.device("cpu"), triton_kernels.TMA_MIN_SIDE  # the interpreter counts as a TMA device
-    for loads, widths, expected in [("auto", (side, 8), True), ("auto", (side - 1, side - 1), False),
-                                    ("tma", (8, 8), True), ("pointer", (side, side), False)]:
-        layer = SimpleNamespace(config=DeployConfig(gemm_loads=loads), in_features=widths[0], out_features=widths[1])
-        assert DeployedLinear._tma(layer, cpu) is expected
+    cpu = torch.device("cpu")  # the interpreter counts as a TMA device
+    for loads, expected in [("auto", True), ("tma", True), ("pointer", False)]:
+        assert DeployedLinear._tma(SimpleNamespace(config=DeployConfig(gemm_loads=loads)), cpu) is expected
+    monkeypatch.setattr(triton_kernels, "INTERPRET", False)  # a CPU tensor outside the interpreter: no TMA
+    assert not triton_kernels.tma_ready(cpu)
+    assert DeployedLinear._tma(SimpleNamespace(config=DeployConfig(gemm_loads="auto")), cpu) is False
 
 
 def _dit():

@@ -40,8 +40,7 @@ class DeployConfig:
         gemm_loads: how gaq's Triton linear kernel reads its int8 operands (int8 activations with 8-bit or per-call
             unpacked 4-bit weights): ``pointer`` (per-thread loads, a program per output tile, any GPU), ``tma``
             (tensor-memory-accelerator descriptors, persistent over the output tiles, GPUs of compute capability 9.0
-            and later; other calls and devices take the pointer kernel), or ``auto``: ``tma`` where it runs and the
-            layer's input or output width is at least ``triton_kernels.TMA_MIN_SIDE`` (where it measured faster).
+            and later; other calls and devices take the pointer kernel), or ``auto``: ``tma`` where it runs.
         attention_kernel: attention whose query, key, value and probabilities are quantized: ``triton`` (the
             projections quantize their outputs in their GEMMs and one kernel computes the quantized attention on the
             int8 codes, :mod:`gaq.deploy.triton_attention`, where it covers the call: no mask, no query / key norm,
@@ -65,7 +64,11 @@ class DeployConfig:
     # under torch.compile: the GEMM kernels took 19.3 ms per call with the codes unpacked per call against 29.5 ms
     # unpacking in the loop (52.6 against 54.0 ms per call); eager and the UNets' convs were not measured this way
     int4_unpack: Literal["in_kernel", "per_call"] = "per_call"
-    gemm_loads: Literal["auto", "pointer", "tma"] = "pointer"
+    # default auto, measured on an H200 (bench/results/deploy/h200_dit_tfmq.md), DiT-XL/2 W4A8 at batch 64 under
+    # torch.compile with CUDA graphs: the GEMMs took 16.7 ms per call with every one on the TMA kernel, 17.5 ms with
+    # the 1152 x 1152 ones on the pointer kernel (which a single-GEMM timing had put ahead there), 19.2 ms all on the
+    # pointer kernel (an earlier run, qdiff_compat)
+    gemm_loads: Literal["auto", "pointer", "tma"] = "auto"
     # default explicit, measured on an H200 (bench/results/deploy/h200_dit_fused.md), DiT-XL/2 W4A8 at batch 64 under
     # torch.compile with CUDA graphs: 53.5 ms per call with the one-kernel attention (16.3 ms in its 28 launches, its
     # one-pass blocks spill registers) against 44.0 ms with the explicit form

@@ -376,11 +376,9 @@ class DeployedLinear(DeployedLayer):
                                      self._tma(a.device))
 
     def _tma(self, device: torch.device) -> bool:
-        """Whether the linear kernel reads its operands through TMA descriptors (``deploy.gemm_loads``; ``auto``: where
-        it runs and the GEMM is long enough, :data:`gaq.deploy.triton_kernels.TMA_MIN_SIDE`)."""
+        """Whether the linear kernel reads its operands through TMA descriptors (``deploy.gemm_loads``)."""
         loads = self.config.gemm_loads
-        return loads == "tma" or (loads == "auto" and triton_kernels.tma_ready(device) and max(
-            self.in_features, self.out_features) >= triton_kernels.TMA_MIN_SIDE)
+        return loads == "tma" or (loads == "auto" and triton_kernels.tma_ready(device))
 
     def fuses_output(self, x: Tensor) -> bool:
         """Whether this layer's output can leave its kernel as the next layer's int8 codes

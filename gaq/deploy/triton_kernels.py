@@ -153,12 +153,6 @@ TMA_SHAPES = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4
               (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
 
 
-#: ``gemm_loads: auto`` takes the TMA kernel for GEMMs with N or K at least this long. Measured on an H200
-#: (bench/results/deploy/kernels_h200.md, 16,384 rows): TMA 0.158 / 0.201 / 0.171 ms against 0.180 / 0.232 / 0.190 for
-#: N 3,456 / 4,608 (K 1,152) and K 4,608 (N 1,152), but 0.124 against 0.091 ms at N = K = 1,152.
-TMA_MIN_SIDE = 2048
-
-
 def _tma_blocks(nargs: dict) -> None:
     """Autotune pre-hook: the candidate's operand tiles as the descriptors' block shapes."""
     nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
