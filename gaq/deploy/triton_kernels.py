@@ -430,6 +430,10 @@ def _grid(m: int, n: int):
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
+def _persistent_grid(m: int, n: int, programs: int):
+    return lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+
 def _bucket(m: int) -> int:
     """The row count rounded up to a power of two (at least 16): the autotune key of M."""
     return max(16, 1 << (max(1, m) - 1).bit_length())
@@ -484,23 +488,19 @@ def _launch_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, z
         return
     o_scale, o_zero, o_stride, (o_min, o_max, o_off) = out_grid if out_grid is not None else (
         scale, scale, 0, [0.0, 0.0, 0.0])
+    operands = (out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale, zero,
+                col_sum, o_scale, o_zero, out_rowsum if out_rowsum is not None else zero, m, n, k, rows, grid_stride,
+                o_stride)
+    tail = (out.stride(0), _bucket(m), float(o_min), float(o_max), float(o_off))
+    flags = dict(ZW=zw, HAS_BIAS=bias is not None, ACT=int(activation), QOUT=out_grid is not None,
+                 QROWSUM=out_rowsum is not None)
     if tma and integer and bits == 8 and _tma_fits(x) and _tma_fits(codes) and tma_ready(x.device):
-        programs = _programs(x.device)
-        _linear_tma_tuned[lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)](
-            TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 16]),
-            TensorDescriptor(codes, list(codes.shape), list(codes.stride()), [1, 16]),
-            out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale, zero,
-            col_sum, o_scale, o_zero, out_rowsum if out_rowsum is not None else zero, m, n, k, rows, grid_stride,
-            o_stride, out.stride(0), _bucket(m), float(o_min), float(o_max), float(o_off),
-            ZW=zw, HAS_BIAS=bias is not None, ACT=int(activation), QOUT=out_grid is not None,
-            QROWSUM=out_rowsum is not None)
-        return
-    _linear_tuned[_grid(m, n)](
-        x, codes, out, bias if bias is not None else scale, act_scale, act_zero, rowsum if zw else zero, scale,
-        zero, col_sum, o_scale, o_zero, out_rowsum if out_rowsum is not None else zero, m, n, k, rows, grid_stride,
-        o_stride, x.stride(0), codes.stride(0), out.stride(0), _bucket(m), float(o_min), float(o_max), float(o_off),
-        W4=bits == 4, INTEGER=integer, ZW=zw, HAS_BIAS=bias is not None, ACT=int(activation),
-        QOUT=out_grid is not None, QROWSUM=out_rowsum is not None, EVEN_K=_even_k(k))
+        _linear_tma_tuned[_persistent_grid(m, n, _programs(x.device))](
+            TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 16]),  # block shapes: set per candidate
+            TensorDescriptor(codes, list(codes.shape), list(codes.stride()), [1, 16]), *operands, *tail, **flags)
+    else:
+        _linear_tuned[_grid(m, n)](x, codes, *operands, x.stride(0), codes.stride(0), *tail, W4=bits == 4,
+                                   INTEGER=integer, EVEN_K=_even_k(k), **flags)
 
 
 def _run_linear(x: Tensor, codes: Tensor, bits: int, k: int, scale: Tensor, zero: Tensor, col_sum: Tensor,
