@@ -18,7 +18,10 @@ batch size, per variant:
   attention (``attention_kernel: triton``) and the feed-forward GELU in the first GEMM's epilogue
   (``fuse_feedforward``), both off by default; ``*_pointer``: the linear kernel's per-thread loads instead of
   the default TMA descriptors (``gemm_loads: pointer``; before 2026-12-04 the pointer kernel was the only one, and the
-  session's runs named the TMA variants ``*_tma``); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
+  session's runs named the TMA variants ``*_tma``); ``*_unfusednorms``: a DiT block's norms as diffusers computes them,
+  each layer quantizing its own input (``fuse_norms: false``; before 2026-12-04 the only way), instead of one kernel per
+  norm writing its consumers' codes; ``*_ffepilogue``: the feed-forward GELU in the first GEMM's epilogue alone
+  (``fuse_feedforward``); ``*_compile``: the deployed model through ``torch.compile`` (which fuses the
   activation quantization and the attention operands' fake quantization into the ops around them; gaq's
   Triton GEMMs stay whole, as custom operators).
 
@@ -66,7 +69,8 @@ VARIANTS = ("fp32", "bf16", "bf16_compile", "fake_w4a8", "deploy_w4a32", "deploy
 EXTRA_VARIANTS = ("deploy_w8a8_intmm", "deploy_w4a8_intmm", "deploy_w4a32_compile", "deploy_w8a8_compile",
                   "deploy_w4a8_compile", "deploy_w4a8_inkernel", "deploy_w4a8_inkernel_compile", "deploy_w4a8_fused",
                   "deploy_w4a8_fused_compile", "deploy_w8a8_fused_compile", "deploy_w4a8_pointer_compile",
-                  "deploy_w8a8_pointer_compile")
+                  "deploy_w8a8_pointer_compile", "deploy_w4a8_unfusednorms_compile", "deploy_w8a8_unfusednorms_compile",
+                  "deploy_w4a8_ffepilogue_compile", "deploy_w8a8_ffepilogue_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -207,7 +211,8 @@ def build_variant(arch: Arch, variant: str, fakes: dict, compile_mode: str = "de
                        conv_kernel="im2col" if intmm else "auto",
                        int4_unpack="in_kernel" if "_inkernel" in variant else "per_call",
                        attention_kernel="triton" if "_fused" in variant else "explicit",
-                       fuse_feedforward="_fused" in variant, gemm_loads="pointer" if "_pointer" in variant else "auto")
+                       fuse_feedforward="_fused" in variant or "_ffepilogue" in variant,
+                       fuse_norms="_unfusednorms" not in variant, gemm_loads="pointer" if "_pointer" in variant else "auto")
     m = deploy(copy.deepcopy(fake.to(arch.device)), cfg)
     fake.to("cpu")  # the reference waits on the host until the agreement check
     if variant.endswith("_compile"):

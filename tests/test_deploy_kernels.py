@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 from gaq.deploy import DeployConfig, DeployedLayer, deploy, kernels, triton_kernels  # noqa: E402
 from gaq.errors import GaqError  # noqa: E402
 
-from test_deploy import _calibrated, _teacher_forced_errors, _timesteps, _unet  # noqa: E402
+from test_deploy import _calibrated, _rel, _teacher_forced_errors, _timesteps, _unet  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="gaq's Triton kernels cannot be imported here")
 
@@ -196,14 +196,14 @@ def test_deploy_gemm_loads_is_checked_and_auto_takes_tma_where_it_runs(monkeypat
     assert DeployedLinear._tma(SimpleNamespace(config=DeployConfig(gemm_loads="auto")), cpu) is False
 
 
-def _dit():
+def _dit(preset="qdiff_compat", layers=2):
     from diffusers import DiTTransformer2DModel
     torch.manual_seed(0)
     fp = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8,
-                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                               num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
                                norm_num_groups=8).eval()
     from test_deploy import STEPS
-    return _calibrated(fp, preset="qdiff_compat", shape=(4, 8, 8), cond={"class_labels": torch.arange(STEPS)})
+    return _calibrated(fp, preset=preset, shape=(4, 8, 8), cond={"class_labels": torch.arange(STEPS)})
 
 
 def test_the_one_kernel_quantized_attention_computes_the_explicit_one(monkeypatch):
@@ -255,3 +255,67 @@ def test_a_dit_deployed_with_the_fused_attention_and_feed_forward_predicts_what_
         DeployConfig(attention_kernel="flash")
     with pytest.raises(GaqError, match="fuse_feedforward"):
         DeployConfig(fuse_feedforward="yes")
+
+
+@pytest.mark.parametrize("residual,affine,modulate,consumers", [(True, False, True, 3), (False, True, False, 1),
+                                                                (True, True, True, 2)])
+def test_the_fused_norm_writes_the_codes_of_the_unfused_torch_ops(residual, affine, modulate, consumers):
+    from gaq.deploy import triton_norm
+    g = torch.Generator().manual_seed(5)
+    b, t, c = 3, 5, 40
+    x, branch = torch.randn(b * t, c, generator=g), torch.randn(b * t, c, generator=g)
+    emb = torch.randn(b, 6 * c, generator=g)  # the chunks of an adaLN output: strided rows, as DiT hands them
+    scale, shift, gate = emb[:, :c], emb[:, c:2 * c], emb[:, 2 * c:3 * c]
+    weight, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    grids = [_act_grid(b, g)[:2] + (0, 255, 128), (torch.rand(1, generator=g) * 0.05 + 0.01, torch.zeros(1), -127, 127, 0),
+             _act_grid(b, g)[:2] + (0, 255, 128)][:consumers]
+    out = triton_norm.norm_codes(x, t, 1e-6, grids, weight=weight if affine else None, bias=bias if affine else None,
+                                 scale=scale if modulate else None, shift=shift if modulate else None,
+                                 branch=branch if residual else None, gate=gate if residual else None, rowsum=True,
+                                 out_y=True)
+    stream = (gate[:, None] * branch.view(b, t, c) + x.view(b, t, c)) if residual else x.view(b, t, c)
+    y = F.layer_norm(stream, (c,), weight if affine else None, bias if affine else None, eps=1e-6)
+    if modulate:
+        y = y * (1 + scale[:, None]) + shift[:, None]
+    assert (out.stream is None) != residual and (not residual or torch.equal(out.stream, stream.reshape(b * t, c)))
+    torch.testing.assert_close(out.y, y.reshape(b * t, c), rtol=0, atol=1e-5)
+    for (s, z, qmin, qmax, offset), codes, rowsum in zip(grids, out.codes, out.rowsums):
+        ref = kernels.activation_codes(out.y.view(b, -1), s.expand(b), z.expand(b), qmin, qmax, offset).view(b * t, c)
+        assert torch.equal(codes, ref) and torch.equal(rowsum, ref.sum(dim=1, dtype=torch.int32))
+    assert len(out.codes) == consumers
+    with pytest.raises(GaqError, match="consumers"):
+        triton_norm.norm_codes(x, t, 1e-6, grids * 4)
+    args = (x, None, None, None, None, None, None, t, 1e-6, [grids[0][0].float()], [grids[0][1].float()], [1], [0.0, 255.0, 128.0],
+            False, False)
+    torch.library.opcheck(torch.ops.gaq.norm_codes.default, args)  # the custom operator torch.compile sees
+
+
+def test_a_dit_whose_norms_write_their_consumers_codes_predicts_what_the_unfused_one_does(monkeypatch):
+    from gaq.deploy import DeployedAdaNormZeroBlock, triton_norm
+    q = _dit("tfmq_compat", layers=1)  # attention operands not quantized: diffusers' processor, which the block runs
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t, labels = _timesteps()[1:3], torch.tensor([1, 2])
+    config = dict(dtype="float32", linear_kernel="triton")
+    plain = deploy(copy.deepcopy(q), DeployConfig(**config, fuse_norms=False))
+    assert not any(isinstance(m, DeployedAdaNormZeroBlock) for m in plain.modules())
+    calls = []
+    kernel = triton_norm.norm_codes
+    monkeypatch.setattr(triton_norm, "norm_codes", lambda *a, **kw: calls.append(len(a[3])) or kernel(*a, **kw))
+    with torch.no_grad():
+        ref, unfused = (m(x, timestep=t, class_labels=labels).sample for m in (q, plain))
+    for fuse_feedforward in (False, True):  # fc1's output in memory, or fc2's codes from fc1's epilogue
+        fused = deploy(copy.deepcopy(q), DeployConfig(**config, fuse_feedforward=fuse_feedforward))
+        assert sum(isinstance(m, DeployedAdaNormZeroBlock) for m in fused.modules()) == 1
+        assert list(fused.state_dict()) == list(plain.state_dict())  # the block adopts its own modules: same paths
+        calls.clear()
+        with torch.no_grad():
+            out = fused(x, timestep=t, class_labels=labels).sample
+        assert calls == [3, 1]  # q / k / v, then the feed-forward's first layer
+        assert torch.equal(out, unfused) and _rel(out, ref) < 1e-5
+    block = next(m for m in fused.modules() if isinstance(m, DeployedAdaNormZeroBlock))
+    block.train()  # training mode: diffusers' forward
+    with torch.no_grad():
+        block(torch.randn(2, 16, 48), timestep=t, class_labels=labels)
+    assert len(calls) == 2
+    with pytest.raises(GaqError, match="fuse_norms"):
+        DeployConfig(fuse_norms="yes")

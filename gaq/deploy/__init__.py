@@ -27,6 +27,7 @@ from gaq.deploy.attention import DeployedAttnProcessor, deploy_attention
 from gaq.deploy.config import DTYPES, DeployConfig
 from gaq.deploy.feedforward import DeployedFeedForward, deploy_feedforward
 from gaq.deploy.layers import DEPLOYED_LAYERS, DeployedConv2d, DeployedFakeQuant, DeployedLayer, DeployedLinear
+from gaq.deploy.transformer_block import DeployedAdaNormZeroBlock, deploy_transformer_blocks
 from gaq.errors import GaqError, check
 from gaq.quant.quantizer import ActQuantizer
 from gaq.quant.step_context import timestep_argument
@@ -99,6 +100,8 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
     deploy_attention(qmodel, config)  # quantized attention: one kernel where it runs
     if config.fuse_feedforward:  # GELU feed-forward blocks: the activation and fc2's codes in fc1's epilogue
         deploy_feedforward(qmodel)
+    if config.fuse_norms:  # DiT blocks: each norm writes its consumers' int8 codes
+        deploy_transformer_blocks(qmodel)
     for parent in list(qmodel.modules()):  # other quantized operands kept in FP: a one-pass fake quantizer
         for key, child in list(parent._modules.items()):
             if isinstance(child, ActQuantizer) and child.enabled and child.ready:
@@ -122,4 +125,4 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
     return qmodel.eval()
 
 
-__all__ = ["DTYPES", "DeployConfig", "DeployedAttnProcessor", "DeployedFeedForward", "DeployedConv2d", "DeployedFakeQuant", "DeployedLayer", "DeployedLinear", "deploy"]
+__all__ = ["DTYPES", "DeployConfig", "DeployedAdaNormZeroBlock", "DeployedAttnProcessor", "DeployedFeedForward", "DeployedConv2d", "DeployedFakeQuant", "DeployedLayer", "DeployedLinear", "deploy"]

@@ -49,6 +49,9 @@ class DeployConfig:
             gaq's linear kernel run, else ``explicit``.
         fuse_feedforward: run a GELU feed-forward block's activation and its second layer's input quantization in the
             first layer's GEMM epilogue (:mod:`gaq.deploy.feedforward`; where gaq's Triton linear kernel runs).
+        fuse_norms: run a DiT block's norms as one kernel each that writes the int8 input codes of the layers after it
+            (the second with the block's residual update; :mod:`gaq.deploy.transformer_block`, where gaq's Triton
+            linear kernel runs and the block's attention operands are not quantized).
         check_device_timesteps: warn about uncalibrated timesteps also when the timestep arrives as a
             device tensor (that check reads it back to the host, a synchronisation per model call);
             timesteps on the host, as diffusers pipelines pass them, are always checked.
@@ -76,6 +79,7 @@ class DeployConfig:
     # default off, measured there too: the GELU + quantization epilogue added 3.7 ms to the GEMMs and saved the 3.4 ms
     # of the separate GELU + quantization kernels
     fuse_feedforward: bool = False
+    fuse_norms: bool = True
     check_device_timesteps: bool = False
 
     def __post_init__(self):
@@ -92,6 +96,7 @@ class DeployConfig:
               f"deploy.attention_kernel must be 'auto', 'triton' or 'explicit', got {self.attention_kernel!r}")
         check(isinstance(self.fuse_feedforward, bool),
               f"deploy.fuse_feedforward must be true or false, got {self.fuse_feedforward!r}")
+        check(isinstance(self.fuse_norms, bool), f"deploy.fuse_norms must be true or false, got {self.fuse_norms!r}")
         check(self.int4_unpack in ("in_kernel", "per_call"),
               f"deploy.int4_unpack must be 'in_kernel' or 'per_call', got {self.int4_unpack!r}")
 

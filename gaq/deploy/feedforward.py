@@ -47,10 +47,9 @@ class DeployedFeedForward(nn.Module):
             for module in self.net:
                 hidden_states = module(hidden_states)
             return hidden_states
-        act = fc2.parts[0].act
-        scale, zero, _ = act.grid(hidden_states.shape[0] if hidden_states.ndim > 1 else 1)
-        codes, rowsum = fc1.codes_out(hidden_states, self.activation, (scale, zero), (act.qmin, act.qmax, act.offset),
-                                      not fc2.parts[0].needs_no_rowsum())  # the dropouts are identities in eval
+        scale, zero, *code_range = fc2.input_quantizer(hidden_states.shape[0] if hidden_states.ndim > 1 else 1)
+        codes, rowsum = fc1.codes_out(hidden_states, self.activation, (scale, zero), tuple(code_range),
+                                      fc2.needs_rowsum())  # the dropouts are identities in eval
         return fc2.from_codes(codes, rowsum, hidden_states.shape[:-1])
 
 

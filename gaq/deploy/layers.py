@@ -396,12 +396,32 @@ class DeployedLinear(DeployedLayer):
             code_range: its ``(qmin, qmax, offset)``.
         """
         part = self.parts[0]
-        in_grid = part.act.grid(x.shape[0] if x.ndim > 1 else 1)
+        batch = x.shape[0] if x.ndim > 1 else 1
         w = self._integer_weights(part)
-        a, in_rowsum = self._input_codes(x.reshape(-1, part.k), part, in_grid, w)
-        scale, _, row_zero = in_grid
+        a, in_rowsum = self._input_codes(x.reshape(-1, part.k), part, part.act.grid(batch), w)
+        return self.codes_out_of_codes(a, in_rowsum, batch, activation, grid, code_range, rowsum, w)
+
+    def codes_out_of_codes(self, a: Tensor, in_rowsum: Tensor | None, batch: int, activation: str,
+                           grid: tuple[Tensor, Tensor], code_range: tuple[int, int, int], rowsum: bool,
+                           w: triton_kernels.GemmWeights | None = None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`codes_out` of this layer's input codes ``a`` ``(M, K)`` (from :meth:`input_quantizer`'s grid, with
+        their row sums where :meth:`needs_rowsum`) for a batch of ``batch`` samples."""
+        part = self.parts[0]
+        scale, _, row_zero = part.act.grid(batch)
+        w = w if w is not None else self._integer_weights(part)
         return triton_kernels.linear_codes(a, w, self.bias, a.shape[0] // scale.shape[0], (scale, row_zero), activation,
                                            (*grid, *code_range), rowsum, in_rowsum, self._tma(a.device))
+
+    def input_quantizer(self, batch: int) -> tuple[Tensor, Tensor, int, int, int]:
+        """``(scale, zero, qmin, qmax, offset)`` of this layer's input grid for a batch of ``batch`` samples: what a
+        producer quantizing for it needs (a layer where :meth:`fuses_output`)."""
+        act = self.parts[0].act
+        scale, zero, _ = act.grid(batch)
+        return scale, zero, act.qmin, act.qmax, act.offset
+
+    def needs_rowsum(self) -> bool:
+        """Whether this layer's GEMM takes the row sums of its input codes (8-bit weights with zero points)."""
+        return not self.parts[0].needs_no_rowsum()
 
     def from_codes(self, a: Tensor, rowsum: Tensor | None, lead: torch.Size) -> Tensor:
         """This layer's output ``(*lead, N)`` of its input codes ``a`` ``(M, K)`` from :meth:`codes_out` (``lead``: the

@@ -155,6 +155,13 @@ class TimestepHook:
             return
         device = next((a.device for a in args if isinstance(a, Tensor)), None)
         t = torch.as_tensor(t, device=device) if not isinstance(t, Tensor) else t
+        if torch.compiler.is_compiling() and device is not None and t.device != device:
+            # inside a compiled graph the lookup runs on the model's device (its timesteps kept there by
+            # StepContext.keep_on): measured on an H200 with torch 2.11, a host lookup of a pipeline's CPU timestep
+            # feeding CUDA ops failed in Inductor's post-grad passes ("Unhandled FakeTensor Device Propagation for
+            # aten.sub.Tensor, found two different devices cuda:0, cpu"); the host check of the timestep is skipped
+            # there anyway (warn_uncalibrated)
+            t = t.to(device)
         steps = self.context.steps_for_timesteps(t.reshape(-1))
         self.context.warn_uncalibrated(t, steps)
         if device is not None and steps.device != device:  # once per call, not once per layer
