@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from gaq.deploy.layers import DeployedLinear
 
-#: diffusers GELU's ``approximate`` -> the epilogue's activation (:data:`gaq.deploy.triton_kernels.ACTIVATIONS`).
-_GELU = {"none": "gelu", "tanh": "gelu_tanh"}
+#: diffusers GELU's ``approximate`` -> the kernels' activation (:data:`gaq.deploy.triton_quant.ACTIVATIONS`).
+GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 class DeployedFeedForward(nn.Module):
@@ -27,7 +27,7 @@ class DeployedFeedForward(nn.Module):
     def __init__(self, ff: FeedForward):
         super().__init__()
         self.net = ff.net
-        self.activation = _GELU[ff.net[0].approximate]
+        self.activation = GELU_ACTIVATIONS[ff.net[0].approximate]
 
     @staticmethod
     def fusable(module: nn.Module) -> bool:
@@ -36,7 +36,7 @@ class DeployedFeedForward(nn.Module):
         if type(module) is not FeedForward:
             return False
         net = list(module.net)
-        return (len(net) in (3, 4) and type(net[0]) is GELU and net[0].approximate in _GELU
+        return (len(net) in (3, 4) and type(net[0]) is GELU and net[0].approximate in GELU_ACTIVATIONS
                 and isinstance(net[0].proj, DeployedLinear) and net[0].proj.integer
                 and all(isinstance(m, nn.Dropout) for m in net[1::2])
                 and isinstance(net[2], DeployedLinear) and net[2].integer)
@@ -65,4 +65,4 @@ def deploy_feedforward(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["DeployedFeedForward", "deploy_feedforward"]
+__all__ = ["GELU_ACTIVATIONS", "DeployedFeedForward", "deploy_feedforward"]

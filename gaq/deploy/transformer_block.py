@@ -27,8 +27,8 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
 
-from gaq.deploy import triton_norm
-from gaq.deploy.feedforward import DeployedFeedForward
+from gaq.deploy import triton_norm, triton_quant
+from gaq.deploy.feedforward import GELU_ACTIVATIONS, DeployedFeedForward
 from gaq.deploy.layers import DeployedLinear
 
 
@@ -41,7 +41,8 @@ def _gelu_feedforward(ff: nn.Module) -> bool:
     if type(ff) not in (FeedForward, DeployedFeedForward):
         return False
     net = list(ff.net)
-    return (len(net) in (3, 4) and type(net[0]) is GELU and _integer(net[0].proj) and _integer(net[2])
+    return (len(net) in (3, 4) and type(net[0]) is GELU and net[0].approximate in GELU_ACTIVATIONS
+            and _integer(net[0].proj) and _integer(net[2])
             and all(isinstance(m, nn.Dropout) for m in net[1::2]))
 
 
@@ -74,7 +75,7 @@ class DeployedAdaNormZeroBlock(BasicTransformerBlock):
         attn = self.attn1
         layers = (attn.to_q, attn.to_k, attn.to_v, self.ff.net[0].proj, self.ff.net[2])
         return (not self.training and attention_mask is None and not cross_attention_kwargs and x.ndim == 3
-                and triton_norm.AVAILABLE and x.shape[-1] <= triton_norm.MAX_WIDTH
+                and triton_norm.AVAILABLE
                 and type(self.attn1.processor) is AttnProcessor2_0 and all(p.fuses_output(x) for p in layers))
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -111,10 +112,12 @@ class DeployedAdaNormZeroBlock(BasicTransformerBlock):
             h, h_rowsum = fc1.codes_out_of_codes(a, rowsum, b, self.ff.activation, (scale, zero), tuple(code_range),
                                                  fc2.needs_rowsum())
             ff = fc2.from_codes(h, h_rowsum, (b, t))
-        else:
-            ff = self.ff.net[0].gelu(fc1.from_codes(a, rowsum, (b, t)))
-            for module in self.ff.net[1:]:
-                ff = module(ff)
+        else:  # fc1's output in memory, its GELU and fc2's codes in one pass (the dropouts are identities in eval)
+            y = fc1.from_codes(a, rowsum, (b, t))
+            scale, zero, qmin, qmax, offset = fc2.input_quantizer(b)
+            h, h_rowsum = triton_quant.quantize_rows(y.reshape(b * t, -1), scale, zero, t, qmin, qmax, offset,
+                                                     fc2.needs_rowsum(), GELU_ACTIVATIONS[self.ff.net[0].approximate])
+            ff = fc2.from_codes(h, h_rowsum, (b, t))
         return gate_mlp.unsqueeze(1) * ff + mlp.stream.view(b, t, c)
 
 

@@ -11,10 +11,10 @@ of ``x`` ``(M, C)`` (sample ``i`` owning rows ``i*rows ... (i+1)*rows-1``), in o
 4. for each of up to :data:`MAX_CODES` consumers ``j`` the int8 codes ``clamp(round(y / s_j) + z_j, qmin_j,
    qmax_j) - offset_j`` (per-sample grids as :mod:`gaq.deploy.triton_quant`'s), and on request their row sums.
 
-Every intermediate is rounded to the compute dtype where the unfused torch ops round it (the product of the gate and
-the branch, the sum, the norm's output, ``1 + scale``, the product, the sum), so in float32 the codes are those of the
-unfused deployed model and in bfloat16 they differ only where a float32 mean or variance summed in another order
-rounds the other way. Under torch.compile the kernel is one custom operator (``gaq::norm_codes``), so Inductor cannot
+The residual stream is rounded to the compute dtype where the unfused torch ops round it (the product of the gate and
+the branch, then the sum: the stream the next block reads is the same); the norm, its affine map and the modulation
+stay in float32 up to the quantization (the unfused ops round each to the compute dtype: in bfloat16 the fused codes
+are closer to the fake-quantized model's float32 ones). Under torch.compile the kernel is one custom operator (``gaq::norm_codes``), so Inductor cannot
 fuse unrelated work into it.
 """
 from __future__ import annotations
@@ -37,10 +37,8 @@ except ImportError:  # CPU installs without triton: the blocks run their unfused
 
 #: Consumers one call quantizes for (a block's query, key and value projections).
 MAX_CODES = 3
-#: The widest row the kernel holds in registers (one program normalizes whole rows).
-MAX_WIDTH = 16384
-#: ``(rows per program, warps)`` candidates, autotuned per row width on a GPU.
-NORM_SHAPES = [(1, 4), (2, 4), (4, 8), (8, 8)]
+#: ``(rows per program, columns per chunk, warps)`` candidates, autotuned per row width on a GPU.
+NORM_SHAPES = [(4, 256, 4), (8, 128, 4), (8, 256, 8), (16, 128, 8), (2, 512, 4), (16, 64, 4)]
 
 
 if AVAILABLE:
@@ -52,14 +50,11 @@ if AVAILABLE:
         return v.to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _codes_out(y, c_ptr, sum_ptr, s_ptr, z_ptr, sample, gstride, qmin, qmax, offset, rm, rc, mask, mask_m, C,
-                   ROWSUM: tl.constexpr):
+    def _codes_out(y, c_ptr, s_ptr, z_ptr, sample, gstride, qmin, qmax, offset, rm64, rc, mask, mask_m, C):
         s = tl.load(s_ptr + sample * gstride, mask=mask_m, other=1.0)
         z = tl.load(z_ptr + sample * gstride, mask=mask_m, other=0.0)
-        q = _quantize(y, s[:, None], z[:, None], qmin, qmax, offset)
-        tl.store(c_ptr + rm[:, None].to(tl.int64) * C + rc[None, :], q, mask=mask)
-        if ROWSUM:
-            tl.store(sum_ptr + rm, tl.sum(tl.where(mask, q.to(tl.int32), 0), axis=1), mask=mask_m)
+        tl.store(c_ptr + rm64[:, None] * C + rc[None, :], _quantize(y, s[:, None], z[:, None], qmin, qmax, offset),
+                 mask=mask)
 
     @triton.jit
     def _norm_codes_kernel(x_ptr, branch_ptr, gate_ptr, res_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr,
@@ -69,45 +64,75 @@ if AVAILABLE:
                            DTYPE: tl.constexpr, RESIDUAL: tl.constexpr, AFFINE: tl.constexpr,
                            MODULATE: tl.constexpr, OUT_Y: tl.constexpr, CODES: tl.constexpr, ROWSUM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Rows ``BLOCK_M`` per program in three passes over column chunks of ``BLOCK_C`` (no padding of a row to a
+        power of two, which cost the one-tile form 44% of its arithmetic at DiT's 1,152 channels): the stream and
+        the row sums, the variance about the mean, then the output and its codes."""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rc = tl.arange(0, BLOCK_C)
-        mask_m, mask_c = rm < M, rc < C
-        mask = mask_m[:, None] & mask_c[None, :]
+        mask_m = rm < M
         rm64 = rm.to(tl.int64)
         sample = rm // rows
-        x = tl.load(x_ptr + rm64[:, None] * stride_x + rc[None, :], mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL:  # x + gate * branch, each op rounded as torch rounds it
-            br = tl.load(branch_ptr + rm64[:, None] * stride_branch + rc[None, :], mask=mask, other=0.0)
-            gate = tl.load(gate_ptr + sample[:, None] * stride_gate + rc[None, :], mask=mask, other=0.0)
-            x = _round_to(_round_to(gate.to(tl.float32) * br.to(tl.float32), DTYPE) + x, DTYPE)
-            tl.store(res_ptr + rm64[:, None] * C + rc[None, :], x.to(DTYPE), mask=mask)
-        mean = tl.sum(x, axis=1) / C
-        d = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        y = d * rstd[:, None]
-        if AFFINE:
-            w = tl.load(w_ptr + rc, mask=mask_c, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + rc, mask=mask_c, other=0.0).to(tl.float32)
-            y = y * w[None, :] + b[None, :]
-        y = _round_to(y, DTYPE)
-        if MODULATE:  # y * (1 + scale) + shift
-            sc = tl.load(scale_ptr + sample[:, None] * stride_scale + rc[None, :], mask=mask, other=0.0)
-            sh = tl.load(shift_ptr + sample[:, None] * stride_shift + rc[None, :], mask=mask, other=0.0)
-            y = _round_to(_round_to(y * _round_to(1.0 + sc.to(tl.float32), DTYPE), DTYPE) + sh.to(tl.float32), DTYPE)
-        if OUT_Y:
-            tl.store(y_ptr + rm64[:, None] * C + rc[None, :], y.to(DTYPE), mask=mask)
-        if CODES > 0:
-            _codes_out(y, c0_ptr, sum_ptr, s0_ptr, z0_ptr, sample, g0, min0, max0, off0, rm, rc, mask, mask_m, C, ROWSUM)
-        if CODES > 1:
-            _codes_out(y, c1_ptr, sum_ptr + M, s1_ptr, z1_ptr, sample, g1, min1, max1, off1, rm, rc, mask, mask_m, C,
-                       ROWSUM)
-        if CODES > 2:
-            _codes_out(y, c2_ptr, sum_ptr + 2 * M, s2_ptr, z2_ptr, sample, g2, min2, max2, off2, rm, rc, mask, mask_m,
-                       C, ROWSUM)
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            rc = c0 + tl.arange(0, BLOCK_C)
+            mask = mask_m[:, None] & (rc[None, :] < C)
+            x = tl.load(x_ptr + rm64[:, None] * stride_x + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+            if RESIDUAL:  # x + gate * branch, each op rounded as torch rounds it: the block's stream
+                br = tl.load(branch_ptr + rm64[:, None] * stride_branch + rc[None, :], mask=mask, other=0.0)
+                gate = tl.load(gate_ptr + sample[:, None] * stride_gate + rc[None, :], mask=mask, other=0.0)
+                x = _round_to(_round_to(gate.to(tl.float32) * br.to(tl.float32), DTYPE) + x, DTYPE)
+                tl.store(res_ptr + rm64[:, None] * C + rc[None, :], x.to(DTYPE), mask=mask)
+            total += tl.sum(x, axis=1)
+        if RESIDUAL:  # the stream just stored is what the next passes read: visible to the whole program
+            tl.debug_barrier()
+            src_ptr, stride_src = res_ptr, C
+        else:
+            src_ptr, stride_src = x_ptr, stride_x
+        mean = total / C
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            rc = c0 + tl.arange(0, BLOCK_C)
+            mask = mask_m[:, None] & (rc[None, :] < C)
+            x = tl.load(src_ptr + rm64[:, None] * stride_src + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            total += tl.sum(d * d, axis=1)
+        rstd = 1.0 / tl.sqrt(total / C + eps)
+        for c0 in range(0, C, BLOCK_C):
+            rc = c0 + tl.arange(0, BLOCK_C)
+            mask_c = rc < C
+            mask = mask_m[:, None] & mask_c[None, :]
+            x = tl.load(src_ptr + rm64[:, None] * stride_src + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None]
+            if AFFINE:
+                w = tl.load(w_ptr + rc, mask=mask_c, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + rc, mask=mask_c, other=0.0).to(tl.float32)
+                y = y * w[None, :] + b[None, :]
+            if MODULATE:  # y * (1 + scale) + shift, in float32
+                sc = tl.load(scale_ptr + sample[:, None] * stride_scale + rc[None, :], mask=mask, other=0.0)
+                sh = tl.load(shift_ptr + sample[:, None] * stride_shift + rc[None, :], mask=mask, other=0.0)
+                y = y * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)
+            if OUT_Y:
+                tl.store(y_ptr + rm64[:, None] * C + rc[None, :], y.to(DTYPE), mask=mask)
+            if CODES > 0:
+                _codes_out(y, c0_ptr, s0_ptr, z0_ptr, sample, g0, min0, max0, off0, rm64, rc, mask, mask_m, C)
+            if CODES > 1:
+                _codes_out(y, c1_ptr, s1_ptr, z1_ptr, sample, g1, min1, max1, off1, rm64, rc, mask, mask_m, C)
+            if CODES > 2:
+                _codes_out(y, c2_ptr, s2_ptr, z2_ptr, sample, g2, min2, max2, off2, rm64, rc, mask, mask_m, C)
+        if ROWSUM:  # the codes just stored, summed per row (a fourth pass, only for 8-bit weights with zero points)
+            tl.debug_barrier()
+            for j in tl.static_range(CODES):
+                c_ptr = c0_ptr if j == 0 else (c1_ptr if j == 1 else c2_ptr)
+                acc = tl.zeros((BLOCK_M,), dtype=tl.int32)
+                for c0 in range(0, C, BLOCK_C):
+                    rc = c0 + tl.arange(0, BLOCK_C)
+                    mask = mask_m[:, None] & (rc[None, :] < C)
+                    q = tl.load(c_ptr + rm64[:, None] * C + rc[None, :], mask=mask, other=0)
+                    acc += tl.sum(q.to(tl.int32), axis=1)
+                tl.store(sum_ptr + j * M + rm, acc, mask=mask_m)
 
     _norm_codes_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in (NORM_SHAPES[:1] if triton_kernels.INTERPRET
-                                                                          else NORM_SHAPES)],
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
+                 for m, c, w in ([(2, 32, 4)] if triton_kernels.INTERPRET else NORM_SHAPES)],
         key=["C", "DTYPE", "RESIDUAL", "CODES"])(_norm_codes_kernel)
 
 #: Triton's element types of the compute dtypes.
@@ -138,7 +163,7 @@ def _run_norm_codes(x: Tensor, branch: Tensor | None, gate: Tensor | None, weigh
         shift.stride(0) if shift is not None else 0, *strides, float(eps), *ranges,
         DTYPE=getattr(tl, _TL_DTYPES[x.dtype]),
         RESIDUAL=branch is not None, AFFINE=weight is not None, MODULATE=scale is not None, OUT_Y=out_y, CODES=n,
-        ROWSUM=rowsum, BLOCK_C=triton.next_power_of_2(c))
+        ROWSUM=rowsum)
     return res, y, codes, sums
 
 
@@ -191,7 +216,6 @@ def norm_codes(x: Tensor, rows: int, eps: float, consumers: list[tuple[Tensor, T
     check(0 < len(consumers) + int(out_y) and len(consumers) <= MAX_CODES,
           f"norm_codes quantizes for 1 to {MAX_CODES} consumers, got {len(consumers)}")
     m, c = x.shape
-    check(c <= MAX_WIDTH, f"norm_codes normalizes rows of at most {MAX_WIDTH} channels, got {c}")
     batch = max(1, m // max(1, rows))
 
     def rows_of(t: Tensor | None) -> Tensor | None:
