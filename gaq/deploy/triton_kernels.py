@@ -32,14 +32,13 @@ small configuration runs. torch.compile traces the kernel launches directly.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from gaq.deploy.packing import pack_int4, unpack_int4
-from gaq.deploy.triton_quant import ACTIVATIONS, per_sample_grid  # the epilogue's activations
+from gaq.deploy.triton_quant import ACTIVATIONS, INTERPRET, per_sample_grid
 from gaq.errors import check
 
 try:
@@ -53,9 +52,6 @@ try:  # host-side tensor-memory-accelerator descriptors (Triton 3.4 and later)
 except ImportError:
     TensorDescriptor = None
 
-
-#: Whether kernels run in Triton's interpreter (numpy on the CPU), as the CPU tests run them.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class GemmWeights(NamedTuple):

@@ -14,8 +14,8 @@ of ``x`` ``(M, C)`` (sample ``i`` owning rows ``i*rows ... (i+1)*rows-1``), in o
 The residual stream is rounded to the compute dtype where the unfused torch ops round it (the product of the gate and
 the branch, then the sum: the stream the next block reads is the same); the norm, its affine map and the modulation
 stay in float32 up to the quantization (the unfused ops round each to the compute dtype: in bfloat16 the fused codes
-are closer to the fake-quantized model's float32 ones). Under torch.compile the kernel is one custom operator (``gaq::norm_codes``), so Inductor cannot
-fuse unrelated work into it.
+are closer to the fake-quantized model's float32 ones). Under torch.compile the kernel is one custom operator
+(``gaq::norm_codes``), so Inductor cannot fuse unrelated work into it.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gaq.deploy import triton_kernels
-from gaq.deploy.triton_quant import per_sample_grid
+from gaq.deploy.triton_quant import INTERPRET, per_sample_grid
 from gaq.errors import check
 
 try:
@@ -132,7 +131,7 @@ if AVAILABLE:
 
     _norm_codes_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
-                 for m, c, w in ([(2, 32, 4)] if triton_kernels.INTERPRET else NORM_SHAPES)],
+                 for m, c, w in ([(2, 32, 4)] if INTERPRET else NORM_SHAPES)],
         key=["C", "DTYPE", "RESIDUAL", "CODES"])(_norm_codes_kernel)
 
 #: Triton's element types of the compute dtypes.
@@ -210,7 +209,7 @@ def norm_codes(x: Tensor, rows: int, eps: float, consumers: list[tuple[Tensor, T
     Returns:
         ``(stream, y, codes, rowsums)`` (:class:`NormCodes`).
     """
-    check(AVAILABLE and (x.is_cuda or triton_kernels.INTERPRET), "gaq's fused norm needs triton and a CUDA tensor")
+    check(AVAILABLE and (x.is_cuda or INTERPRET), "gaq's fused norm needs triton and a CUDA tensor")
     check(x.ndim == 2 and x.dtype in _TL_DTYPES, f"norm_codes takes (M, C) rows in a float dtype, got {x.dtype} "
           f"{tuple(x.shape)}")
     check(0 < len(consumers) + int(out_y) and len(consumers) <= MAX_CODES,

@@ -31,6 +31,9 @@ try:
 except ImportError:  # CPU installs without triton: the torch reference path runs instead
     triton, tl, AVAILABLE = None, None, False
 
+#: Whether kernels run in Triton's interpreter (numpy on the CPU), as the CPU tests run them.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 #: Activations a quantizer applies to its input first (the ``ACT`` constant of the kernels): diffusers' ``GELU``
 #: module, ``F.gelu`` with ``approximate`` none or tanh.
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -43,7 +46,7 @@ if AVAILABLE:
     from triton.language.extra import libdevice
 
     #: Kernels run in Triton's interpreter (the CPU tests), which has no ``libdevice.rint``.
-    _INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+    _INTERPRETED: tl.constexpr = tl.constexpr(INTERPRET)
 
     @triton.jit
     def _round_half_even(v):
@@ -114,7 +117,7 @@ if AVAILABLE:
 
 
 def _check(x: Tensor) -> None:
-    check(AVAILABLE and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"),
+    check(AVAILABLE and (x.is_cuda or INTERPRET),
           "the Triton activation quantizer needs triton and a CUDA tensor")
 
 
@@ -193,4 +196,4 @@ def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, qmin: int, 
     return out, sums if rowsum else None
 
 
-__all__ = ["ACTIVATIONS", "AVAILABLE", "fake_quantize", "per_sample_grid", "quantize_codes", "quantize_rows"]
+__all__ = ["ACTIVATIONS", "AVAILABLE", "INTERPRET", "fake_quantize", "per_sample_grid", "quantize_codes", "quantize_rows"]
