@@ -102,7 +102,8 @@ class _StaticGrid(_KeepDtype):
         if step is None:
             raise GaqError(f"deployed layer input {self.name}: per-step scales but no step is set: call the root model "
                            "(its timestep sets the step) or gaq.quant.set_step_index first")
-        check(step.shape[0] in (1, batch), f"{self.name}: {step.shape[0]} step indices for a batch of {batch}")
+        n = step.shape[0]  # == twice, not "in (1, batch)": Dynamo takes that for False on a dynamic batch
+        check(n == 1 or n == batch, f"{self.name}: {n} step indices for a batch of {batch}")
         return step.to(self.scale.device, non_blocking=True)
 
     def per_sample(self, batch: int, *grids: Tensor) -> tuple[Tensor, ...]:

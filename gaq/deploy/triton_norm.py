@@ -138,6 +138,9 @@ if AVAILABLE:
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+@torch.compiler.disable  # never traced as a frame of its own (a frame left to eager calling it): Dynamo would trace
+# the launch as a user Triton kernel, whose float arguments a dynamic-shape graph types float64 (a failed compile on
+# the H200); under compile it runs as the custom operator below
 def _run_norm_codes(x: Tensor, branch: Tensor | None, gate: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                     scale: Tensor | None, shift: Tensor | None, rows: int, eps: float, code_scales: list[Tensor],
                     code_zeros: list[Tensor], grid_strides: list[int], code_ranges: list[float], rowsum: bool,

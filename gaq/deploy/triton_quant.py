@@ -124,7 +124,8 @@ def _check(x: Tensor) -> None:
 def per_sample_grid(scale: Tensor, batch: int) -> bool:
     """Whether a grid of ``scale.shape[0]`` entries is one per sample of a batch of ``batch`` (else one grid for the
     whole batch); refuses any other length."""
-    check(scale.shape[0] in (1, batch), f"{scale.shape[0]} input grids for a batch of {batch}")
+    n = scale.shape[0]  # == twice, not "in (1, batch)": Dynamo takes that for False on a dynamic batch
+    check(n == 1 or n == batch, f"{n} input grids for a batch of {batch}")
     return scale.shape[0] == batch and batch > 1
 
 
@@ -157,6 +158,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) 
     return _elementwise(x, scale, zero, qmin, qmax, 0, fake=True)
 
 
+@torch.compiler.disable  # never traced as a frame of its own (a frame left to eager calling it): Dynamo would trace
+# the launch as a user Triton kernel, whose float arguments a dynamic-shape graph types float64 (a failed compile on
+# the H200); under compile it runs as the custom operator below
 def _run_quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, grid_stride: int, code_range: list[float],
                        rowsum: bool, activation: int) -> tuple[Tensor, Tensor]:
     m, k = x.shape

@@ -152,8 +152,8 @@ class ActQuantizer(nn.Module):
         if step is None:
             raise GaqError(f"activation quantizer {self.name or '<unnamed>'} has per-step scales but no step is set: "
                            "call the root model (its timestep sets the step) or gaq.quant.set_step_index first")
-        check(step.shape[0] in (1, batch),
-              f"activation quantizer {self.name}: {step.shape[0]} step indices for a batch of {batch}")
+        n = step.shape[0]  # == twice, not "in (1, batch)": Dynamo takes that for False on a dynamic batch
+        check(n == 1 or n == batch, f"activation quantizer {self.name}: {n} step indices for a batch of {batch}")
         return step
 
     @torch.no_grad()
