@@ -262,7 +262,7 @@ def test_a_dit_deployed_with_the_fused_attention_and_feed_forward_predicts_what_
 @pytest.mark.parametrize("residual,affine,modulate,consumers", [(True, False, True, 3), (False, True, False, 1),
                                                                 (True, True, True, 2)])
 def test_the_fused_norm_writes_the_codes_of_the_unfused_torch_ops(residual, affine, modulate, consumers):
-    from gaq.deploy import triton_norm, triton_quant
+    from gaq.deploy import triton_norm
     g = torch.Generator().manual_seed(5)
     b, t, c = 3, 5, 40
     x, branch = torch.randn(b * t, c, generator=g), torch.randn(b * t, c, generator=g)
@@ -287,13 +287,6 @@ def test_the_fused_norm_writes_the_codes_of_the_unfused_torch_ops(residual, affi
     assert len(out.codes) == consumers
     with pytest.raises(GaqError, match="consumers"):
         triton_norm.norm_codes(x, t, 1e-6, grids * 4)
-    for activation, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):  # a feed-forward's hidden activations
-        s, z, qmin, qmax, offset = grids[0]
-        codes, rowsum = triton_quant.quantize_rows(x, s, z, t, qmin, qmax, offset, True, activation)
-        ref = kernels.activation_codes(F.gelu(x, approximate=approximate).view(b, -1), s.expand(b), z.expand(b), qmin,
-                                       qmax, offset).view(b * t, c)
-        assert (codes.int() - ref.int()).abs().max() <= 1 and (codes != ref).float().mean() < 0.01
-        assert torch.equal(rowsum, codes.sum(dim=1, dtype=torch.int32))
     args = (x, None, None, None, None, None, None, t, 1e-6, [grids[0][0].float()], [grids[0][1].float()], [1], [0.0, 255.0, 128.0],
             False, False)
     torch.library.opcheck(torch.ops.gaq.norm_codes.default, args)  # the custom operator torch.compile sees
@@ -321,7 +314,8 @@ def test_a_dit_whose_norms_write_their_consumers_codes_predicts_what_the_unfused
         with torch.no_grad():
             out = outs[fuse_feedforward] = fused(x, timestep=t, class_labels=labels).sample
         assert calls == [3, 1]  # q / k / v, then the feed-forward's first layer
-        # the same integers but where a GELU computed in another order in float32 rounds a code the other way
+        # the same integers but where fc1's epilogue GELU (another float32 formula than torch's) rounds a code the
+        # other way
         assert _rel(out, unfused) < 1e-4 and _rel(out, ref) < 1e-4
     # one graph under torch.compile, also at a second batch size (a dynamic batch: a graph break there left the norm's
     # launch to Dynamo as a user kernel, which failed to compile on the H200)

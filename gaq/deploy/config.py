@@ -80,9 +80,9 @@ class DeployConfig:
     # of the separate GELU + quantization kernels
     fuse_feedforward: bool = False
     # default on, measured on an H200 (bench/results/deploy/h200_dit_norms.md), DiT-XL/2 W4A8 at batch 64 under
-    # torch.compile with CUDA graphs: the first form of the kernel (one tile per row) took 7.9 ms in its 56 launches,
-    # as Inductor's norm + quantization kernels it replaces (7.8 ms), 38.3 ms per call against 37.5 unfused a day
-    # apart on another machine (bf16 + compile 34.3 against 33.5); the chunked form is on main since 5bee5ad
+    # torch.compile with CUDA graphs: the norms and their quantization took 3.7 ms in 56 launches of the chunked kernel
+    # against 7.8 ms in Inductor's kernels unfused; 34.4 ms per call against 37.5 unfused (another machine, a session
+    # earlier) and 38.3 with the first, one-tile form of the kernel
     fuse_norms: bool = True
     check_device_timesteps: bool = False
 

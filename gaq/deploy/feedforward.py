@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gaq.deploy.layers import DeployedLinear
 
-#: diffusers GELU's ``approximate`` -> the kernels' activation (:data:`gaq.deploy.triton_quant.ACTIVATIONS`).
+#: diffusers GELU's ``approximate`` -> the kernels' activation (:data:`gaq.deploy.triton_kernels.ACTIVATIONS`).
 GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 

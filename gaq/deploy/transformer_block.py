@@ -27,7 +27,7 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
 
-from gaq.deploy import triton_norm, triton_quant
+from gaq.deploy import triton_norm
 from gaq.deploy.feedforward import GELU_ACTIVATIONS, DeployedFeedForward
 from gaq.deploy.layers import DeployedLinear
 
@@ -112,12 +112,12 @@ class DeployedAdaNormZeroBlock(BasicTransformerBlock):
             h, h_rowsum = fc1.codes_out_of_codes(a, rowsum, b, self.ff.activation, (scale, zero), tuple(code_range),
                                                  fc2.needs_rowsum())
             ff = fc2.from_codes(h, h_rowsum, (b, t))
-        else:  # fc1's output in memory, its GELU and fc2's codes in one pass (the dropouts are identities in eval)
-            y = fc1.from_codes(a, rowsum, (b, t))
-            scale, zero, qmin, qmax, offset = fc2.input_quantizer(b)
-            h, h_rowsum = triton_quant.quantize_rows(y.reshape(b * t, -1), scale, zero, t, qmin, qmax, offset,
-                                                     fc2.needs_rowsum(), GELU_ACTIVATIONS[self.ff.net[0].approximate])
-            ff = fc2.from_codes(h, h_rowsum, (b, t))
+        else:  # fc1's output in memory; its GELU and fc2's input quantization fused by torch.compile: measured on an
+            # H200 (bench/results/deploy/h200_dit_norms.md), Inductor's kernel took 3.75 ms in its 28 launches against
+            # 4.44 ms for gaq's one-pass GELU + quantization kernel (DiT-XL/2 W4A8, batch 64)
+            ff = self.ff.net[0].gelu(fc1.from_codes(a, rowsum, (b, t)))
+            for module in self.ff.net[1:]:
+                ff = module(ff)
         return gate_mlp.unsqueeze(1) * ff + mlp.stream.view(b, t, c)
 
 

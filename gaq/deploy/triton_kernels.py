@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from gaq.deploy.packing import pack_int4, unpack_int4
-from gaq.deploy.triton_quant import ACTIVATIONS, INTERPRET, per_sample_grid
+from gaq.deploy.triton_quant import INTERPRET, per_sample_grid
 from gaq.errors import check
 
 try:
@@ -51,6 +51,10 @@ try:  # host-side tensor-memory-accelerator descriptors (Triton 3.4 and later)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
+
+#: Activations the linear kernel's epilogue applies before quantizing its output for the next layer (the
+#: ``ACT`` constant of the kernel): diffusers' ``GELU`` module, ``F.gelu`` with ``approximate`` none or tanh.
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
 
 
@@ -161,7 +165,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 if AVAILABLE:
-    from gaq.deploy.triton_quant import _activation, _round_half_even
+    from gaq.deploy.triton_quant import _round_half_even
 
     @triton.jit
     def _weight_tile(w_ptr, rn, wz, k0, K, stride_wn, W4: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -230,6 +234,16 @@ if AVAILABLE:
             else:
                 acc = tl.dot(x, tl.trans(wd), acc, out_dtype=tl.float32)
         return acc
+
+    @triton.jit
+    def _activation(y, ACT: tl.constexpr):
+        """The epilogue's activation of a float32 tile (:data:`ACTIVATIONS`)."""
+        if ACT == 1:  # GELU, erf form
+            y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+        elif ACT == 2:  # GELU, tanh form: tanh(u) = 2 * sigmoid(2u) - 1 (u clamped where sigmoid is 0 or 1 in float32)
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = y * tl.sigmoid(2.0 * tl.minimum(tl.maximum(u, -40.0), 40.0))
+        return y
 
     @triton.jit
     def _epilogue(acc, rowsum, rm, rn, mask_m, mask_n, sample, out_ptr, stride_om, bias_ptr, sx_ptr, zx_ptr,

@@ -10,8 +10,7 @@ reference, which runs anywhere). Two kernels:
   outermost dimension in memory), read once in its own dtype and memory order; the int8 output keeps it.
   The grid is (blocks of a sample, samples), so no element divides its index to find its sample;
 - :func:`quantize_rows`: the rows ``(M, K)`` of a linear layer, and on request the int32 row sums of
-  the codes in the same pass (what 8-bit weights with a zero point need: ``rowsum(a)``), optionally of an
-  activation of the rows (the GELU between a feed-forward's layers);
+  the codes in the same pass (what 8-bit weights with a zero point need: ``rowsum(a)``);
 - :func:`fake_quantize`: ``x_hat = (q - z) * s`` in one pass, for the quantized operands a deployed model
   keeps in floating point (attention's queries, keys, values and probabilities).
 """
@@ -34,10 +33,6 @@ except ImportError:  # CPU installs without triton: the torch reference path run
 #: Whether kernels run in Triton's interpreter (numpy on the CPU), as the CPU tests run them.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-#: Activations a quantizer applies to its input first (the ``ACT`` constant of the kernels): diffusers' ``GELU``
-#: module, ``F.gelu`` with ``approximate`` none or tanh.
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
-
 #: Elements per program of :func:`quantize_codes`; rows and columns per tile of :func:`quantize_rows`.
 BLOCK, ROWS_BLOCK, COLS_BLOCK = 2048, 16, 128
 
@@ -58,16 +53,6 @@ if AVAILABLE:
             return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
         else:
             return libdevice.rint(v)
-
-    @triton.jit
-    def _activation(y, ACT: tl.constexpr):
-        """An activation of a float32 tile (``ACTIVATIONS``: 0 none, 1 GELU, 2 GELU tanh form)."""
-        if ACT == 1:  # GELU, erf form
-            y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-        elif ACT == 2:  # GELU, tanh form: tanh(u) = 2 * sigmoid(2u) - 1 (u clamped where sigmoid is 0 or 1 in float32)
-            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-            y = y * tl.sigmoid(2.0 * tl.minimum(tl.maximum(u, -40.0), 40.0))
-        return y
 
     @triton.jit
     def _grid_code(x, s, z, qmin, qmax):
@@ -96,7 +81,7 @@ if AVAILABLE:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, out_ptr, sum_ptr, scale_ptr, zero_ptr, M, K, rows, grid_stride, stride_xm,
-                              qmin, qmax, offset, ROWSUM: tl.constexpr, ACT: tl.constexpr, ROWS_BLOCK: tl.constexpr,
+                              qmin, qmax, offset, ROWSUM: tl.constexpr, ROWS_BLOCK: tl.constexpr,
                               COLS_BLOCK: tl.constexpr):
         rm = tl.program_id(0) * ROWS_BLOCK + tl.arange(0, ROWS_BLOCK)
         mask_m = rm < M
@@ -108,7 +93,7 @@ if AVAILABLE:
             rk = k0 + tl.arange(0, COLS_BLOCK)
             mask = mask_m[:, None] & (rk[None, :] < K)
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=mask, other=0.0)
-            q = _quantize(_activation(x.to(tl.float32), ACT), s[:, None], z[:, None], qmin, qmax, offset)
+            q = _quantize(x.to(tl.float32), s[:, None], z[:, None], qmin, qmax, offset)
             tl.store(out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q, mask=mask)
             if ROWSUM:
                 total += tl.sum(tl.where(mask, q.to(tl.int32), 0), axis=1)
@@ -158,46 +143,26 @@ def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) 
     return _elementwise(x, scale, zero, qmin, qmax, 0, fake=True)
 
 
-@torch.compiler.disable  # never traced as a frame of its own (a frame left to eager calling it): Dynamo would trace
-# the launch as a user Triton kernel, whose float arguments a dynamic-shape graph types float64 (a failed compile on
-# the H200); under compile it runs as the custom operator below
-def _run_quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, grid_stride: int, code_range: list[float],
-                       rowsum: bool, activation: int) -> tuple[Tensor, Tensor]:
+def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, qmin: int, qmax: int, offset: int,
+                  rowsum: bool = False) -> tuple[Tensor, Tensor | None]:
+    """int8 codes ``(M, K)`` of float rows ``x`` ``(M, K)`` (last dimension contiguous) whose sample ``i`` owns
+    rows ``i*rows ... (i+1)*rows-1``, with per-sample ``scale`` / ``zero`` (``(B,)`` or ``(1,)``); and with
+    ``rowsum`` the int32 sums of each row's codes ``(M,)`` (else None)."""
+    _check(x)
+    check(x.ndim == 2, f"quantize_rows takes (M, K) rows, got shape {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
     m, k = x.shape
     out = torch.empty((m, k), device=x.device, dtype=torch.int8)
-    sums = torch.empty((m if rowsum else 0,), device=x.device, dtype=torch.int32)
-    if m > 0:
-        _quantize_rows_kernel[(triton.cdiv(m, ROWS_BLOCK),)](
-            x, out, sums if rowsum else out, scale, zero, m, k, rows, grid_stride, x.stride(0), *code_range,
-            ROWSUM=rowsum, ACT=activation, ROWS_BLOCK=ROWS_BLOCK, COLS_BLOCK=COLS_BLOCK)
+    sums = torch.empty((m,), device=x.device, dtype=torch.int32) if rowsum else None
+    if m == 0:
+        return out, sums
+    stride = 1 if per_sample_grid(scale, max(1, m // max(1, rows))) else 0
+    _quantize_rows_kernel[(triton.cdiv(m, ROWS_BLOCK),)](
+        x, out, sums if rowsum else out, scale.float().contiguous(), zero.float().contiguous(), m, k, max(1, rows),
+        stride, x.stride(0), float(qmin), float(qmax), float(offset), ROWSUM=rowsum, ROWS_BLOCK=ROWS_BLOCK,
+        COLS_BLOCK=COLS_BLOCK)
     return out, sums
 
 
-if AVAILABLE:  # under torch.compile one custom operator (Inductor fuses nothing into it)
-    _quantize_rows_op = torch.library.custom_op("gaq::quantize_rows", _run_quantize_rows, mutates_args=(), schema=(
-        "(Tensor x, Tensor scale, Tensor zero, int rows, int grid_stride, float[] code_range, bool rowsum, "
-        "int activation) -> (Tensor, Tensor)"))
-    _quantize_rows_op.register_fake(lambda x, scale, zero, rows, grid_stride, code_range, rowsum, activation: (
-        x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0] if rowsum else 0,), dtype=torch.int32)))
-
-
-def quantize_rows(x: Tensor, scale: Tensor, zero: Tensor, rows: int, qmin: int, qmax: int, offset: int,
-                  rowsum: bool = False, activation: str = "none") -> tuple[Tensor, Tensor | None]:
-    """int8 codes ``(M, K)`` of float rows ``x`` ``(M, K)`` (last dimension contiguous) whose sample ``i`` owns
-    rows ``i*rows ... (i+1)*rows-1``, with per-sample ``scale`` / ``zero`` (``(B,)`` or ``(1,)``); and with
-    ``rowsum`` the int32 sums of each row's codes ``(M,)`` (else None). ``activation`` (a key of
-    :data:`ACTIVATIONS`) is applied to ``x`` in float32 first: the codes of ``activation(x)``."""
-    _check(x)
-    check(x.ndim == 2, f"quantize_rows takes (M, K) rows, got shape {tuple(x.shape)}")
-    check(activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    m = x.shape[0]
-    stride = 1 if per_sample_grid(scale, max(1, m // max(1, rows))) else 0
-    run = _quantize_rows_op if torch.compiler.is_compiling() else _run_quantize_rows
-    out, sums = run(x, scale.float().contiguous(), zero.float().contiguous(), max(1, rows), stride,
-                    [float(qmin), float(qmax), float(offset)], rowsum, ACTIVATIONS[activation])
-    return out, sums if rowsum else None
-
-
-__all__ = ["ACTIVATIONS", "AVAILABLE", "INTERPRET", "fake_quantize", "per_sample_grid", "quantize_codes", "quantize_rows"]
+__all__ = ["AVAILABLE", "INTERPRET", "fake_quantize", "per_sample_grid", "quantize_codes", "quantize_rows"]
