@@ -3,7 +3,7 @@
 A transformer block's norm feeds quantized linear layers (a DiT block's first norm feeds the query, key and value
 projections, its second the feed-forward's first layer). Unfused, the normalized and modulated activations reach
 memory in the compute dtype and each layer reads them back to quantize them. :func:`norm_codes` computes, per row
-of ``x`` ``(M, C)`` (sample ``i`` owning rows ``i*rows ... (i+1)*rows-1``), in one pass:
+of ``x`` ``(M, C)`` (sample ``i`` owning rows ``i*rows ... (i+1)*rows-1``), in one kernel:
 
 1. optionally the block's residual update first, ``x <- x + gate_i * branch`` (written back: the block's stream);
 2. ``y = layer_norm(x) [* weight + bias]``, mean and variance in float32 over the row;
