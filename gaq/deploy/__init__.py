@@ -31,7 +31,7 @@ from gaq.deploy.transformer_block import DeployedAdaNormZeroBlock, deploy_transf
 from gaq.errors import GaqError, check
 from gaq.quant.quantizer import ActQuantizer
 from gaq.quant.step_context import timestep_argument
-from gaq.quant.wrap import iter_quant_layers, quant_info
+from gaq.quant.wrap import iter_quant_layers, quant_info, replace_modules
 
 
 class InputCast:
@@ -93,19 +93,14 @@ def deploy(qmodel: nn.Module, config: DeployConfig | None = None) -> nn.Module:
         check(cls is not None, f"layer {path} is a {type(layer).__name__}, which has no deployed form "
               f"(deployable: {', '.join(c.__name__ for c in DEPLOYED_LAYERS)})")
         deployed[id(layer)] = cls(layer, config, path)
-    for parent in qmodel.modules():
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in deployed:
-                parent._modules[key] = deployed[id(child)]
+    replace_modules(qmodel, lambda child: deployed.get(id(child)))
     deploy_attention(qmodel, config)  # quantized attention: one kernel where it runs
     if config.fuse_feedforward:  # GELU feed-forward blocks: the activation and fc2's codes in fc1's epilogue
         deploy_feedforward(qmodel)
     if config.fuse_norms:  # DiT blocks: each norm writes its consumers' int8 codes
         deploy_transformer_blocks(qmodel)
-    for parent in list(qmodel.modules()):  # other quantized operands kept in FP: a one-pass fake quantizer
-        for key, child in list(parent._modules.items()):
-            if isinstance(child, ActQuantizer) and child.enabled and child.ready:
-                parent._modules[key] = DeployedFakeQuant(child)
+    replace_modules(qmodel, lambda child: DeployedFakeQuant(child)  # other quantized operands kept in FP: one pass
+                    if isinstance(child, ActQuantizer) and child.enabled and child.ready else None)
     dtype = config.torch_dtype
     keep = {id(m) for d in qmodel.modules() if isinstance(d, (DeployedLayer, DeployedFakeQuant)) for m in d.modules()}
     for module in qmodel.modules():  # the FP parts to the compute dtype; deployed layers keep their dtypes

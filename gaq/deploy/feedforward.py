@@ -16,6 +16,7 @@ from diffusers.models.attention import FeedForward
 from torch import Tensor, nn
 
 from gaq.deploy.layers import DeployedLinear
+from gaq.quant.wrap import replace_modules
 
 #: diffusers GELU's ``approximate`` -> the kernels' activation (:data:`gaq.deploy.triton_kernels.ACTIVATIONS`).
 GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -56,13 +57,7 @@ class DeployedFeedForward(nn.Module):
 def deploy_feedforward(model: nn.Module) -> int:
     """Replace every fusable ``FeedForward`` of ``model`` (:meth:`DeployedFeedForward.fusable`) by a
     :class:`DeployedFeedForward`; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is not None and DeployedFeedForward.fusable(child):
-                parent._modules[key] = DeployedFeedForward(child)
-                count += 1
-    return count
+    return replace_modules(model, lambda child: DeployedFeedForward(child) if DeployedFeedForward.fusable(child) else None)
 
 
 __all__ = ["GELU_ACTIVATIONS", "DeployedFeedForward", "deploy_feedforward"]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from gaq.deploy import triton_norm
 from gaq.deploy.feedforward import GELU_ACTIVATIONS, DeployedFeedForward
 from gaq.deploy.layers import DeployedLinear
+from gaq.quant.wrap import replace_modules
 
 
 def _integer(layer: nn.Module) -> bool:
@@ -124,13 +125,8 @@ class DeployedAdaNormZeroBlock(BasicTransformerBlock):
 def deploy_transformer_blocks(model: nn.Module) -> int:
     """Make every block of ``model`` that :meth:`DeployedAdaNormZeroBlock.fusable` accepts a
     :class:`DeployedAdaNormZeroBlock`; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is not None and DeployedAdaNormZeroBlock.fusable(child):
-                parent._modules[key] = DeployedAdaNormZeroBlock.adopt(child)
-                count += 1
-    return count
+    return replace_modules(model, lambda child: DeployedAdaNormZeroBlock.adopt(child)
+                           if DeployedAdaNormZeroBlock.fusable(child) else None)
 
 
 __all__ = ["DeployedAdaNormZeroBlock", "deploy_transformer_blocks"]

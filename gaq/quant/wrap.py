@@ -142,12 +142,22 @@ def plan_quantization(model: nn.Module, settings: QuantSettings) -> QuantPlan:
     return plan
 
 
+def replace_modules(model: nn.Module, replacement) -> int:
+    """Put ``replacement(child)`` in place of every submodule of ``model`` for which it is not None (each occurrence:
+    an aliased module is asked once per parent); returns how many were replaced."""
+    count = 0
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            new = None if child is None else replacement(child)
+            if new is not None:
+                parent._modules[key] = new
+                count += 1
+    return count
+
+
 def _replace_modules(model: nn.Module, new_by_id: dict[int, nn.Module]) -> None:
     """Replace every occurrence (aliases included) of the modules keyed by id."""
-    for parent in model.modules():
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in new_by_id:
-                parent._modules[key] = new_by_id[id(child)]
+    replace_modules(model, lambda child: new_by_id.get(id(child)))
 
 
 def _uses_per_step(plan: QuantPlan, settings: QuantSettings) -> bool:
@@ -296,6 +306,6 @@ def set_rounding_mode(module: nn.Module, mode: str) -> None:
 
 __all__ = [
     "QuantInfo", "QuantPlan", "act_step_parameters", "build_quantized", "iter_act_quantizers", "iter_quant_layers",
-    "plan_quantization", "quant_info", "quantize", "rounding_parameters",
+    "plan_quantization", "quant_info", "quantize", "replace_modules", "rounding_parameters",
     "set_adaround_soft", "set_quant_state", "set_rounding_mode",
 ]
