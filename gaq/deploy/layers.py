@@ -33,7 +33,7 @@ from gaq.deploy.packing import pack_int4, unpack_int4
 from gaq.errors import GaqError, check
 from gaq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 from gaq.quant.quantizer import MIN_SCALE, ActQuantizer, SplitActQuantizer
-from gaq.quant.step_context import StepContext
+from gaq.quant.step_context import StepContext, one_or_per_sample
 
 #: Smallest M (rows) ``torch._int_mm`` accepts on CUDA is 17; K and N must be multiples of 8.
 INT_MM_MIN_ROWS, INT_MM_MULTIPLE = 17, 8
@@ -102,8 +102,8 @@ class _StaticGrid(_KeepDtype):
         if step is None:
             raise GaqError(f"deployed layer input {self.name}: per-step scales but no step is set: call the root model "
                            "(its timestep sets the step) or gaq.quant.set_step_index first")
-        n = step.shape[0]  # == twice, not "in (1, batch)": Dynamo takes that for False on a dynamic batch
-        check(n == 1 or n == batch, f"{self.name}: {n} step indices for a batch of {batch}")
+        check(one_or_per_sample(step.shape[0], batch),
+              f"{self.name}: {step.shape[0]} step indices for a batch of {batch}")
         return step.to(self.scale.device, non_blocking=True)
 
     def per_sample(self, batch: int, *grids: Tensor) -> tuple[Tensor, ...]:

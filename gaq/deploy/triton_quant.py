@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from gaq.errors import check
+from gaq.quant.step_context import one_or_per_sample
 
 try:
     import triton
@@ -109,8 +110,7 @@ def _check(x: Tensor) -> None:
 def per_sample_grid(scale: Tensor, batch: int) -> bool:
     """Whether a grid of ``scale.shape[0]`` entries is one per sample of a batch of ``batch`` (else one grid for the
     whole batch); refuses any other length."""
-    n = scale.shape[0]  # == twice, not "in (1, batch)": Dynamo takes that for False on a dynamic batch
-    check(n == 1 or n == batch, f"{n} input grids for a batch of {batch}")
+    check(one_or_per_sample(scale.shape[0], batch), f"{scale.shape[0]} input grids for a batch of {batch}")
     return scale.shape[0] == batch and batch > 1
 
 

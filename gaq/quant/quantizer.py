@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gaq.errors import GaqError, check
 from gaq.quant.config import WeightRangeConfig
-from gaq.quant.step_context import StepContext
+from gaq.quant.step_context import StepContext, one_or_per_sample
 
 #: Smallest step size (the peers' ``1e-8`` floor): a constant channel or an all-zero tensor still
 #: gets a valid grid.
@@ -152,8 +152,8 @@ class ActQuantizer(nn.Module):
         if step is None:
             raise GaqError(f"activation quantizer {self.name or '<unnamed>'} has per-step scales but no step is set: "
                            "call the root model (its timestep sets the step) or gaq.quant.set_step_index first")
-        n = step.shape[0]  # == twice, not "in (1, batch)": Dynamo takes that for False on a dynamic batch
-        check(n == 1 or n == batch, f"activation quantizer {self.name}: {n} step indices for a batch of {batch}")
+        check(one_or_per_sample(step.shape[0], batch),
+              f"activation quantizer {self.name}: {step.shape[0]} step indices for a batch of {batch}")
         return step
 
     @torch.no_grad()

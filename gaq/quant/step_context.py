@@ -169,6 +169,13 @@ class TimestepHook:
         self.context.step_index = steps
 
 
+def one_or_per_sample(n: int, batch: int) -> bool:
+    """Whether ``n`` entries (step indices, grids) are one for the whole batch or one per sample of ``batch``. Written as
+    two ``==`` (not ``n in (1, batch)``, which Dynamo evaluated as False for a dynamic batch in torch 2.11: the check
+    raised while tracing and the model fell back to eager)."""
+    return n == 1 or n == batch
+
+
 def timestep_argument(model: nn.Module) -> tuple[int, str] | None:
     """``(position, name)`` of the timestep parameter of ``model.forward`` (self excluded), or None."""
     params = [p for p in inspect.signature(model.forward).parameters.values()
